@@ -1,0 +1,404 @@
+"""Per-token weights for distribution-corrected offline distillation.
+
+The weight of teacher token t is ``sign x granularity x transform x normalisation`` of the
+student/teacher log-ratio (see docs/method.md):
+
+- arXiv 2605.14071 (Zhang et al., 2026): weight each teacher token by a *bounded* transform
+  of p_student / p_teacher, so supervision the student's own distribution supports counts
+  more (sign +1, the ``discord`` preset).
+- arXiv 2601.09088 (DASD): divergence-aware sampling prefers tokens where p_teacher >>
+  p_student; the opposite sign (the ``das_token`` preset).
+- Limit cases: ``sft`` (w = 1), DFT (w = p_student, ``dft``), iw-SFT and truncated
+  importance sampling (a clipped sequence ratio, ``iw_seq`` / ``tis``).
+
+Everything here is pure torch on [B, T] tensors; nothing imports ray, vllm or deepspeed.
+Weights are computed in log space, bounded, and returned detached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+SIGNS = (1, -1)
+GRANULARITIES = ("token", "prefix_mean", "prefix_ema", "sentence", "sequence_mean", "sequence_sum")
+TRANSFORMS = ("none", "sigmoid", "exp_clip", "mask", "power")
+NORMALIZATIONS = ("none", "self_norm", "per_sequence")
+
+# Log-probs below this are treated as this value: -inf would turn mean/difference
+# reductions into NaN, and exp(-1e4) is already 0 in every float format.
+LOGPROB_FLOOR = -1e4
+# vLLM and fp16/bf16 forward passes can return log-probs a hair above 0 for a
+# near-certain token; anything beyond this tolerance is a real bug upstream.
+LOGPROB_POSITIVE_TOL = 1e-3
+
+
+class WeightConfigError(ValueError):
+    """A WeightConfig field holds an invalid value; the message names the field."""
+
+
+@dataclass(frozen=True)
+class WeightConfig:
+    """One member of the weight family. See docs/method.md for every field.
+
+    sign: +1 weights by log p_S - log p_T (student-supported tokens count more), -1 the
+        opposite (DASD's direction). Without teacher log-probs, d = log p_S.
+    granularity: what the transform sees: ``token``, ``prefix_mean``, ``prefix_ema``
+        (decay ``lam``), ``sentence``, ``sequence_mean`` or ``sequence_sum``.
+    transform: ``none`` (w = 1), ``sigmoid`` (c * sigmoid((u - b) / tau)), ``exp_clip``
+        (clip(exp(u / tau), w_min, w_max)), ``mask`` (1 if exp(u) in [lo, hi] else 0),
+        ``power`` (exp(gamma * log p_S), DFT at gamma = 1).
+    floor: w <- floor + (1 - floor) * w, so no token's weight falls below ``floor``.
+    normalization: ``none`` (divide by loss tokens), ``self_norm`` (divide by the sum of
+        weights), ``per_sequence`` (weights rescaled to mean 1 in each response).
+    """
+
+    sign: int = 1
+    granularity: str = "token"
+    transform: str = "sigmoid"
+    tau: float = 1.0
+    b: float = 0.0
+    c: float = 2.0
+    w_min: float = 0.0
+    w_max: float = 16.0
+    lo: float = 0.5
+    hi: float = 2.0
+    gamma: float = 1.0
+    floor: float = 0.0
+    lam: float = 0.9
+    normalization: str = "self_norm"
+
+    def __post_init__(self) -> None:
+        def bad(field: str, why: str) -> WeightConfigError:
+            return WeightConfigError(
+                f"WeightConfig.{field}={getattr(self, field)!r}: {why}"
+            )
+
+        if self.sign not in SIGNS:
+            raise bad("sign", "must be +1 or -1")
+        if self.granularity not in GRANULARITIES:
+            raise bad("granularity", f"must be one of {GRANULARITIES}")
+        if self.transform not in TRANSFORMS:
+            raise bad("transform", f"must be one of {TRANSFORMS}")
+        if self.normalization not in NORMALIZATIONS:
+            raise bad("normalization", f"must be one of {NORMALIZATIONS}")
+        for name in ("tau", "b", "c", "w_min", "w_max", "lo", "hi", "gamma", "floor", "lam"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise bad(name, "must be a finite number")
+        if self.tau <= 0:
+            raise bad("tau", "must be > 0")
+        if self.c <= 0:
+            raise bad("c", "must be > 0")
+        if self.w_min < 0:
+            raise bad("w_min", "must be >= 0")
+        if self.w_max <= 0:
+            raise bad("w_max", "must be > 0")
+        if self.w_min > self.w_max:
+            raise bad("w_min", f"must be <= w_max ({self.w_max})")
+        if self.lo < 0:
+            raise bad("lo", "must be >= 0")
+        if self.lo > self.hi:
+            raise bad("lo", f"must be <= hi ({self.hi})")
+        if self.gamma < 0:
+            raise bad("gamma", "must be >= 0")
+        if not 0.0 <= self.floor < 1.0:
+            raise bad("floor", "must be in [0, 1)")
+        if not 0.0 <= self.lam < 1.0:
+            raise bad("lam", "must be in [0, 1)")
+
+    def replace(self, **overrides) -> WeightConfig:
+        return dataclasses.replace(self, **_check_fields(overrides))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_fields(overrides: dict) -> dict:
+    known = {f.name for f in dataclasses.fields(WeightConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise WeightConfigError(
+            f"unknown WeightConfig field(s) {unknown}; known fields: {sorted(known)}"
+        )
+    return overrides
+
+
+PRESETS: dict[str, dict] = {
+    "sft": dict(transform="none", normalization="none"),
+    "discord": dict(
+        sign=1, granularity="token", transform="sigmoid", c=2.0, b=0.0, tau=1.0,
+        normalization="self_norm",
+    ),
+    "das_token": dict(
+        sign=-1, granularity="token", transform="sigmoid", c=2.0, b=0.0, tau=1.0,
+        normalization="self_norm",
+    ),
+    "iw_seq": dict(
+        sign=1, granularity="sequence_mean", transform="exp_clip", w_min=0.0, w_max=16.0,
+        tau=1.0, normalization="none",
+    ),
+    "dft": dict(granularity="token", transform="power", gamma=1.0, normalization="none"),
+    "tis": dict(
+        sign=1, granularity="sequence_mean", transform="exp_clip", w_min=0.0, w_max=2.0,
+        tau=1.0, normalization="none",
+    ),
+}
+
+
+def preset(name: str, **overrides) -> WeightConfig:
+    """The named preset's full configuration, with any field overridden."""
+    if name not in PRESETS:
+        raise WeightConfigError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+    return WeightConfig(**{**PRESETS[name], **_check_fields(overrides)})
+
+
+def needs_teacher(config: WeightConfig) -> bool:
+    """Whether the configuration uses teacher log-probs when they exist."""
+    return config.transform not in ("none", "power")
+
+
+def check_logprobs(logprobs: torch.Tensor, loss_mask: torch.Tensor, name: str) -> None:
+    """Raise a clear error for NaN, +inf or positive log-probs on loss tokens."""
+    if logprobs.shape != loss_mask.shape:
+        raise ValueError(
+            f"{name} has shape {tuple(logprobs.shape)} but loss_mask has {tuple(loss_mask.shape)}"
+        )
+    lp = logprobs.detach()
+    m = loss_mask.bool()
+    bad_nan = torch.isnan(lp) & m
+    if bad_nan.any():
+        b, t = bad_nan.nonzero()[0].tolist()
+        raise ValueError(f"{name} is NaN at row {b}, position {t}")
+    bad_inf = torch.isposinf(lp) & m
+    if bad_inf.any():
+        b, t = bad_inf.nonzero()[0].tolist()
+        raise ValueError(f"{name} is +inf at row {b}, position {t}")
+    bad_pos = (lp > LOGPROB_POSITIVE_TOL) & m
+    if bad_pos.any():
+        b, t = bad_pos.nonzero()[0].tolist()
+        raise ValueError(
+            f"{name} is positive ({lp[b, t].item():.4g}) at row {b}, position {t}: "
+            "log-probabilities must be <= 0"
+        )
+
+
+def _clean(logprobs: torch.Tensor, m_BT: torch.Tensor) -> torch.Tensor:
+    lp = logprobs.detach().to(torch.float32)
+    lp = lp.clamp(min=LOGPROB_FLOOR, max=0.0)
+    return torch.where(m_BT, lp, torch.zeros_like(lp))
+
+
+def _masked_row_mean(x_BT: torch.Tensor, m_BT: torch.Tensor) -> torch.Tensor:
+    n_B = m_BT.sum(dim=1).clamp(min=1)
+    return (x_BT * m_BT).sum(dim=1) / n_B
+
+
+def _prefix_mean(d_BT: torch.Tensor, m_BT: torch.Tensor) -> torch.Tensor:
+    mf = m_BT.to(d_BT.dtype)
+    csum = torch.cumsum(d_BT * mf, dim=1)
+    ccount = torch.cumsum(mf, dim=1).clamp(min=1)
+    return csum / ccount
+
+
+def _prefix_ema(d_BT: torch.Tensor, m_BT: torch.Tensor, lam: float) -> torch.Tensor:
+    # u = d at the first loss token, then u_t = lam * u_{t-1} + (1 - lam) * d_t over loss
+    # tokens; non-loss tokens carry u forward. A scan over T: O(T) small tensor ops,
+    # acceptable for this (non-default) granularity; lam**(-T) tricks overflow.
+    B, T = d_BT.shape
+    u = torch.zeros(B, dtype=d_BT.dtype, device=d_BT.device)
+    started = torch.zeros(B, dtype=torch.bool, device=d_BT.device)
+    out = torch.empty_like(d_BT)
+    for t in range(T):
+        m_t, d_t = m_BT[:, t], d_BT[:, t]
+        upd = torch.where(started, lam * u + (1.0 - lam) * d_t, d_t)
+        u = torch.where(m_t, upd, u)
+        started = started | m_t
+        out[:, t] = u
+    return out
+
+
+def _sentence_mean(
+    d_BT: torch.Tensor, m_BT: torch.Tensor, sentence_ids: torch.Tensor
+) -> torch.Tensor:
+    B, T = d_BT.shape
+    sid = sentence_ids.to(torch.long)
+    if (sid[m_BT] < 0).any():
+        raise ValueError("sentence_ids must be >= 0 on loss tokens")
+    sid = torch.where(m_BT, sid, torch.zeros_like(sid))
+    S = int(sid.max().item()) + 1 if sid.numel() else 1
+    mf = m_BT.to(d_BT.dtype)
+    sums = torch.zeros(B, S, dtype=d_BT.dtype, device=d_BT.device)
+    counts = torch.zeros(B, S, dtype=d_BT.dtype, device=d_BT.device)
+    sums.scatter_add_(1, sid, d_BT * mf)
+    counts.scatter_add_(1, sid, mf)
+    means = sums / counts.clamp(min=1)
+    return torch.gather(means, 1, sid)
+
+
+def granular_logratio(
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor | None,
+    loss_mask: torch.Tensor,
+    config: WeightConfig,
+    sentence_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """u [B, T]: the signed log-ratio at the configured granularity (0 off the loss mask)."""
+    m = loss_mask.bool()
+    s = _clean(student_logprobs, m)
+    if teacher_logprobs is None:
+        d = s
+    else:
+        d = config.sign * (s - _clean(teacher_logprobs, m))
+    g = config.granularity
+    if g == "token":
+        u = d
+    elif g == "prefix_mean":
+        u = _prefix_mean(d, m)
+    elif g == "prefix_ema":
+        u = _prefix_ema(d, m, config.lam)
+    elif g == "sentence":
+        if sentence_ids is None:
+            raise WeightConfigError(
+                "WeightConfig.granularity='sentence' needs sentence_ids ([B, T] int), got None"
+            )
+        if sentence_ids.shape != m.shape:
+            raise ValueError(
+                f"sentence_ids has shape {tuple(sentence_ids.shape)} but loss_mask has "
+                f"{tuple(m.shape)}"
+            )
+        u = _sentence_mean(d, m, sentence_ids)
+    elif g == "sequence_mean":
+        u = _masked_row_mean(d, m)[:, None].expand_as(d)
+    else:  # sequence_sum
+        u = (d * m).sum(dim=1)[:, None].expand_as(d)
+    return torch.where(m, u, torch.zeros_like(u))
+
+
+def compute_weights(
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor | None,
+    loss_mask: torch.Tensor,
+    config: WeightConfig,
+    sentence_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Detached per-token weights [B, T] (0 where loss_mask is False).
+
+    student_logprobs, teacher_logprobs: [B, T] log p(y_t | x, y_<t) of the teacher token
+    (teacher may be None: then d = log p_S). loss_mask: [B, T] bool. sentence_ids: [B, T]
+    int, needed for granularity ``sentence``. With normalization ``per_sequence`` the
+    weights are rescaled to mean 1 over each row's loss tokens.
+    """
+    m = loss_mask.bool()
+    check_logprobs(student_logprobs, m, "student_logprobs")
+    if teacher_logprobs is not None:
+        check_logprobs(teacher_logprobs, m, "teacher_logprobs")
+    cfg = config
+    with torch.no_grad():
+        if cfg.transform == "none":
+            w = torch.ones(m.shape, dtype=torch.float32, device=m.device)
+        elif cfg.transform == "power":
+            w = torch.exp(cfg.gamma * _clean(student_logprobs, m))
+        else:
+            u = granular_logratio(student_logprobs, teacher_logprobs, m, cfg, sentence_ids)
+            if cfg.transform == "sigmoid":
+                w = cfg.c * torch.sigmoid((u - cfg.b) / cfg.tau)
+            elif cfg.transform == "exp_clip":
+                log_lo = math.log(cfg.w_min) if cfg.w_min > 0 else -math.inf
+                w = torch.exp((u / cfg.tau).clamp(min=log_lo, max=math.log(cfg.w_max)))
+            else:  # mask
+                log_lo = math.log(cfg.lo) if cfg.lo > 0 else -math.inf
+                log_hi = math.log(cfg.hi) if cfg.hi > 0 else -math.inf
+                w = ((u >= log_lo) & (u <= log_hi)).to(torch.float32)
+        if cfg.floor > 0:
+            w = cfg.floor + (1.0 - cfg.floor) * w
+        w = torch.where(m, w, torch.zeros_like(w))
+        if cfg.normalization == "per_sequence":
+            mean_B = _masked_row_mean(w, m)
+            w = torch.where(mean_B[:, None] > 0, w / mean_B.clamp(min=1e-30)[:, None], w)
+    return w.detach()
+
+
+def weight_diagnostics(
+    weights: torch.Tensor,
+    loss_mask: torch.Tensor,
+    config: WeightConfig | None = None,
+    bins: int = 20,
+    position_edges: tuple[int, ...] = (0, 64, 256, 1024, 4096),
+) -> dict:
+    """What every run should log about its weights (plain Python numbers, JSON-ready).
+
+    ess: effective sample size (sum w)^2 / sum w^2 over loss tokens, and ess_fraction =
+    ess / tokens. clip shares: share of tokens at w_min / w_max (exp_clip), masked out
+    (mask), or in the outer 1% of (0, c) (sigmoid). mean weight per position bucket
+    (position counted from each row's first loss token) and the Pearson correlation of a
+    row's mean weight with its response length.
+    """
+    m = loss_mask.bool()
+    w = weights.detach().to(torch.float64)
+    wm = w[m]
+    n = int(wm.numel())
+    out: dict = {"tokens": n}
+    if n == 0:
+        return out
+    s1, s2 = float(wm.sum()), float((wm * wm).sum())
+    ess = (s1 * s1 / s2) if s2 > 0 else 0.0
+    out.update(
+        mean=s1 / n, std=float(wm.std(unbiased=False)), min=float(wm.min()),
+        max=float(wm.max()), ess=ess, ess_fraction=ess / n,
+    )
+    hi = float(wm.max())
+    if config is not None and config.transform == "sigmoid":
+        hi = max(hi, config.floor + (1 - config.floor) * config.c)
+    elif config is not None and config.transform == "exp_clip":
+        hi = max(hi, config.w_max)
+    hi = hi if hi > 0 else 1.0
+    counts = torch.histc(wm, bins=bins, min=0.0, max=hi)
+    out["histogram"] = {
+        "edges": [hi * i / bins for i in range(bins + 1)],
+        "counts": [int(c) for c in counts.tolist()],
+    }
+    clip: dict = {}
+    if config is not None:
+        eps = 1e-6
+        if config.transform == "exp_clip":
+            lo_w = config.floor + (1 - config.floor) * config.w_min
+            hi_w = config.floor + (1 - config.floor) * config.w_max
+            clip = {
+                "at_w_min": float(((wm - lo_w).abs() <= eps * max(1, lo_w)).double().mean()),
+                "at_w_max": float(((wm - hi_w).abs() <= eps * hi_w).double().mean()),
+            }
+        elif config.transform == "mask":
+            clip = {"masked_out": float((wm <= config.floor + eps).double().mean())}
+        elif config.transform == "sigmoid":
+            top = config.floor + (1 - config.floor) * config.c
+            clip = {
+                "near_low": float((wm <= config.floor + 0.01 * config.c).double().mean()),
+                "near_high": float((wm >= top - 0.01 * config.c).double().mean()),
+            }
+    out["clip_shares"] = clip
+    # Position inside the response: index minus the row's first loss index.
+    T = m.shape[1]
+    idx = torch.arange(T, device=m.device)[None, :].expand_as(m)
+    first = torch.where(m, idx, torch.full_like(idx, T)).min(dim=1).values
+    pos = (idx - first[:, None])[m]
+    edges = list(position_edges) + [None]
+    buckets = {}
+    for lo, hi_e in zip(edges[:-1], edges[1:]):
+        sel = (pos >= lo) if hi_e is None else ((pos >= lo) & (pos < hi_e))
+        if sel.any():
+            key = f"{lo}+" if hi_e is None else f"{lo}-{hi_e}"
+            buckets[key] = float(wm[sel].mean())
+    out["mean_by_position"] = buckets
+    lens = m.sum(dim=1).to(torch.float64)
+    keep = lens > 0
+    row_mean = (w * m).sum(dim=1)[keep] / lens[keep]
+    lens = lens[keep]
+    corr = float("nan")
+    if lens.numel() >= 2 and lens.std() > 0 and row_mean.std() > 0:
+        corr = float(torch.corrcoef(torch.stack([row_mean, lens]))[0, 1])
+    out["corr_weight_length"] = corr
+    return out
