@@ -51,6 +51,7 @@ class DataConfig:
     teacher_tokens_key: str = "teacher_tokens"  # optional token strings for those
     teacher_offsets_key: str = "teacher_offsets"  # optional char offsets for those
     system_prompt: str | None = None
+    tokenizer: str | None = None  # tokenizer folder / shipped name; default: score.student
     max_length: int = 2048
     overlength: str = "drop"  # drop | truncate
     max_reject_share: float = 0.5
@@ -63,7 +64,9 @@ class DataConfig:
         _positive(f"{path}.max_length", self.max_length)
         _positive(f"{path}.limit", self.limit)
         if not 0.0 <= self.max_reject_share <= 1.0:
-            raise ConfigError(f"{path}.max_reject_share={self.max_reject_share!r}: must be in [0, 1]")
+            raise ConfigError(
+                f"{path}.max_reject_share={self.max_reject_share!r}: must be in [0, 1]"
+            )
 
 
 @dataclass
@@ -87,8 +90,14 @@ class ScoreConfig:
     def validate(self, path: str) -> None:
         _choice(f"{path}.backend", self.backend, ("vllm", "transformers"))
         _choice(f"{path}.dtype", self.dtype, ("float32", "bfloat16", "float16", "auto"))
-        for name in ("batch_size", "num_engines", "tensor_parallel_size", "max_model_len",
-                     "max_num_batched_tokens", "cpus_per_engine"):
+        for name in (
+            "batch_size",
+            "num_engines",
+            "tensor_parallel_size",
+            "max_model_len",
+            "max_num_batched_tokens",
+            "cpus_per_engine",
+        ):
             _positive(f"{path}.{name}", getattr(self, name))
         _positive(f"{path}.gpus_per_engine", self.gpus_per_engine, strict=False)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -119,7 +128,7 @@ class TrainConfig:
     zero_stage: int = 2
     offload_optimizer: bool = False
     offload_params: bool = False
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -135,17 +144,51 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 50
     seed: int = 0
+    student: str = ""  # model folder to train; "" -> score.student (must match the scores)
+    min_lr_ratio: float = 0.0  # the decay ends at min_lr_ratio * lr
+    val_share: float = 0.0  # share of prompts held out for val_nll (0: no validation)
+    max_failures: int = 3  # worker-group restarts from the latest checkpoint
+    keep_checkpoints: int = 2  # newest checkpoints kept
 
     def validate(self, path: str) -> None:
         _choice(f"{path}.zero_stage", self.zero_stage, (0, 1, 2, 3))
-        _choice(f"{path}.precision", self.precision, ("fp32", "bf16", "fp16"))
+        _choice(f"{path}.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"{path}.min_lr_ratio={self.min_lr_ratio!r}: must be in [0, 1]")
+        if not 0.0 <= self.val_share < 1.0:
+            raise ConfigError(f"{path}.val_share={self.val_share!r}: must be in [0, 1)")
+        _positive(f"{path}.keep_checkpoints", self.keep_checkpoints)
+        _positive(f"{path}.max_failures", self.max_failures, strict=False)
+        if self.rescore_every and self.student_ref != "init":
+            raise ConfigError(
+                f"{path}.rescore_every={self.rescore_every!r}: re-scoring rounds refresh the "
+                "stored scores of student_ref=init; student_ref=current scores every step"
+            )
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError(f"{path}.offload_params=True: needs zero_stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError(f"{path}.offload_optimizer=True: needs zero_stage >= 1")
         _choice(f"{path}.lr_schedule", self.lr_schedule, ("cosine", "linear", "constant"))
         _choice(f"{path}.student_ref", self.student_ref, ("init", "current"))
-        for name in ("num_workers", "cpus_per_worker", "lr", "max_steps", "micro_batch_tokens",
-                     "grad_accum", "loss_chunk_size", "log_every", "checkpoint_every"):
+        for name in (
+            "num_workers",
+            "cpus_per_worker",
+            "lr",
+            "max_steps",
+            "micro_batch_tokens",
+            "grad_accum",
+            "loss_chunk_size",
+            "log_every",
+            "checkpoint_every",
+        ):
             _positive(f"{path}.{name}", getattr(self, name))
-        for name in ("weight_decay", "warmup_steps", "rescore_every", "weight_warmup_steps",
-                     "grad_clip"):
+        for name in (
+            "weight_decay",
+            "warmup_steps",
+            "rescore_every",
+            "weight_warmup_steps",
+            "grad_clip",
+        ):
             _positive(f"{path}.{name}", getattr(self, name), strict=False)
 
 
@@ -351,7 +394,9 @@ def set_dotted(tree: dict, key: str, value: Any) -> None:
 def from_dict(data: dict | None, overrides: list[str] | dict | None = None) -> RaydcConfig:
     """Build and validate a config from a (YAML-shaped) dict plus dotted overrides."""
     tree = _deepcopy(data or {})
-    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
+    items = (
+        overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
+    )
     for key, value in items:
         set_dotted(tree, key, value)
     if "weights" in tree:
@@ -359,7 +404,9 @@ def from_dict(data: dict | None, overrides: list[str] | dict | None = None) -> R
     return _build(RaydcConfig, tree, "").validate()
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> RaydcConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | dict | None = None
+) -> RaydcConfig:
     """Load YAML (or nothing: the defaults) and apply dotted overrides."""
     data = {}
     if path:

@@ -93,9 +93,7 @@ def chunked_token_logprobs(
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     lead = hidden.shape[:-1]
     if targets.shape != lead:
-        raise ValueError(
-            f"targets has shape {tuple(targets.shape)}; hidden implies {tuple(lead)}"
-        )
+        raise ValueError(f"targets has shape {tuple(targets.shape)}; hidden implies {tuple(lead)}")
     if hidden.shape[-1] != lm_head_weight.shape[1]:
         raise ValueError(
             f"hidden size {hidden.shape[-1]} does not match lm_head_weight "
@@ -115,8 +113,9 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def loss_denominators(weights: torch.Tensor | None, loss_mask: torch.Tensor) -> dict:
     """The local sums a trainer all-reduces: loss tokens and sum of weights on them."""
-    m = loss_mask.to(torch.float32)
-    w_sum = m.sum() if weights is None else (weights.detach().float() * m).sum()
+    dtype = torch.float32 if weights is None else torch.promote_types(weights.dtype, torch.float32)
+    m = loss_mask.to(dtype)
+    w_sum = m.sum() if weights is None else (weights.detach().to(dtype) * m).sum()
     return {"tokens": m.sum(), "weight_sum": w_sum}
 
 

@@ -74,11 +74,20 @@ def build_tiny_model(
     tok = load_tokenizer(tokenizer)
     vocab = ((len(tok) + 63) // 64) * 64
     config = Qwen2Config(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-        head_dim=hidden // heads, max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=False, rms_norm_eps=1e-6, rope_theta=10000.0,
-        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=hidden // heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
         torch_dtype="float32",
     )
     torch.manual_seed(seed)
@@ -86,7 +95,7 @@ def build_tiny_model(
     # A wider init than the default 0.02 so random models have non-trivial, distinct
     # distributions (log-probs far from uniform), which the tests need.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)
     out = Path(out_dir)
@@ -102,7 +111,8 @@ def fingerprint(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     if p.is_dir():
         names = sorted(
-            f for f in os.listdir(p)
+            f
+            for f in os.listdir(p)
             if f.endswith((".json", ".safetensors", ".bin", ".txt", ".model", ".jinja"))
         )
         for name in names:

@@ -22,7 +22,7 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
     spans, start = [], 0
     for match in _BOUNDARY.finditer(text):
         end = match.end()
-        if end > start and text[start:match.start()].strip():
+        if end > start and text[start : match.start()].strip():
             spans.append((start, end))
             start = end
     if start < len(text):
@@ -74,9 +74,7 @@ def align_by_char_spans(
     when no source token covers it at all (outside the source text).
     """
     if len(src_offsets) != len(src_values):
-        raise ValueError(
-            f"{len(src_offsets)} source offsets but {len(src_values)} source values"
-        )
+        raise ValueError(f"{len(src_offsets)} source offsets but {len(src_values)} source values")
     src = sorted(
         ((s, e, v) for (s, e), v in zip(src_offsets, src_values) if e > s), key=lambda x: x[1]
     )

@@ -73,9 +73,7 @@ class WeightConfig:
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> WeightConfigError:
-            return WeightConfigError(
-                f"WeightConfig.{field}={getattr(self, field)!r}: {why}"
-            )
+            return WeightConfigError(f"WeightConfig.{field}={getattr(self, field)!r}: {why}")
 
         if self.sign not in SIGNS:
             raise bad("sign", "must be +1 or -1")
@@ -130,21 +128,41 @@ def _check_fields(overrides: dict) -> dict:
 PRESETS: dict[str, dict] = {
     "sft": dict(transform="none", normalization="none"),
     "discord": dict(
-        sign=1, granularity="token", transform="sigmoid", c=2.0, b=0.0, tau=1.0,
+        sign=1,
+        granularity="token",
+        transform="sigmoid",
+        c=2.0,
+        b=0.0,
+        tau=1.0,
         normalization="self_norm",
     ),
     "das_token": dict(
-        sign=-1, granularity="token", transform="sigmoid", c=2.0, b=0.0, tau=1.0,
+        sign=-1,
+        granularity="token",
+        transform="sigmoid",
+        c=2.0,
+        b=0.0,
+        tau=1.0,
         normalization="self_norm",
     ),
     "iw_seq": dict(
-        sign=1, granularity="sequence_mean", transform="exp_clip", w_min=0.0, w_max=16.0,
-        tau=1.0, normalization="none",
+        sign=1,
+        granularity="sequence_mean",
+        transform="exp_clip",
+        w_min=0.0,
+        w_max=16.0,
+        tau=1.0,
+        normalization="none",
     ),
     "dft": dict(granularity="token", transform="power", gamma=1.0, normalization="none"),
     "tis": dict(
-        sign=1, granularity="sequence_mean", transform="exp_clip", w_min=0.0, w_max=2.0,
-        tau=1.0, normalization="none",
+        sign=1,
+        granularity="sequence_mean",
+        transform="exp_clip",
+        w_min=0.0,
+        w_max=2.0,
+        tau=1.0,
+        normalization="none",
     ),
 }
 
@@ -187,9 +205,13 @@ def check_logprobs(logprobs: torch.Tensor, loss_mask: torch.Tensor, name: str) -
 
 
 def _clean(logprobs: torch.Tensor, m_BT: torch.Tensor) -> torch.Tensor:
-    lp = logprobs.detach().to(torch.float32)
-    lp = lp.clamp(min=LOGPROB_FLOOR, max=0.0)
+    lp = logprobs.detach()
+    lp = lp.to(torch.promote_types(lp.dtype, torch.float32)).clamp(min=LOGPROB_FLOOR, max=0.0)
     return torch.where(m_BT, lp, torch.zeros_like(lp))
+
+
+def _float_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _masked_row_mean(x_BT: torch.Tensor, m_BT: torch.Tensor) -> torch.Tensor:
@@ -299,7 +321,7 @@ def compute_weights(
     cfg = config
     with torch.no_grad():
         if cfg.transform == "none":
-            w = torch.ones(m.shape, dtype=torch.float32, device=m.device)
+            w = torch.ones(m.shape, dtype=_float_dtype(student_logprobs), device=m.device)
         elif cfg.transform == "power":
             w = torch.exp(cfg.gamma * _clean(student_logprobs, m))
         else:
@@ -312,7 +334,7 @@ def compute_weights(
             else:  # mask
                 log_lo = math.log(cfg.lo) if cfg.lo > 0 else -math.inf
                 log_hi = math.log(cfg.hi) if cfg.hi > 0 else -math.inf
-                w = ((u >= log_lo) & (u <= log_hi)).to(torch.float32)
+                w = ((u >= log_lo) & (u <= log_hi)).to(u.dtype)
         if cfg.floor > 0:
             w = cfg.floor + (1.0 - cfg.floor) * w
         w = torch.where(m, w, torch.zeros_like(w))
@@ -347,8 +369,12 @@ def weight_diagnostics(
     s1, s2 = float(wm.sum()), float((wm * wm).sum())
     ess = (s1 * s1 / s2) if s2 > 0 else 0.0
     out.update(
-        mean=s1 / n, std=float(wm.std(unbiased=False)), min=float(wm.min()),
-        max=float(wm.max()), ess=ess, ess_fraction=ess / n,
+        mean=s1 / n,
+        std=float(wm.std(unbiased=False)),
+        min=float(wm.min()),
+        max=float(wm.max()),
+        ess=ess,
+        ess_fraction=ess / n,
     )
     hi = float(wm.max())
     if config is not None and config.transform == "sigmoid":

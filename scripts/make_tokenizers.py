@@ -35,8 +35,11 @@ def corpus():
 
 def save(tok: Tokenizer, name: str) -> None:
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
-        pad_token="<|endoftext|>", unk_token=None,
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
         additional_special_tokens=["<|im_start|>"],
     )
     fast.chat_template = CHAT_TEMPLATE
@@ -53,8 +56,10 @@ def main() -> None:
     bpe.train_from_iterator(
         corpus(),
         trainers.BpeTrainer(
-            vocab_size=2048, special_tokens=SPECIALS,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+            vocab_size=2048,
+            special_tokens=SPECIALS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
         ),
     )
     save(bpe, "tiny-bpe")

@@ -38,7 +38,9 @@ def tiny_teacher(tmp_path_factory) -> str:
 def tiny_teacher_other_tokenizer(tmp_path_factory) -> str:
     """A tiny teacher with a genuinely different tokenizer (WordPiece, 1,024 tokens)."""
     return build_tiny_model(
-        tmp_path_factory.mktemp("models") / "teacher_wp", "teacher", tokenizer="tiny-wordpiece",
+        tmp_path_factory.mktemp("models") / "teacher_wp",
+        "teacher",
+        tokenizer="tiny-wordpiece",
         seed=2,
     )
 
@@ -53,9 +55,15 @@ def ray_local():
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,
-            runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
-                                      "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-                                      "TOKENIZERS_PARALLELISM": "false"}},
+            runtime_env={
+                "env_vars": {
+                    "DS_ACCELERATOR": "cpu",
+                    "HF_HUB_OFFLINE": "1",
+                    "TRANSFORMERS_OFFLINE": "1",
+                    "VLLM_NO_USAGE_STATS": "1",
+                    "TOKENIZERS_PARALLELISM": "false",
+                }
+            },
         )
     yield ray
     ray.shutdown()

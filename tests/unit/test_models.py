@@ -1,0 +1,63 @@
+"""The tiny-model fixture, the shipped tokenizers, and a light `import raydc`."""
+
+import subprocess
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from raydc.models import build_tiny_model, fingerprint, load_tokenizer
+
+from ..conftest import QWEN2_TOKENIZER
+
+
+def test_import_raydc_is_light():
+    code = (
+        "import sys, raydc, raydc.weights, raydc.loss, raydc.select, raydc.text, raydc.config\n"
+        "bad = [m for m in ('ray', 'vllm', 'deepspeed') if m in sys.modules]\n"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_tiny_models_load_and_differ(tiny_student, tiny_teacher):
+    s = AutoModelForCausalLM.from_pretrained(tiny_student)
+    t = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    assert s.config.head_dim == 64 and t.config.head_dim == 64
+    n_s = sum(p.numel() for p in s.parameters())
+    n_t = sum(p.numel() for p in t.parameters())
+    assert n_t > n_s
+    tok = AutoTokenizer.from_pretrained(tiny_student)
+    ids = tok("Natalia sold 48 clips.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ls = torch.log_softmax(s(ids).logits, -1)
+        lt = torch.log_softmax(t(ids).logits, -1)
+    assert torch.isfinite(ls).all() and not torch.allclose(ls, lt, atol=0.1)
+    # generation works (greedy, a few tokens)
+    out = s.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 4
+
+
+def test_fingerprint_tracks_weights(tmp_path, tiny_student):
+    a = build_tiny_model(tmp_path / "a", "student", seed=0)
+    b = build_tiny_model(tmp_path / "b", "student", seed=1)
+    assert fingerprint(a) == fingerprint(tiny_student)
+    assert fingerprint(a) != fingerprint(b)
+
+
+def test_shipped_tokenizers_and_chat_template():
+    bpe, wp = load_tokenizer("tiny-bpe"), load_tokenizer("tiny-wordpiece")
+    text = "Natalia sold 48/2 = 24 clips in May."
+    assert bpe(text).input_ids != wp(text).input_ids
+    assert bpe.decode(bpe(text).input_ids) == text
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4."}]
+    rendered = bpe.apply_chat_template(msgs, tokenize=False)
+    assert rendered == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4.<|im_end|>\n"
+    assert bpe.eos_token == "<|im_end|>" and bpe.pad_token == "<|endoftext|>"
+
+
+def test_real_qwen2_tokenizer_ships():
+    tok = AutoTokenizer.from_pretrained(QWEN2_TOKENIZER)
+    assert tok("Hello, world!").input_ids == [9707, 11, 1879, 0]
+    assert len(tok) == 151646

@@ -1,0 +1,339 @@
+"""Reference tests for raydc.weights: hand-computed tensors, limit cases, validation."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from raydc.weights import (
+    GRANULARITIES,
+    PRESETS,
+    WeightConfig,
+    WeightConfigError,
+    compute_weights,
+    granular_logratio,
+    preset,
+    weight_diagnostics,
+)
+
+# One row, 5 positions: a prompt token (masked), then 4 response tokens.
+S = torch.tensor([[0.0, -0.5, -1.0, -2.0, -0.1]])
+T = torch.tensor([[0.0, -1.0, -0.5, -1.0, -0.1]])
+M = torch.tensor([[False, True, True, True, True]])
+D = [0.5, -0.5, -1.0, 0.0]  # s - t on the response tokens
+
+
+def sig(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def resp(w):
+    return w[0, 1:].tolist()
+
+
+def test_token_sigmoid_hand_computed():
+    cfg = WeightConfig(transform="sigmoid", c=2.0, b=0.0, tau=1.0)
+    w = compute_weights(S, T, M, cfg)
+    assert w[0, 0] == 0.0
+    assert resp(w) == pytest.approx([2 * sig(d) for d in D], abs=1e-6)
+
+
+def test_sigmoid_b_tau_and_sign():
+    cfg = WeightConfig(sign=-1, transform="sigmoid", c=3.0, b=0.25, tau=2.0)
+    w = compute_weights(S, T, M, cfg)
+    assert resp(w) == pytest.approx([3 * sig((-d - 0.25) / 2.0) for d in D], abs=1e-6)
+
+
+def test_sigmoid_is_one_at_ratio_one():
+    cfg = preset("discord")
+    s = torch.tensor([[-1.0, -2.0]])
+    w = compute_weights(s, s.clone(), torch.ones(1, 2, dtype=torch.bool), cfg)
+    assert w.tolist() == [[1.0, 1.0]]
+
+
+def test_exp_clip_hand_computed():
+    cfg = WeightConfig(transform="exp_clip", tau=0.5, w_min=0.2, w_max=2.0)
+    w = compute_weights(S, T, M, cfg)
+    expect = [min(max(math.exp(d / 0.5), 0.2), 2.0) for d in D]
+    assert resp(w) == pytest.approx(expect, abs=1e-6)
+    assert resp(w)[0] == pytest.approx(2.0)  # exp(1) clipped
+    assert resp(w)[2] == pytest.approx(0.2)  # exp(-2) clipped
+
+
+def test_mask_hand_computed():
+    cfg = WeightConfig(transform="mask", lo=0.5, hi=2.0)
+    w = compute_weights(S, T, M, cfg)
+    # ratios exp(d) = 1.65, 0.61, 0.37, 1.0
+    assert resp(w) == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_power_is_p_student_to_gamma():
+    cfg = WeightConfig(transform="power", gamma=0.5, normalization="none")
+    w = compute_weights(S, None, M, cfg)
+    assert resp(w) == pytest.approx([math.exp(0.5 * s) for s in [-0.5, -1.0, -2.0, -0.1]])
+
+
+def test_none_transform_and_floor():
+    w = compute_weights(S, T, M, WeightConfig(transform="none"))
+    assert resp(w) == [1.0] * 4
+    cfg = WeightConfig(transform="mask", lo=0.5, hi=2.0, floor=0.25)
+    w = compute_weights(S, T, M, cfg)
+    assert resp(w) == pytest.approx([1.0, 1.0, 0.25, 1.0])
+
+
+def test_no_teacher_uses_student_logprob():
+    cfg = WeightConfig(transform="exp_clip", w_min=0.0, w_max=10.0)
+    w = compute_weights(S, None, M, cfg)
+    assert resp(w) == pytest.approx([math.exp(s) for s in [-0.5, -1.0, -2.0, -0.1]])
+
+
+def u_of(granularity, **kw):
+    cfg = WeightConfig(granularity=granularity, **kw)
+    return granular_logratio(S, T, M, cfg, kw.pop("sentence_ids", None))
+
+
+def test_granularity_hand_computed():
+    cfg = WeightConfig
+    assert resp(granular_logratio(S, T, M, cfg(granularity="token"))) == pytest.approx(D)
+    prefix = [0.5, 0.0, -1.0 / 3, -0.25]
+    assert resp(granular_logratio(S, T, M, cfg(granularity="prefix_mean"))) == pytest.approx(prefix)
+    lam = 0.5
+    ema, u = [], None
+    for d in D:
+        u = d if u is None else lam * u + (1 - lam) * d
+        ema.append(u)
+    got = granular_logratio(S, T, M, cfg(granularity="prefix_ema", lam=lam))
+    assert resp(got) == pytest.approx(ema)
+    mean = sum(D) / 4
+    got = granular_logratio(S, T, M, cfg(granularity="sequence_mean"))
+    assert resp(got) == pytest.approx([mean] * 4)
+    got = granular_logratio(S, T, M, cfg(granularity="sequence_sum"))
+    assert resp(got) == pytest.approx([sum(D)] * 4)
+    sid = torch.tensor([[0, 0, 0, 1, 1]])
+    got = granular_logratio(S, T, M, cfg(granularity="sentence"), sentence_ids=sid)
+    assert resp(got) == pytest.approx([0.0, 0.0, -0.5, -0.5])
+    # off the mask, u is 0
+    for g in GRANULARITIES:
+        u = granular_logratio(S, T, M, cfg(granularity=g), sentence_ids=sid)
+        assert u[0, 0] == 0.0
+
+
+def test_prefix_ema_skips_masked_gaps():
+    s = torch.tensor([[-1.0, -3.0, -2.0, -5.0]])
+    m = torch.tensor([[True, False, True, True]])
+    u = granular_logratio(s, None, m, WeightConfig(granularity="prefix_ema", lam=0.5))
+    assert u[0].tolist() == pytest.approx([-1.0, 0.0, -1.5, -3.25])
+
+
+def test_sentence_mean_over_loss_tokens_only_and_across_rows():
+    s = torch.tensor([[-1.0, -3.0, -5.0], [-2.0, -4.0, -6.0]])
+    m = torch.tensor([[True, False, True], [True, True, True]])
+    sid = torch.tensor([[0, 0, 0], [0, 1, 1]])
+    u = granular_logratio(s, None, m, WeightConfig(granularity="sentence"), sid)
+    assert u[0].tolist() == pytest.approx([-3.0, 0.0, -3.0])
+    assert u[1].tolist() == pytest.approx([-2.0, -5.0, -5.0])
+
+
+def test_per_sequence_rescales_to_mean_one():
+    s = torch.tensor([[-0.1, -2.0, -3.0, 0.0], [-1.0, -1.5, 0.0, 0.0]])
+    m = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    cfg = WeightConfig(transform="power", normalization="per_sequence")
+    w = compute_weights(s, None, m, cfg)
+    for b in range(2):
+        assert w[b][m[b]].mean().item() == pytest.approx(1.0)
+    assert w[0, 3] == 0 and w[1, 2] == 0
+    raw = torch.exp(s[0, :3])
+    assert w[0, :3].tolist() == pytest.approx((raw / raw.mean()).tolist(), rel=1e-5)
+
+
+def test_weights_are_detached_and_zero_off_mask():
+    s = S.clone().requires_grad_(True)
+    t = T.clone().requires_grad_(True)
+    for name in PRESETS:
+        w = compute_weights(s, t, M, preset(name))
+        assert not w.requires_grad
+        assert w[0, 0] == 0.0
+
+
+def test_masked_positions_do_not_matter():
+    cfg = preset("discord", granularity="prefix_mean")
+    w1 = compute_weights(S, T, M, cfg)
+    s2, t2 = S.clone(), T.clone()
+    s2[0, 0], t2[0, 0] = float("nan"), float("inf")  # garbage off the mask is fine
+    w2 = compute_weights(s2, t2, M, cfg)
+    assert torch.equal(w1, w2)
+
+
+@pytest.mark.parametrize(
+    "bad,msg",
+    [
+        (float("nan"), "NaN at row 0, position 2"),
+        (float("inf"), r"\+inf at row 0, position 2"),
+        (0.5, "positive"),
+    ],
+)
+def test_bad_logprobs_raise(bad, msg):
+    s = S.clone()
+    s[0, 2] = bad
+    with pytest.raises(ValueError, match=msg):
+        compute_weights(s, T, M, preset("discord"))
+    with pytest.raises(ValueError, match="teacher_logprobs"):
+        compute_weights(T, s, M, preset("discord"))
+
+
+def test_minus_inf_logprob_is_bounded():
+    s = S.clone()
+    s[0, 2] = float("-inf")
+    for name in PRESETS:
+        w = compute_weights(s, T, M, preset(name))
+        assert torch.isfinite(w).all()
+
+
+def test_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="shape"):
+        compute_weights(S[:, :3], T, M, preset("discord"))
+    with pytest.raises(ValueError, match="sentence_ids has shape"):
+        compute_weights(
+            S, T, M, preset("discord", granularity="sentence"), sentence_ids=torch.zeros(1, 2)
+        )
+
+
+def test_sentence_granularity_needs_sentence_ids():
+    with pytest.raises(WeightConfigError, match="granularity='sentence' needs sentence_ids"):
+        compute_weights(S, T, M, preset("discord", granularity="sentence"))
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(tau=0.0), "tau"),
+        (dict(tau=-1.0), "tau"),
+        (dict(w_min=3.0, w_max=2.0), "w_min"),
+        (dict(sign=0), "sign"),
+        (dict(granularity="word"), "granularity"),
+        (dict(transform="softmax"), "transform"),
+        (dict(normalization="mean"), "normalization"),
+        (dict(floor=1.0), "floor"),
+        (dict(lam=1.0), "lam"),
+        (dict(lo=3.0, hi=2.0), "lo"),
+        (dict(c=0.0), "c"),
+        (dict(tau=float("nan")), "tau"),
+    ],
+)
+def test_invalid_config_names_the_field(kwargs, field):
+    with pytest.raises(WeightConfigError, match=rf"WeightConfig\.{field}="):
+        WeightConfig(**kwargs)
+
+
+def test_presets_match_method_table():
+    assert preset("sft").transform == "none" and preset("sft").normalization == "none"
+    d = preset("discord")
+    assert (d.sign, d.granularity, d.transform, d.c, d.b, d.tau, d.normalization) == (
+        1,
+        "token",
+        "sigmoid",
+        2.0,
+        0.0,
+        1.0,
+        "self_norm",
+    )
+    d = preset("das_token")
+    assert (d.sign, d.granularity, d.transform, d.normalization) == (
+        -1,
+        "token",
+        "sigmoid",
+        "self_norm",
+    )
+    d = preset("iw_seq")
+    assert (d.sign, d.granularity, d.transform, d.w_min, d.w_max, d.normalization) == (
+        1,
+        "sequence_mean",
+        "exp_clip",
+        0.0,
+        16.0,
+        "none",
+    )
+    d = preset("dft")
+    assert (d.transform, d.gamma, d.normalization) == ("power", 1.0, "none")
+    d = preset("tis")
+    assert (d.granularity, d.transform, d.w_min, d.w_max, d.normalization) == (
+        "sequence_mean",
+        "exp_clip",
+        0.0,
+        2.0,
+        "none",
+    )
+    assert preset("discord", tau=2.0).tau == 2.0
+    with pytest.raises(WeightConfigError, match="unknown preset"):
+        preset("nope")
+    with pytest.raises(WeightConfigError, match="unknown WeightConfig field"):
+        preset("discord", temperature=2.0)
+
+
+logprob = st.floats(min_value=-50.0, max_value=0.0, allow_nan=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    s=st.lists(logprob, min_size=1, max_size=12),
+    data=st.data(),
+    c=st.floats(0.1, 10.0),
+    tau=st.floats(0.05, 10.0),
+    b=st.floats(-5.0, 5.0),
+    sign=st.sampled_from([1, -1]),
+)
+def test_sigmoid_weights_in_open_interval(s, data, c, tau, b, sign):
+    t = data.draw(st.lists(logprob, min_size=len(s), max_size=len(s)))
+    st_, tt = torch.tensor([s], dtype=torch.float64), torch.tensor([t], dtype=torch.float64)
+    m = torch.ones_like(st_, dtype=torch.bool)
+    w = compute_weights(st_, tt, m, WeightConfig(sign=sign, c=c, tau=tau, b=b))
+    assert (w >= 0).all() and (w <= c).all()
+    # strictly inside (0, c) wherever the argument is not so large that fp32 saturates
+    arg = (sign * (st_ - tt) - b) / tau
+    inside = arg.abs() < 15
+    assert (w[inside] > 0).all() and (w[inside] < c).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    s=st.lists(logprob, min_size=1, max_size=12),
+    data=st.data(),
+    w_min=st.floats(0.0, 1.0),
+    span=st.floats(0.0, 20.0),
+    tau=st.floats(0.05, 10.0),
+    granularity=st.sampled_from(["token", "prefix_mean", "sequence_mean", "sequence_sum"]),
+)
+def test_exp_clip_in_bounds(s, data, w_min, span, tau, granularity):
+    t = data.draw(st.lists(logprob, min_size=len(s), max_size=len(s)))
+    w_max = w_min + span + 1e-3
+    cfg = WeightConfig(
+        transform="exp_clip", w_min=w_min, w_max=w_max, tau=tau, granularity=granularity
+    )
+    m = torch.ones(1, len(s), dtype=torch.bool)
+    w = compute_weights(torch.tensor([s]), torch.tensor([t]), m, cfg)
+    assert (w >= w_min * (1 - 1e-6)).all() and (w <= w_max * (1 + 1e-6)).all()
+
+
+def test_diagnostics():
+    s = torch.tensor([[-0.1, -2.0, -3.0, 0.0], [-1.0, -1.5, -0.2, -0.3]])
+    t = torch.tensor([[-1.0, -0.5, -0.2, 0.0], [-1.0, -0.5, -4.0, -0.3]])
+    m = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    cfg = preset("tis")
+    cfg = cfg.replace(granularity="token")
+    w = compute_weights(s, t, m, cfg)
+    d = weight_diagnostics(w, m, cfg)
+    wm = w[m].double()
+    assert d["tokens"] == 7
+    assert d["ess"] == pytest.approx(float(wm.sum() ** 2 / (wm**2).sum()))
+    assert d["ess_fraction"] == pytest.approx(d["ess"] / 7)
+    assert sum(d["histogram"]["counts"]) == 7
+    at_max = float((wm >= 2.0 - 1e-6).double().mean())
+    assert d["clip_shares"]["at_w_max"] == pytest.approx(at_max)
+    assert at_max > 0
+    assert d["mean_by_position"]["0-64"] == pytest.approx(float(wm.mean()))
+    assert -1.0 <= d["corr_weight_length"] <= 1.0
+    # uniform weights: ESS equals the token count
+    d1 = weight_diagnostics(m.float(), m)
+    assert d1["ess"] == pytest.approx(7.0)
