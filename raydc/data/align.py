@@ -1,0 +1,101 @@
+"""Carry teacher log-probs from the teacher's tokens onto the student's, per assistant turn.
+
+Two tokenizers split a response at different places, so log-probs are never paired
+position by position across them (METHOD.md, "Different tokenizers"). Both sides are
+expressed as character spans relative to the assistant content, and
+``raydc.text.align_by_char_spans`` gives each student token the sum of the teacher
+log-probs of the teacher tokens that *end* inside it. The rules this module adds:
+
+- Student tokens that share characters (byte-level BPE splits one multi-byte character
+  into several tokens with the same span) are made disjoint first: a token's span ends
+  where the next one starts, so the character is credited once, to the token that
+  completes it; the tokens before it get 0.0 (their probability is paid by the last).
+- A student content token that the teacher's tokens straddle (no teacher token ends
+  inside it) gets 0.0: its log-prob is paid by the student token where that teacher token
+  ends. A student token that no teacher token covers at all gets NaN ("unknown"); the
+  scoring stage replaces unknown teacher log-probs by the student's own (a neutral
+  ratio of 1) and counts them.
+- Teacher tokens at or after the end of the content (the teacher's own end-of-turn
+  token, or text after the response) are summed into the student's end-of-turn token;
+  without any, that token's teacher log-prob is NaN (unknown).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from raydc.text import align_by_char_spans
+
+NAN = float("nan")
+
+
+def disjoint_spans(offsets: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Trim each span so it ends where the next one starts (spans given in text order).
+
+    ``[(84, 86), (85, 86)]`` -> ``[(84, 85), (85, 86)]``; four tokens of one emoji, all
+    ``(89, 90)`` -> three empty ``(89, 89)`` and a last ``(89, 90)``.
+    """
+    out = [(int(s), int(e)) for s, e in offsets]
+    for i in range(len(out) - 1):
+        s, e = out[i]
+        nxt = out[i + 1][0]
+        if nxt < e:
+            out[i] = (s, max(s, nxt))
+    return out
+
+
+def align_turn(
+    content_len: int,
+    src_offsets: Sequence[tuple[int, int]],
+    src_values: Sequence[float],
+    dst_offsets: Sequence[tuple[int, int]],
+    dst_has_eot: bool,
+) -> list[float]:
+    """Teacher values for the student tokens of one assistant turn.
+
+    content_len: length of the assistant content in characters. src_offsets/src_values:
+    teacher token spans (relative to the content start; spans at or beyond ``content_len``
+    are end-of-turn) and their log-probs. dst_offsets: spans of the student's content
+    tokens, relative to the content start, in order. Returns one value per student
+    content token, plus one for the student's end-of-turn token when ``dst_has_eot``.
+    NaN marks "unknown" (no teacher token covers it).
+    """
+    if len(src_offsets) != len(src_values):
+        raise ValueError(f"{len(src_offsets)} teacher spans but {len(src_values)} values")
+    inside_off, inside_val, after = [], [], []
+    for (s, e), v in zip(src_offsets, src_values):
+        s, e = int(s), int(e)
+        if s >= content_len:
+            after.append(float(v))
+        elif e > 0:
+            inside_off.append((max(s, 0), min(e, content_len)))
+            inside_val.append(float(v))
+    dst = disjoint_spans([(max(0, s), min(e, content_len)) for s, e in dst_offsets])
+    vals = align_by_char_spans(inside_off, inside_val, dst)
+    covered_lo = min((s for s, _ in inside_off), default=None)
+    covered_hi = max((e for _, e in inside_off), default=None)
+    out: list[float] = []
+    for (s, e), v in zip(dst, vals):
+        if v is not None:
+            out.append(v)
+        elif e <= s and covered_lo is not None and covered_lo <= s <= covered_hi:
+            out.append(0.0)  # emptied by disjoint_spans: its character is paid later
+        else:
+            out.append(NAN)
+    if dst_has_eot:
+        out.append(float(sum(after)) if after else NAN)
+    return out
+
+
+def offsets_from_strings(tokens: Sequence[str]) -> list[tuple[int, int]]:
+    """Character spans of consecutive token strings (their concatenation is the text)."""
+    spans, pos = [], 0
+    for t in tokens:
+        spans.append((pos, pos + len(t)))
+        pos += len(t)
+    return spans
+
+
+def is_finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

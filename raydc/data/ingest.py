@@ -1,0 +1,313 @@
+"""The prepare stage: teacher traces in, tokenised rows with loss masks out (Ray Data).
+
+Sources: JSONL, Parquet, or a folder written by ``datasets.Dataset.save_to_disk``. One
+Ray Data datasource reads all three and tags each row with its file and index, so a row
+without an id gets ``"{file}:{index}"``. JSONL lines travel as raw bytes and are decoded
+inside the workers, so an undecodable or malformed line becomes a reject with its row id
+instead of failing the read. Blocks stream through ``map_batches`` (tokenise, mask,
+align) into Parquet shards; rejects and counts are written beside them per batch
+(``raydc.data.schema``) and merged at the end. The driver never holds the rows.
+
+Counting: rows_in counts candidates (a source row with a list of responses contributes
+one per response; a source row rejected before it is split counts once).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+
+from raydc.data.render import RowReject, parse_row, prepare_candidate, special_ids
+from raydc.data.schema import (
+    PARTS_DIR,
+    PREPARED_SCHEMA,
+    batch_key,
+    collect_parts,
+    count_rows,
+    data_files,
+    prepare_out_dir,
+    reason_counts,
+    tokenizer_fingerprint,
+    write_json,
+    write_parts,
+)
+
+READ_CHUNK_ROWS = 1024
+
+
+class PrepareError(RuntimeError):
+    """The prepare stage refused its input (e.g. too many rejects)."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def resolve_source(path: str, fmt: str = "auto") -> tuple[str, list[str]]:
+    """(format, files) for a JSONL/Parquet file or folder, or a saved HF datasets folder."""
+    if not path:
+        raise PrepareError("data.path is empty: set it to a JSONL/Parquet file or folder")
+    p = Path(path)
+    if not p.exists():
+        raise PrepareError(f"data.path={path!r} does not exist")
+    if p.is_dir() and (fmt == "hf" or (fmt == "auto" and (p / "state.json").exists())):
+        state = json.loads((p / "state.json").read_text())
+        files = [str(p / f["filename"]) for f in state.get("_data_files", [])]
+        if not files:
+            raise PrepareError(f"{path}: state.json lists no data files")
+        return "hf", files
+    files = sorted(str(f) for f in p.iterdir() if f.is_file()) if p.is_dir() else [str(p)]
+    by_ext = {
+        "jsonl": [f for f in files if f.endswith((".jsonl", ".json", ".jsonl.gz"))],
+        "parquet": [f for f in files if f.endswith(".parquet")],
+    }
+    if fmt == "auto":
+        found = [k for k, v in by_ext.items() if v]
+        if len(found) != 1:
+            raise PrepareError(
+                f"data.path={path!r}: cannot tell the format (found {found or 'no'} JSONL/"
+                "Parquet files); set data.format"
+            )
+        fmt = found[0]
+    chosen = by_ext.get(fmt) if p.is_dir() else files
+    if not chosen:
+        raise PrepareError(f"data.path={path!r}: no {fmt} files")
+    return fmt, chosen
+
+
+def _tag(table: pa.Table, name: str, start: int) -> pa.Table:
+    n = table.num_rows
+    table = table.append_column("_source", pa.array([name] * n, pa.string()))
+    return table.append_column("_index", pa.array(range(start, start + n), pa.int64()))
+
+
+def _datasource(fmt: str, files: list[str]):
+    from ray.data.datasource import FileBasedDatasource
+
+    class TracesDatasource(FileBasedDatasource):
+        """Rows of JSONL (raw bytes), Parquet or Arrow-stream files, tagged with file/index."""
+
+        def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+            name = os.path.basename(path)
+            if fmt == "jsonl":
+                data = f.readall()
+                if path.endswith(".gz"):
+                    import gzip
+
+                    data = gzip.decompress(data)
+                raw, idx = [], []
+                for i, line in enumerate(data.split(b"\n")):
+                    if line.strip():
+                        raw.append(line.rstrip(b"\r"))
+                        idx.append(i)
+                for s in range(0, len(raw), READ_CHUNK_ROWS):
+                    yield pa.table(
+                        {
+                            "_raw": pa.array(raw[s : s + READ_CHUNK_ROWS], pa.binary()),
+                            "_source": pa.array([name] * len(idx[s : s + READ_CHUNK_ROWS])),
+                            "_index": pa.array(idx[s : s + READ_CHUNK_ROWS], pa.int64()),
+                        }
+                    )
+            elif fmt == "parquet":
+                import pyarrow.parquet as pq
+
+                start = 0
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=READ_CHUNK_ROWS):
+                    yield _tag(pa.Table.from_batches([batch]), name, start)
+                    start += batch.num_rows
+            else:  # hf: Arrow IPC stream files written by datasets' save_to_disk
+                reader = pa.ipc.open_stream(f)
+                start = 0
+                for batch in reader:
+                    yield _tag(pa.Table.from_batches([batch]), name, start)
+                    start += batch.num_rows
+
+    return TracesDatasource(files)
+
+
+def read_traces(dcfg):
+    """A Ray Dataset of raw trace rows (``_source``, ``_index`` and the row's fields)."""
+    import ray
+
+    fmt, files = resolve_source(dcfg.path, dcfg.format)
+    ds = ray.data.read_datasource(_datasource(fmt, files))
+    if dcfg.limit:
+        ds = ds.limit(dcfg.limit)
+    return ds
+
+
+# ----------------------------------------------------------------------------- the map
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str):
+    from raydc.models import load_tokenizer
+
+    tok = load_tokenizer(path)
+    return tok, special_ids(tok)
+
+
+def _decode_raw(raw: bytes) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RowReject(
+            "line", "undecodable", f"not UTF-8 ({e.reason} at byte {e.start})"
+        ) from None
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RowReject("line", "invalid_json", str(e)) from None
+    if not isinstance(row, dict):
+        raise RowReject("line", "invalid_json", f"a JSON {type(row).__name__}, not an object")
+    return row
+
+
+def prepare_batch(batch: pa.Table, tokenizer: str, data_cfg: dict, parts_dir: str) -> pa.Table:
+    """Raw rows -> prepared rows (PREPARED_SCHEMA); rejects and counts go to parts_dir."""
+    from raydc.config import DataConfig
+
+    dcfg = DataConfig(**data_cfg)
+    tok, specials = _tokenizer(tokenizer)
+    good: list[dict] = []
+    rejects: list[dict] = []
+    stats = {
+        "rows_in": 0,
+        "rows_out": 0,
+        "rows_rejected": 0,
+        "truncated": 0,
+        "tokens": 0,
+        "loss_tokens": 0,
+        "given_teacher_rows": 0,
+    }
+    default_ids = []
+    for row in batch.to_pylist():
+        default_id = f"{row.pop('_source')}:{row.pop('_index')}"
+        default_ids.append(default_id)
+        try:
+            if "_raw" in row:
+                row = _decode_raw(row.pop("_raw"))
+            cands = parse_row(row, dcfg, default_id)
+        except RowReject as e:
+            rid = default_id
+            if isinstance(row, dict) and row.get(dcfg.id_key) is not None and "_raw" not in row:
+                rid = str(row[dcfg.id_key])
+            rejects.append({"row_id": rid, "field": e.field, "reason": e.reason})
+            stats["rows_in"] += 1
+            continue
+        for cand in cands:
+            stats["rows_in"] += 1
+            try:
+                prep = prepare_candidate(tok, cand, dcfg, specials)
+            except RowReject as e:
+                rejects.append({"row_id": cand.row_id, "field": e.field, "reason": e.reason})
+                continue
+            good.append(prep.to_row())
+            stats["truncated"] += int(prep.truncated)
+            stats["tokens"] += len(prep.input_ids)
+            stats["loss_tokens"] += int(sum(prep.loss_mask))
+            stats["given_teacher_rows"] += int(prep.teacher_logprobs is not None)
+    stats["rows_out"], stats["rows_rejected"] = len(good), len(rejects)
+    write_parts(parts_dir, batch_key(default_ids), "prepare", rejects, stats)
+    return pa.Table.from_pylist(good, schema=PREPARED_SCHEMA)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def ensure_ray(cfg) -> None:
+    """Start (or join, with run.ray_address) Ray unless the caller already did."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    from raydc.models import offline_env
+
+    offline_env()
+    env = {
+        k: os.environ[k]
+        for k in (
+            "HF_HUB_OFFLINE",
+            "TRANSFORMERS_OFFLINE",
+            "HF_DATASETS_OFFLINE",
+            "VLLM_NO_USAGE_STATS",
+            "TOKENIZERS_PARALLELISM",
+        )
+        if k in os.environ
+    }
+    ray.init(address=cfg.run.ray_address, runtime_env={"env_vars": env}, log_to_driver=False)
+
+
+def check_reject_share(stage: str, summary: dict, max_share: float, rejects_path: Path) -> None:
+    n_in, n_rej = summary["rows_in"], summary["rows_rejected"]
+    if n_in and n_rej / n_in > max_share:
+        raise PrepareError(
+            f"{stage}: {n_rej} of {n_in} rows rejected ({n_rej / n_in:.1%}) > "
+            f"data.max_reject_share={max_share:.1%}; reasons {summary.get('reasons')}; "
+            f"see {rejects_path}"
+        )
+    if n_in and n_rej == n_in:
+        raise PrepareError(
+            f"{stage}: every row was rejected; reasons {summary.get('reasons')}; see {rejects_path}"
+        )
+
+
+def run_prepare(cfg, out_dir: str | os.PathLike) -> dict:
+    """Read ``cfg.data.path``, write prepared Parquet, ``rejects.parquet`` and
+    ``summary.json`` to ``out_dir``; return the summary (rows_in == rows_out +
+    rows_rejected). The tokenizer is ``cfg.data.tokenizer`` or the student's."""
+    t0 = time.time()
+    dcfg = cfg.data
+    tokenizer = dcfg.tokenizer or cfg.score.student
+    if not tokenizer:
+        raise PrepareError("no tokenizer: set data.tokenizer or score.student")
+    from raydc.models import tokenizer_path
+
+    tokenizer = tokenizer_path(tokenizer)
+    ensure_ray(cfg)
+    out = prepare_out_dir(out_dir)
+    ds = read_traces(dcfg).map_batches(
+        prepare_batch,
+        batch_format="pyarrow",
+        batch_size=256,
+        fn_kwargs=dict(tokenizer=tokenizer, data_cfg=_asdict(dcfg), parts_dir=str(out / PARTS_DIR)),
+    )
+    ds.write_parquet(str(out))
+    totals, rejects = collect_parts(out, "prepare")
+    rows_out = count_rows(data_files(out))
+    summary = {
+        "stage": "prepare",
+        "rows_in": int(totals.get("rows_in", 0)),
+        "rows_out": rows_out,
+        "rows_rejected": rejects.num_rows,
+        "truncated": int(totals.get("truncated", 0)),
+        "tokens": int(totals.get("tokens", 0)),
+        "loss_tokens": int(totals.get("loss_tokens", 0)),
+        "given_teacher_rows": int(totals.get("given_teacher_rows", 0)),
+        "reasons": reason_counts(rejects),
+        "source": str(dcfg.path),
+        "tokenizer": tokenizer,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "config": _asdict(dcfg),
+        "paths": {"data": str(out), "rejects": str(out / "rejects.parquet")},
+        "seconds": round(time.time() - t0, 3),
+    }
+    if summary["rows_in"] != rows_out + rejects.num_rows:
+        raise PrepareError(
+            f"prepare lost rows: {summary['rows_in']} in != {rows_out} out + "
+            f"{rejects.num_rows} rejected (a bug; please report)"
+        )
+    write_json(out / "summary.json", summary)
+    check_reject_share("prepare", summary, dcfg.max_reject_share, out / "rejects.parquet")
+    return summary
+
+
+def _asdict(section) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(section)

@@ -1,0 +1,294 @@
+"""Ingest rules without Ray: rendering, masks, sentence ids, given teacher log-probs and a
+corpus of malformed rows, each rejected with the right field and reason code."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raydc.config import DataConfig
+from raydc.data.ingest import prepare_batch
+from raydc.data.render import Candidate, RowReject, parse_row, prepare_candidate
+from raydc.data.schema import PREPARED_SCHEMA, collect_parts, prepare_out_dir
+from raydc.models import load_tokenizer
+
+QWEN2 = os.path.join(os.path.dirname(__file__), "..", "assets", "qwen2-tokenizer")
+GSM8K = os.path.join(
+    os.path.dirname(__file__), "..", "..", "raydc", "assets", "gsm8k", "train.jsonl"
+)
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return load_tokenizer("tiny-bpe")
+
+
+@pytest.fixture(scope="module")
+def qwen2():
+    return load_tokenizer(QWEN2)
+
+
+def _prep(tok, row, **cfg):
+    dcfg = DataConfig(**cfg)
+    (cand,) = parse_row(row, dcfg, "f.jsonl:0")
+    return prepare_candidate(tok, cand, dcfg)
+
+
+def _masked_text(tok, prep):
+    return tok.decode([i for i, m in zip(prep.input_ids, prep.loss_mask) if m])
+
+
+def test_prompt_response_mask_is_response_plus_end_of_turn(bpe):
+    p = _prep(bpe, {"prompt": "What is 2+3?", "response": "It is 5. Done!"})
+    assert p.loss_mask[0] is False
+    assert _masked_text(bpe, p) == "It is 5. Done!<|im_end|>"
+    # The prompt side carries no loss; the final newline after <|im_end|> neither.
+    assert bpe.decode(p.input_ids[: p.loss_mask.index(True)]).endswith("assistant\n")
+    assert p.loss_mask[-1] is False and bpe.decode([p.input_ids[-1]]) == "\n"
+    # Two sentences: "It is 5. " then "Done!" (+ the end-of-turn token in the last one).
+    sids = [s for s, m in zip(p.sentence_ids, p.loss_mask) if m]
+    assert sids[0] == 0 and sids[-1] == 1 and sorted(set(sids)) == [0, 1]
+    assert all(s == 0 for s, m in zip(p.sentence_ids, p.loss_mask) if not m)
+    assert p.row_id == "f.jsonl:0" and p.teacher_logprobs is None
+
+
+def test_chat_multi_turn_masks_every_assistant_turn(bpe):
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Sum 1 and 1?"},
+        {"role": "assistant", "content": "Two."},
+    ]
+    p = _prep(bpe, {"id": "c1", "messages": msgs})
+    assert _masked_text(bpe, p) == "Hello.<|im_end|>Two.<|im_end|>"
+    sids = [s for s, m in zip(p.sentence_ids, p.loss_mask) if m]
+    assert sids[0] == 0 and sids[-1] == 1  # sentence ids run on across turns
+    assert p.row_id == "c1"
+    assert json.loads(p.conversation) == msgs
+    spans = list(zip(p.response_spans[::2], p.response_spans[1::2]))
+    assert [p.text[s:e] for s, e in spans] == ["Hello.", "Two."]
+
+
+def test_qwen2_tokenizer_renders_and_masks_a_gsm8k_trace(qwen2):
+    with open(GSM8K) as fh:
+        row = json.loads(fh.readline())
+    p = _prep(qwen2, {"prompt": row["question"], "response": row["answer"]}, max_length=4096)
+    # The real Qwen2 template adds its default system prompt and ends turns with <|im_end|>.
+    assert p.text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    assert p.text.endswith(row["answer"] + "<|im_end|>\n")
+    assert _masked_text(qwen2, p) == row["answer"] + "<|im_end|>"
+    im_end = qwen2.convert_tokens_to_ids("<|im_end|>")
+    masked_ids = [i for i, m in zip(p.input_ids, p.loss_mask) if m]
+    assert masked_ids[-1] == im_end and masked_ids.count(im_end) == 1
+    # GSM8K answers are a few lines: each line is a sentence of its own.
+    n_lines = len([ln for ln in row["answer"].split("\n") if ln.strip()])
+    sids = [s for s, m in zip(p.sentence_ids, p.loss_mask) if m]
+    assert len(set(sids)) >= n_lines and sids == sorted(sids)
+    assert len(p.offsets) == 2 * len(p.input_ids)
+
+
+def test_candidates_share_a_prompt_id(bpe):
+    dcfg = DataConfig()
+    cands = parse_row({"id": "p7", "prompt": "Q?", "response": ["A one.", "A two."]}, dcfg, "x:0")
+    assert [c.row_id for c in cands] == ["p7#0", "p7#1"]
+    assert cands[0].prompt_id == cands[1].prompt_id
+    other = parse_row({"prompt": "Other?", "response": "B."}, dcfg, "x:1")[0]
+    assert other.prompt_id != cands[0].prompt_id
+    given = parse_row({"prompt": "Q?", "response": "C.", "prompt_id": "g"}, dcfg, "x:2")[0]
+    assert given.prompt_id == "g"
+
+
+def test_given_student_token_logprobs_land_on_loss_tokens(bpe):
+    base = _prep(bpe, {"prompt": "Q?", "response": "Yes it is."})
+    n = sum(base.loss_mask)
+    lps = [-0.1 * (k + 1) for k in range(n)]
+    p = _prep(bpe, {"prompt": "Q?", "response": "Yes it is.", "teacher_logprobs": lps})
+    got = [v for v, m in zip(p.teacher_logprobs, p.loss_mask) if m]
+    assert got == pytest.approx(lps)
+    assert all(v == 0.0 for v, m in zip(p.teacher_logprobs, p.loss_mask) if not m)
+    # One per content token: the end-of-turn token's teacher log-prob is unknown (NaN).
+    p2 = _prep(bpe, {"prompt": "Q?", "response": "Yes it is.", "teacher_logprobs": lps[:-1]})
+    got2 = [v for v, m in zip(p2.teacher_logprobs, p2.loss_mask) if m]
+    assert got2[:-1] == pytest.approx(lps[:-1]) and math.isnan(got2[-1])
+
+
+def test_given_teacher_token_strings_are_aligned_by_characters(bpe):
+    resp = "Yes it is."
+    # A teacher that split the response into words, plus its own end-of-turn token.
+    toks, lps = ["Yes", " it", " is", ".", "</s>"], [-1.0, -2.0, -3.0, -0.5, -0.25]
+    p = _prep(
+        bpe, {"prompt": "Q?", "response": resp, "teacher_logprobs": lps, "teacher_tokens": toks}
+    )
+    got = [v for v, m in zip(p.teacher_logprobs, p.loss_mask) if m]
+    assert sum(got) == pytest.approx(sum(lps))
+    assert got[-1] == pytest.approx(-0.25)  # the end-of-turn token gets the teacher's
+    # Offsets instead of strings give the same result.
+    offs = [[0, 3], [3, 6], [6, 9], [9, 10], [10, 10]]
+    q = _prep(
+        bpe, {"prompt": "Q?", "response": resp, "teacher_logprobs": lps, "teacher_offsets": offs}
+    )
+    assert q.teacher_logprobs == pytest.approx(p.teacher_logprobs)
+
+
+def test_truncate_keeps_a_prefix_and_counts(bpe):
+    long = " ".join(["word"] * 80)
+    p = _prep(bpe, {"prompt": "Q?", "response": long}, max_length=24, overlength="truncate")
+    assert p.truncated and len(p.input_ids) == 24 == len(p.loss_mask) == len(p.sentence_ids)
+    with pytest.raises(RowReject) as e:
+        _prep(bpe, {"prompt": "Q?", "response": long}, max_length=24, overlength="drop")
+    assert e.value.code == "too_long"
+    with pytest.raises(RowReject) as e:
+        _prep(
+            bpe,
+            {"prompt": "A long question " * 10, "response": "x"},
+            max_length=10,
+            overlength="truncate",
+        )
+    assert e.value.code == "no_loss_tokens"
+
+
+# ----------------------------------------------------------------------------- rejects
+
+OK = {"prompt": "What is 1+1?", "response": "Two."}
+# (raw JSONL line, expected field, expected reason code)
+MALFORMED = [
+    (b"{not json", "line", "invalid_json"),
+    (b"[1, 2, 3]", "line", "invalid_json"),
+    (b'{"prompt": "caf\xe9", "response": "x"}', "line", "undecodable"),
+    (b'{"prompt": "hi", "response": "\\ud800 lone"}', "response", "undecodable"),
+    (b'{"question": "no known keys"}', "messages|prompt", "missing_key"),
+    (b'{"prompt": "hi"}', "response", "missing_key"),
+    (b'{"prompt": "hi", "response": null}', "response", "missing_key"),
+    (b'{"prompt": "hi", "response": ""}', "response", "empty_response"),
+    (b'{"prompt": "hi", "response": "   \\n "}', "response", "empty_response"),
+    (b'{"prompt": "hi", "response": 42}', "response", "wrong_type"),
+    (b'{"prompt": ["a"], "response": "x"}', "prompt", "wrong_type"),
+    (b'{"messages": "not json"}', "messages", "wrong_type"),
+    (b'{"messages": [{"role": "user", "content": "hi"}]}', "messages", "empty_response"),
+    (
+        b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ["x"]}]}',
+        "messages[1].content",
+        "wrong_type",
+    ),
+    (
+        b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}',
+        "messages[1].content",
+        "missing_key",
+    ),
+    (
+        b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}',
+        "messages[1].content",
+        "empty_response",
+    ),
+    (b'{"prompt": "hi", "response": "' + b"word " * 200 + b'"}', "input_ids", "too_long"),
+    (
+        b'{"prompt": "hi", "response": "Two.", "teacher_logprobs": [-1.0]}',
+        "teacher_logprobs",
+        "logprobs_length",
+    ),
+    (
+        b'{"prompt": "hi", "response": "Two.", "teacher_logprobs": [-1.0, NaN, -1.0]}',
+        "teacher_logprobs",
+        "logprobs_not_finite",
+    ),
+    (
+        b'{"prompt": "hi", "response": "Two.", "teacher_logprobs": [-1.0, -Infinity, -1.0]}',
+        "teacher_logprobs",
+        "logprobs_not_finite",
+    ),
+    (
+        b'{"prompt": "hi", "response": "Two.", "teacher_logprobs": [-1.0, null, -1.0]}',
+        "teacher_logprobs",
+        "logprobs_not_finite",
+    ),
+    (
+        b'{"prompt": "hi", "response": "Two.", "teacher_logprobs": [-1.0, 0.5, -1.0]}',
+        "teacher_logprobs",
+        "logprobs_positive",
+    ),
+    (
+        b'{"prompt": "hi", "response": "Two.", "teacher_logprobs": [-1.0, "a", -1.0]}',
+        "teacher_logprobs",
+        "wrong_type",
+    ),
+    (
+        b'{"prompt": "hi", "response": "Two.", "teacher_logprobs": -1.0}',
+        "teacher_logprobs",
+        "wrong_type",
+    ),
+    (
+        b'{"prompt": "hi", "response": "Two.", "teacher_logprobs": [-1.0, -1.0], '
+        b'"teacher_tokens": ["Tw", "x."]}',
+        "teacher_tokens",
+        "teacher_tokens_mismatch",
+    ),
+    (
+        b'{"prompt": "hi", "response": "Two.", "teacher_logprobs": [-1.0, -1.0], '
+        b'"teacher_tokens": ["Two."]}',
+        "teacher_logprobs",
+        "logprobs_length",
+    ),
+]
+
+
+def _raw_table(lines: list[bytes], name="traces.jsonl") -> pa.Table:
+    return pa.table(
+        {
+            "_raw": pa.array(lines, pa.binary()),
+            "_source": pa.array([name] * len(lines)),
+            "_index": pa.array(range(len(lines)), pa.int64()),
+        }
+    )
+
+
+def test_malformed_corpus_each_rejected_with_its_reason(tmp_path):
+    good = [json.dumps({**OK, "id": f"good{i}"}).encode() for i in range(3)]
+    two = json.dumps({"id": "cands", "prompt": "Q?", "response": ["A.", ""]}).encode()
+    lines = good + [two] + [m[0] for m in MALFORMED]
+    out = prepare_out_dir(tmp_path / "prep")
+    dcfg = DataConfig(max_length=64)
+    table = prepare_batch(_raw_table(lines), "tiny-bpe", dcfg.__dict__, str(out / "_parts"))
+    assert table.schema.equals(PREPARED_SCHEMA)
+    assert table.column("row_id").to_pylist() == ["good0", "good1", "good2", "cands#0"]
+    totals, rejects = collect_parts(out, "prepare")
+    by_id = {r["row_id"]: r for r in rejects.to_pylist()}
+    assert by_id.pop("cands#1")["reason"].startswith("empty_response")
+    for k, (_, field, code) in enumerate(MALFORMED):
+        r = by_id[f"traces.jsonl:{4 + k}"]
+        assert (r["field"], r["reason"].split(":")[0]) == (field, code), (k, r)
+        assert r["stage"] == "prepare"
+    # Nothing lost: 3 good + 2 candidates + the malformed rows.
+    assert totals["rows_in"] == 3 + 2 + len(MALFORMED)
+    assert totals["rows_in"] == table.num_rows + rejects.num_rows
+    assert pq.read_table(out / "rejects.parquet").num_rows == rejects.num_rows
+
+
+def test_reject_field_names_follow_configured_keys(bpe):
+    dcfg = DataConfig(prompt_key="q", response_key="a")
+    with pytest.raises(RowReject) as e:
+        parse_row({"q": "hi", "a": 3}, dcfg, "x:0")
+    assert (e.value.field, e.value.code) == ("a", "wrong_type")
+    with pytest.raises(RowReject) as e:
+        prepare_candidate(
+            bpe,
+            Candidate(
+                "r",
+                "p",
+                [{"role": "user", "content": "x"}, {"role": "assistant", "content": "ok"}],
+                {
+                    "logprobs": [-1.0] * 9,
+                    "tokens": None,
+                    "offsets": None,
+                    "field": "teacher_logprobs",
+                    "tokens_field": "t",
+                },
+            ),
+            dcfg,
+        )
+    assert e.value.code == "logprobs_length"
