@@ -192,27 +192,86 @@ class TrainConfig:
             _positive(f"{path}.{name}", getattr(self, name), strict=False)
 
 
+SPACE_TYPES = ("uniform", "loguniform", "randint", "choice", "grid")
+METRIC_MODES = {"val_nll": "min", "val_accuracy": "max", "val_reverse_kl": "min"}
+
+
+def _check_space(path: str, space: dict) -> None:
+    """Each search-space key names a config field (or ``weights.preset``); each spec is a
+    list (a choice) or {type, low, high} / {type, values} with sensible bounds."""
+    for key, spec in space.items():
+        where = f"{path}.{key}"
+        if key != "weights.preset":
+            node: Any = RaydcConfig
+            for part in key.split("."):
+                hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+                if part not in hints:
+                    raise ConfigError(f"{where}: {key!r} is not a config field")
+                node = hints[part]
+            if dataclasses.is_dataclass(node):
+                raise ConfigError(f"{where}: {key!r} is a section, not a field")
+        if isinstance(spec, list):
+            spec = {"type": "choice", "values": spec}
+        if not isinstance(spec, dict) or spec.get("type") not in SPACE_TYPES:
+            raise ConfigError(f"{where}={spec!r}: must be a list or a mapping with type one of {list(SPACE_TYPES)}")
+        if spec["type"] in ("choice", "grid"):
+            if not isinstance(spec.get("values"), list) or not spec["values"]:
+                raise ConfigError(f"{where}.values: must be a non-empty list")
+            continue
+        low, high = spec.get("low"), spec.get("high")
+        for name, v in (("low", low), ("high", high)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"{where}.{name}={v!r}: must be a number")
+        if not low < high:
+            raise ConfigError(f"{where}.low={low!r}: must be < high ({high!r})")
+        if spec["type"] == "loguniform" and low <= 0:
+            raise ConfigError(f"{where}.low={low!r}: must be > 0 for loguniform")
+
+
 @dataclass
 class TuneConfig:
     """Ray Tune over WeightConfig (and train) fields; trials reuse the stored scores."""
 
     enabled: bool = False
-    num_samples: int = 4
+    num_samples: int = 4  # trials (grid: repeats of the whole grid)
     metric: str = "val_nll"  # val_nll | val_accuracy | val_reverse_kl
-    mode: str = "min"
-    search_alg: str = "optuna"  # optuna | random | grid
+    mode: str = "auto"  # auto (from the metric) | min | max
+    search_alg: str = "optuna"  # optuna (TPE) | random | grid
     scheduler: str = "asha"  # asha | none
-    max_concurrent_trials: int | None = None
-    # dotted field -> {"type": uniform|loguniform|choice|grid, "low", "high", "values"}
+    grace_period: int = 1  # ASHA: reports before a trial may be stopped
+    reduction_factor: int = 2  # ASHA: keep 1 / reduction_factor at each rung
+    max_concurrent_trials: int | None = None  # None: what the cluster's CPUs/GPUs fit
+    max_failures: int = 1  # retries of a failed trial
+    driver_cpus: float = 0.01  # the per-trial driver; its TorchTrainer asks for its own
+    # dotted field -> [values] | {"type": uniform|loguniform|randint, "low", "high"}
+    #                          | {"type": choice|grid, "values": [...]}
     space: dict = field(default_factory=dict)
 
     def validate(self, path: str) -> None:
-        _choice(f"{path}.metric", self.metric, ("val_nll", "val_accuracy", "val_reverse_kl"))
-        _choice(f"{path}.mode", self.mode, ("min", "max"))
+        _choice(f"{path}.metric", self.metric, tuple(METRIC_MODES))
+        _choice(f"{path}.mode", self.mode, ("auto", "min", "max"))
         _choice(f"{path}.search_alg", self.search_alg, ("optuna", "random", "grid"))
         _choice(f"{path}.scheduler", self.scheduler, ("asha", "none"))
-        _positive(f"{path}.num_samples", self.num_samples)
+        for name in ("num_samples", "grace_period", "driver_cpus"):
+            _positive(f"{path}.{name}", getattr(self, name))
         _positive(f"{path}.max_concurrent_trials", self.max_concurrent_trials)
+        _positive(f"{path}.max_failures", self.max_failures, strict=False)
+        if self.reduction_factor < 2:
+            raise ConfigError(f"{path}.reduction_factor={self.reduction_factor!r}: must be >= 2")
+        _check_space(f"{path}.space", self.space)
+        if self.search_alg == "grid":
+            for key, spec in self.space.items():
+                if isinstance(spec, dict) and spec.get("type") not in ("choice", "grid"):
+                    raise ConfigError(
+                        f"{path}.space.{key}: search_alg grid needs a list of values, "
+                        f"got type {spec.get('type')!r}"
+                    )
+        if self.enabled and not self.space:
+            raise ConfigError(f"{path}.space: empty; name at least one field to search")
+
+    @property
+    def resolved_mode(self) -> str:
+        return METRIC_MODES[self.metric] if self.mode == "auto" else self.mode
 
 
 @dataclass
@@ -240,8 +299,10 @@ class EvalConfig:
 class RunConfig:
     """Where a run writes and which Ray cluster it uses."""
 
+    # Stage outputs, checkpoints and Tune results: <output_dir>/<stage>/. On a multi-node
+    # cluster, a path on storage every node mounts (see cluster.yaml).
     output_dir: str = "runs/default"
-    ray_address: str | None = None  # None: a local Ray; "auto" or ray://...: a cluster
+    ray_address: str | None = None  # None: RAY_ADDRESS or a local Ray; "auto", host:port, ray://
     seed: int = 0
 
 
