@@ -1,0 +1,63 @@
+"""The ``raydc`` command line: parsing, config errors, and the stage commands' wiring."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import yaml
+
+from raydc.cli import STAGES, build_parser, load, main
+from raydc.config import from_dict, load_config
+from raydc.pipeline import DEFAULT_CONFIG
+
+
+def test_help_lists_every_stage_and_run():
+    out = subprocess.run(
+        [sys.executable, "-m", "raydc.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for name in (*STAGES, "run", "config"):
+        assert name in out
+
+
+def test_config_prints_the_validated_embedded_default(capsys):
+    assert main(["config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert from_dict(printed) == load_config(DEFAULT_CONFIG)
+
+
+def test_overrides_and_address_reach_the_config():
+    args = build_parser().parse_args(
+        ["train", "--address", "auto", "train.max_steps=3", "weights.preset=sft"]
+    )
+    cfg = load(args)
+    assert cfg.run.ray_address == "auto"
+    assert cfg.train.max_steps == 3 and cfg.weights.transform == "none"
+
+
+def test_a_bad_override_exits_2_naming_the_field(capsys):
+    assert main(["train", "train.lr=-1"]) == 2
+    assert "train.lr=-1" in capsys.readouterr().err
+    assert main(["score", "score.backnd=vllm"]) == 2
+    assert "score.backnd" in capsys.readouterr().err
+
+
+def test_a_missing_config_file_exits_2(tmp_path, capsys):
+    assert main(["prepare", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_select_when_disabled_exits_1_before_running_anything(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "select",
+            "select.enabled=false",
+            f"run.output_dir={out}",
+            "score.student=",
+            "score.teacher=null",
+        ]
+    )
+    assert rc == 1
+    assert "select.enabled" in capsys.readouterr().err
+    assert not (out / "prepare").exists()

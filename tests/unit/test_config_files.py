@@ -1,0 +1,192 @@
+"""Every shipped YAML loads and validates; bad values fail naming the field; the search
+space is checked at load time; the stage fingerprints and markers of raydc.pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raydc.config import ConfigError, dump_config, from_dict, load_config
+from raydc.pipeline import (
+    CONFIG_DIR,
+    HISTORY,
+    MARKER,
+    Pipeline,
+    StageError,
+    fingerprint,
+    path_fingerprint,
+    resolve_path,
+)
+
+SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    assert {p.name for p in SHIPPED} >= {"default.yaml", "tune.yaml"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_config_loads_validates_and_round_trips(path):
+    import yaml
+
+    cfg = load_config(path)
+    # pkg: paths point at files that ship with the package
+    for value in (cfg.data.path, cfg.eval.path):
+        if value.startswith("pkg:"):
+            assert Path(resolve_path(value)).is_file(), value
+    again = from_dict(yaml.safe_load(dump_config(cfg)))
+    assert again == cfg
+
+
+def test_tune_example_has_a_search_space_over_weights():
+    cfg = load_config(CONFIG_DIR / "tune.yaml")
+    assert cfg.tune.enabled and cfg.tune.space
+    assert all(k.startswith("weights.") for k in cfg.tune.space)
+    assert cfg.tune.resolved_mode == "min"
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("train.lr=-1", "train.lr"),
+        ("train.zero_stage=5", "train.zero_stage"),
+        ("score.gpu_memory_utilization=2", "score.gpu_memory_utilization"),
+        ("data.max_reject_share=1.5", "data.max_reject_share"),
+        ("eval.grader=mmlu", "eval.grader"),
+        ("tune.metric=accuracy", "tune.metric"),
+        ("tune.reduction_factor=1", "tune.reduction_factor"),
+        ("tune.max_concurrent_trials=0", "tune.max_concurrent_trials"),
+        ("weights.tau=0", "tau"),
+        ("weights.preset=nope", "weights.preset"),
+        ("train.max_steps=ten", "train.max_steps"),
+        ("run.seed=1.5", "run.seed"),
+        ("train.nonsense=1", "train.nonsense"),
+    ],
+)
+def test_a_bad_value_fails_naming_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(CONFIG_DIR / "default.yaml", [override])
+
+
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({"weights.taux": [1.0]}, r"tune\.space\.weights\.taux.*not a config field"),
+        ({"train": [1]}, "a section, not a field"),
+        ({"weights.tau": {"type": "uniform", "low": 2, "high": 1}}, r"weights\.tau\.low=2"),
+        ({"weights.tau": {"type": "loguniform", "low": 0, "high": 1}}, "loguniform"),
+        ({"weights.tau": {"type": "normal", "low": 0, "high": 1}}, "type one of"),
+        ({"weights.sign": {"type": "choice", "values": []}}, r"weights\.sign\.values"),
+    ],
+)
+def test_search_space_is_checked_at_load_time(space, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict({"tune": {"enabled": True, "space": space}})
+
+
+def test_grid_search_needs_lists_and_an_enabled_sweep_needs_a_space():
+    with pytest.raises(ConfigError, match="grid needs a list"):
+        from_dict(
+            {
+                "tune": {
+                    "search_alg": "grid",
+                    "space": {"weights.tau": {"type": "uniform", "low": 1, "high": 2}},
+                }
+            }
+        )
+    with pytest.raises(ConfigError, match=r"tune\.space: empty"):
+        from_dict({"tune": {"enabled": True}})
+    cfg = from_dict({"tune": {"search_alg": "grid", "space": {"weights.sign": [1, -1]}}})
+    assert cfg.tune.space == {"weights.sign": [1, -1]}
+
+
+def test_mode_follows_the_metric_unless_set():
+    assert from_dict({"tune": {"metric": "val_accuracy"}}).tune.resolved_mode == "max"
+    assert from_dict({"tune": {"metric": "val_reverse_kl"}}).tune.resolved_mode == "min"
+    assert from_dict({"tune": {"metric": "val_nll", "mode": "max"}}).tune.resolved_mode == "max"
+
+
+def test_a_preset_override_expands_the_whole_weights_section():
+    cfg = load_config(CONFIG_DIR / "default.yaml", ["weights.preset=tis", "weights.tau=2"])
+    assert cfg.weights.transform == "exp_clip" and cfg.weights.w_max == 2.0
+    assert cfg.weights.tau == 2.0
+
+
+# ----------------------------------------------------------------- fingerprints and markers
+
+
+def test_path_fingerprint_follows_content(tmp_path):
+    f = tmp_path / "d" / "a.jsonl"
+    f.parent.mkdir()
+    f.write_text('{"x": 1}\n')
+    a = path_fingerprint(f.parent)
+    assert a == path_fingerprint(f.parent)
+    f.write_text('{"x": 2}\n')
+    assert path_fingerprint(f.parent) != a
+    (f.parent / "b.jsonl").write_text("{}\n")
+    assert path_fingerprint(f.parent) not in (a, path_fingerprint(f))
+    assert path_fingerprint("org/hub-model") != path_fingerprint("org/other")
+    assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
+
+
+def _pipe(tmp_path, **over):
+    cfg = from_dict({"run": {"output_dir": str(tmp_path / "run")}, **over})
+    return Pipeline(cfg, log=lambda m: None, connect_ray=False)
+
+
+def test_a_done_stage_is_reused_and_a_changed_one_reruns(tmp_path):
+    calls = []
+
+    def fn(out: Path) -> dict:
+        calls.append(out)
+        (out / "part-0.parquet").write_text("data")
+        return {"rows_in": 3, "rows_out": 2, "rows_rejected": 1}
+
+    pipe = _pipe(tmp_path)
+    first = pipe.run_stage("score", {"k": 1}, fn)
+    assert not first.skipped and len(calls) == 1
+    marker = json.loads((first.out_dir / MARKER).read_text())
+    assert marker["fingerprint"] == first.fingerprint and marker["summary"]["rows_out"] == 2
+
+    again = _pipe(tmp_path).run_stage("score", {"k": 1}, fn)
+    assert again.skipped and len(calls) == 1 and again.summary["rows_in"] == 3
+
+    changed = _pipe(tmp_path).run_stage("score", {"k": 2}, fn)
+    assert not changed.skipped and len(calls) == 2
+    assert changed.fingerprint != first.fingerprint
+    history = [json.loads(x) for x in (tmp_path / "run" / HISTORY).read_text().splitlines()]
+    assert [h["stage"] for h in history] == ["score", "score"]
+
+
+def test_a_failed_stage_reruns_and_a_resumable_one_keeps_its_partial_output(tmp_path):
+    def boom(out: Path) -> dict:
+        (out / "checkpoint").write_text("step 8")
+        raise RuntimeError("worker died")
+
+    pipe = _pipe(tmp_path)
+    with pytest.raises(StageError, match=r"stage 'train' failed.*worker died"):
+        pipe.run_stage("train", {"k": 1}, boom, resumable=True)
+    assert not (tmp_path / "run" / "train" / MARKER).exists()
+
+    seen = {}
+
+    def resume(out: Path) -> dict:
+        seen["checkpoint"] = (out / "checkpoint").read_text()
+        return {"steps": 16}
+
+    res = _pipe(tmp_path).run_stage("train", {"k": 1}, resume, resumable=True)
+    assert seen["checkpoint"] == "step 8" and not res.skipped
+    assert (res.out_dir / MARKER).exists()
+
+    # A non-resumable stage starts from a clean folder after a failure.
+    with pytest.raises(StageError):
+        pipe.run_stage("prepare", {"k": 1}, boom)
+
+    def fresh(out: Path) -> dict:
+        seen["leftover"] = (out / "checkpoint").exists()
+        return {}
+
+    _pipe(tmp_path).run_stage("prepare", {"k": 1}, fresh)
+    assert seen["leftover"] is False
