@@ -275,24 +275,92 @@ class TuneConfig:
 
 
 @dataclass
+class EngineConfig:
+    """vLLM generation engines for eval and generate (``eval.engine``, ``generate.engine``)."""
+
+    backend: str = "auto"  # auto (ray when Ray is up or run.ray_address is set) | ray | local
+    dtype: str = "float32"  # float32 on CPU; bfloat16 / float16 on GPU
+    num_engines: int = 1  # vLLM actors on Ray Data (one per GPU group on a cluster)
+    tensor_parallel_size: int = 1
+    gpus_per_engine: float = 0.0  # 0 on CPU machines
+    cpus_per_engine: float = 1.0
+    max_model_len: int = 2048  # prompt + generated tokens
+    gpu_memory_utilization: float = 0.1  # on CPU: the share of RAM for the KV cache
+    enforce_eager: bool = True
+    batch_size: int = 32  # requests per Ray Data batch sent to an engine
+
+    def validate(self, path: str) -> None:
+        _choice(f"{path}.backend", self.backend, ("auto", "ray", "local"))
+        _choice(f"{path}.dtype", self.dtype, ("float32", "bfloat16", "float16", "auto"))
+        for name in ("num_engines", "tensor_parallel_size", "cpus_per_engine", "max_model_len",
+                     "batch_size"):
+            _positive(f"{path}.{name}", getattr(self, name))
+        _positive(f"{path}.gpus_per_engine", self.gpus_per_engine, strict=False)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(
+                f"{path}.gpu_memory_utilization={self.gpu_memory_utilization!r}: must be in (0, 1]"
+            )
+
+
+def _check_sampling(path: str, cfg) -> None:
+    _positive(f"{path}.n_samples", cfg.n_samples)
+    _positive(f"{path}.max_new_tokens", cfg.max_new_tokens)
+    _positive(f"{path}.temperature", cfg.temperature, strict=False)
+    if not 0.0 < cfg.top_p <= 1.0:
+        raise ConfigError(f"{path}.top_p={cfg.top_p!r}: must be in (0, 1]")
+    if cfg.max_new_tokens >= cfg.engine.max_model_len:
+        raise ConfigError(
+            f"{path}.max_new_tokens={cfg.max_new_tokens}: must be < "
+            f"{path}.engine.max_model_len ({cfg.engine.max_model_len}) to leave room for a prompt"
+        )
+    cfg.engine.validate(f"{path}.engine")
+
+
+@dataclass
 class EvalConfig:
     """Generation on held-out prompts and grading."""
 
     enabled: bool = True
     path: str = ""  # held-out prompts with answers (JSONL / Parquet)
     grader: str = "gsm8k"  # gsm8k | boxed
-    num_prompts: int | None = None
-    n_samples: int = 1
+    prompt_key: str = "auto"  # auto: question | problem | prompt
+    answer_key: str = "auto"  # auto: answer | solution (a full gold solution or a bare answer)
+    id_key: str = "id"  # row id column; "{file}:{index}" when absent
+    prompt_template: str = "{prompt}"  # the user message; e.g. "{prompt}\nEnd with #### <n>."
+    system_prompt: str | None = None
+    num_prompts: int | None = None  # the first N prompts only
+    n_samples: int = 1  # samples per prompt (pass@1 averages over them)
     temperature: float = 0.0
+    top_p: float = 1.0
     max_new_tokens: int = 256
-    batch_size: int = 32
+    seed: int = 0  # sample k of prompt i uses seed + i * n_samples + k
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self, path: str) -> None:
         _choice(f"{path}.grader", self.grader, ("gsm8k", "boxed"))
-        _positive(f"{path}.n_samples", self.n_samples)
-        _positive(f"{path}.max_new_tokens", self.max_new_tokens)
         _positive(f"{path}.num_prompts", self.num_prompts)
-        _positive(f"{path}.temperature", self.temperature, strict=False)
+        _check_sampling(path, self)
+
+
+@dataclass
+class GenerateConfig:
+    """Teacher trace sampling with vLLM, recording the teacher's log-probs of its samples."""
+
+    prompt_key: str = "auto"  # auto: prompt | question | problem
+    id_key: str = "id"  # prompt id column; "{file}:{index}" when absent
+    system_prompt: str | None = None
+    num_prompts: int | None = None
+    n_samples: int = 1  # traces per prompt (DASD selection keeps the top-k of them)
+    temperature: float = 1.0  # DASD: T=0.6 traces first, then T=1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    seed: int = 0
+    keep_truncated: bool = False  # keep traces cut at max_new_tokens (no stop token)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def validate(self, path: str) -> None:
+        _positive(f"{path}.num_prompts", self.num_prompts)
+        _check_sampling(path, self)
 
 
 @dataclass
@@ -316,6 +384,7 @@ class RaydcConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     def validate(self) -> RaydcConfig:
         for f in dataclasses.fields(self):

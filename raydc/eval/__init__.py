@@ -1,0 +1,17 @@
+"""Evaluation: vLLM generation on held-out prompts, final-answer graders, metrics.
+
+``run_eval(cfg, model_dir, out_dir)`` is the stage (docs/contracts.md). Importing this
+package is light: vLLM and Ray load only when generation starts.
+"""
+
+from __future__ import annotations
+
+
+def run_eval(cfg, model_dir, out_dir, engine=None) -> dict:
+    """See :func:`raydc.eval.report.run_eval`."""
+    from raydc.eval.report import run_eval as _run_eval
+
+    return _run_eval(cfg, model_dir, out_dir, engine=engine)
+
+
+__all__ = ["run_eval"]

@@ -1,0 +1,434 @@
+"""Sampling from a model with vLLM: the engine half of ``run_eval`` and ``run_generate``.
+
+Both stages turn prompts into requests (the prompt rendered with the model's own chat
+template, tokenised once on the driver) and get back sampled token ids, optionally with the
+log-prob of each sampled token. Two backends behind one function, ``iter_samples``:
+
+- ``ray``: vLLM engines as a Ray Data actor pool (``ray.data.llm``), one placement-group
+  bundle per engine worker (CPU-only bundles on machines without a GPU; without one the
+  actor waits for a GPU forever). This is the path on a cluster.
+- ``local``: one in-process ``vllm.LLM`` (a laptop, a test, a single GPU box).
+
+Choices that make the numbers right:
+
+- One request per sample, each with its own seed (``seed + prompt_index * n + k``), instead
+  of vLLM's ``n``: Ray Data's vLLM stage keeps only the first completion of a request, and
+  per-request seeds give the same samples whatever the backend, batching or engine count.
+- ``logprobs_mode="processed_logprobs"`` with ``logprobs=0``: the returned log-prob of each
+  sampled token is the log-softmax of the logits *after* temperature (and top-p), i.e. of
+  the distribution the token was actually drawn from (vLLM 0.32's default,
+  ``raw_logprobs``, reports the untempered model). METHOD.md's ``t_t`` is defined at the
+  generation temperature. At temperature 0 (greedy) vLLM returns the raw log-softmax.
+- Prompts are sent as token ids, so nothing is re-tokenised by the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+BACKENDS = ("auto", "ray", "local")
+
+
+class GenerationError(RuntimeError):
+    """A generation request the engine could not serve, or inconsistent engine output."""
+
+
+@dataclass(frozen=True)
+class Request:
+    key: int  # the caller's index of this sample; results come back keyed by it
+    prompt_token_ids: list[int]
+    seed: int
+
+
+@dataclass
+class Sample:
+    key: int
+    token_ids: list[int]
+    logprobs: list[float] | None  # log-prob of each sampled token at the sampling temperature
+    finish_reason: str  # "stop" (a stop/EOS token) or "length" (hit max_new_tokens)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    logprobs: bool  # record the sampled tokens' log-probs
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def read_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
+    """Rows of a JSONL or Parquet file (or a folder of them), each with its default id
+    ``"{file}:{index}"``. Errors name the file and line."""
+    p = Path(path)
+    if not str(path):
+        raise FileNotFoundError("no input path given")
+    if p.is_dir():
+        files = sorted(
+            f for f in p.iterdir() if f.suffix in (".jsonl", ".json", ".parquet") and f.is_file()
+        )
+        if not files:
+            raise FileNotFoundError(f"{p}: no .jsonl or .parquet files in the folder")
+    elif p.is_file():
+        files = [p]
+    else:
+        raise FileNotFoundError(f"{p}: no such file or folder")
+    out: list[tuple[str, dict]] = []
+    for f in files:
+        if f.suffix == ".parquet":
+            for i, row in enumerate(pq.read_table(f).to_pylist()):
+                out.append((f"{f.name}:{i}", row))
+            continue
+        with open(f, encoding="utf-8") as fh:
+            for i, line in enumerate(fh):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{f}:{i + 1}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{f}:{i + 1}: expected a JSON object per line")
+                out.append((f"{f.name}:{i}", row))
+    return out
+
+
+def pick_key(rows: Sequence[dict], key: str, candidates: Sequence[str], what: str) -> str:
+    """``key`` itself, or with ``auto`` the first candidate column the rows have."""
+    if key != "auto":
+        return key
+    for c in candidates:
+        if any(c in r for r in rows[:100]):
+            return c
+    raise ValueError(f"no {what} column: expected one of {list(candidates)} (or set the key)")
+
+
+def render_prompts(tokenizer, prompts: Sequence[str], system_prompt: str | None) -> list[list[int]]:
+    """Token ids of each prompt as a user turn in the model's chat template, ready for the
+    assistant's answer (``add_generation_prompt``)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"the tokenizer of {getattr(tokenizer, 'name_or_path', '?')} has no chat template"
+        )
+    out = []
+    for p in prompts:
+        messages = [{"role": "user", "content": p}]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return out
+
+
+def stop_token_ids(model_dir: str, tokenizer) -> set[int]:
+    """The ids that end a generation: the tokenizer's EOS and the generation config's."""
+    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    gc = Path(model_dir) / "generation_config.json"
+    if gc.is_file():
+        eos = json.loads(gc.read_text()).get("eos_token_id")
+        ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
+    return ids
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+def resolve_backend(backend: str, ray_address: str | None) -> str:
+    """``auto``: Ray Data when Ray is already up or a cluster address is configured."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: must be one of {list(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if ray_address or os.environ.get("RAY_ADDRESS"):
+        return "ray"
+    try:
+        import ray
+    except ImportError:
+        return "local"
+    return "ray" if ray.is_initialized() else "local"
+
+
+def engine_kwargs(ecfg) -> dict:
+    """vLLM engine arguments shared by both backends (``ecfg``: an EngineConfig)."""
+    return dict(
+        dtype=ecfg.dtype,
+        max_model_len=int(ecfg.max_model_len),
+        gpu_memory_utilization=float(ecfg.gpu_memory_utilization),
+        tensor_parallel_size=int(ecfg.tensor_parallel_size),
+        enforce_eager=bool(ecfg.enforce_eager),
+        logprobs_mode="processed_logprobs",
+        seed=0,
+    )
+
+
+def sampling_params(s: Sampling, seed: int) -> dict:
+    return dict(
+        temperature=float(s.temperature),
+        top_p=float(s.top_p),
+        max_tokens=int(s.max_new_tokens),
+        seed=int(seed),
+        logprobs=0 if s.logprobs else None,
+        detokenize=False,  # callers decode with the tokenizer (token strings, offsets)
+    )
+
+
+def _sampled_logprobs(key: int, token_ids: Sequence[int], entries) -> list[float]:
+    """The log-prob of each sampled token from vLLM's per-position {token_id: Logprob}."""
+    if entries is None or len(entries) != len(token_ids):
+        n = None if entries is None else len(entries)
+        raise GenerationError(f"request {key}: {n} log-prob entries for {len(token_ids)} tokens")
+    out = []
+    for tid, entry in zip(token_ids, entries):
+        lp = entry.get(tid, entry.get(str(tid))) if entry is not None else None
+        if lp is None:
+            raise GenerationError(f"request {key}: no log-prob for sampled token {tid}")
+        out.append(float(lp["logprob"] if isinstance(lp, dict) else lp.logprob))
+    return out
+
+
+class LocalEngine:
+    """One in-process vLLM engine; reusable across calls (tests share one per module)."""
+
+    def __init__(self, model_dir: str, ecfg):
+        from raydc.models import offline_env
+
+        offline_env()
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        import vllm
+
+        self.model_dir = str(model_dir)
+        self.version = vllm.__version__
+        self.llm = vllm.LLM(model=self.model_dir, **engine_kwargs(ecfg))
+
+    def generate(self, requests: Sequence[Request], s: Sampling) -> list[Sample]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=r.prompt_token_ids) for r in requests]
+        params = [SamplingParams(**sampling_params(s, r.seed)) for r in requests]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        samples = []
+        for r, o in zip(requests, outs):
+            c = o.outputs[0]
+            ids = list(c.token_ids)
+            lps = _sampled_logprobs(r.key, ids, c.logprobs) if s.logprobs else None
+            finish = "length" if c.finish_reason == "length" else "stop"
+            samples.append(Sample(r.key, ids, lps, finish))
+        return samples
+
+
+def iter_samples(
+    model_dir: str,
+    requests: Sequence[Request],
+    s: Sampling,
+    ecfg,
+    backend: str,
+    stop_ids: set[int],
+    engine: LocalEngine | None = None,
+) -> Iterator[list[Sample]]:
+    """Generate every request; yields batches of samples (in no particular order on Ray).
+
+    ``backend`` is ``ray`` or ``local`` (resolve ``auto`` first); ``engine`` reuses a
+    started LocalEngine for the same model. ``stop_ids`` tells a stop from a truncation
+    on the Ray path, whose rows carry no finish reason.
+    """
+    if not requests:
+        return
+    if backend == "local":
+        eng = engine if engine is not None else LocalEngine(model_dir, ecfg)
+        if eng.model_dir != str(model_dir):
+            raise ValueError(f"engine serves {eng.model_dir}, not {model_dir}")
+        chunk = max(256, 8 * int(ecfg.batch_size))  # bounded memory, streamed to disk
+        for i in range(0, len(requests), chunk):
+            yield eng.generate(requests[i : i + chunk], s)
+        return
+    if backend == "ray":
+        yield from _ray_samples(model_dir, requests, s, ecfg, stop_ids)
+        return
+    raise ValueError(f"backend={backend!r}: must be 'ray' or 'local' here")
+
+
+def _ray_samples(model_dir, requests, s: Sampling, ecfg, stop_ids) -> Iterator[list[Sample]]:
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    if ecfg.gpus_per_engine > 0:
+        bundle = {"CPU": float(ecfg.cpus_per_engine), "GPU": float(ecfg.gpus_per_engine)}
+        bundles = [bundle] * int(ecfg.tensor_parallel_size)
+    else:
+        bundles = [{"CPU": float(ecfg.cpus_per_engine)}]
+    config = vLLMEngineProcessorConfig(
+        model_source=str(model_dir),
+        engine_kwargs=engine_kwargs(ecfg),
+        batch_size=int(ecfg.batch_size),
+        concurrency=int(ecfg.num_engines),
+        chat_template_stage=False,
+        tokenize_stage=False,
+        detokenize_stage=False,
+        placement_group_config={"bundles": bundles},
+        log_engine_metrics=False,  # the metrics exporter needs Ray Serve
+    )
+    want_lp = s.logprobs
+    max_new = int(s.max_new_tokens)
+    stops = set(stop_ids)
+
+    def pre(row: dict) -> dict:
+        return dict(
+            key=int(row["key"]),
+            tokenized_prompt=list(row["prompt_token_ids"]),
+            sampling_params=sampling_params(s, int(row["seed"])),
+        )
+
+    def post(row: dict) -> dict:
+        ids = [int(t) for t in row["generated_tokens"]]
+        lps = _sampled_logprobs(int(row["key"]), ids, row["logprobs"]) if want_lp else None
+        truncated = len(ids) >= max_new and (not ids or ids[-1] not in stops)
+        return dict(
+            key=int(row["key"]),
+            token_ids=ids,
+            logprobs=lps,
+            finish_reason="length" if truncated else "stop",
+        )
+
+    processor = build_processor(config, preprocess=pre, postprocess=post)
+    items = [
+        {"key": r.key, "prompt_token_ids": list(r.prompt_token_ids), "seed": r.seed}
+        for r in requests
+    ]
+    blocks = max(1, min(len(items), 4 * int(ecfg.num_engines) * 4))
+    ds = processor(ray.data.from_items(items, override_num_blocks=blocks))
+    for batch in ds.iter_batches(batch_size=int(ecfg.batch_size) * 8, batch_format="pyarrow"):
+        yield [
+            Sample(r["key"], list(r["token_ids"]), r["logprobs"], r["finish_reason"])
+            for r in batch.to_pylist()
+        ]
+
+
+def ensure_ray(ray_address: str | None) -> None:
+    """Join ``ray_address`` (or RAY_ADDRESS) or start a local Ray, unless Ray is up."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    from raydc.models import offline_env
+
+    offline_env()
+    keep = (
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "VLLM_NO_USAGE_STATS",
+        "TOKENIZERS_PARALLELISM",
+    )
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    ray.init(address=ray_address, runtime_env={"env_vars": env}, log_to_driver=False)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def token_pieces(tokenizer, token_ids: Sequence[int], special: set[int]) -> tuple[str, list[str]]:
+    """The decoded text (special tokens skipped) and each token's piece of it.
+
+    ``"".join(pieces) == text``: a special token's piece is ``""``, and a byte-level token
+    that ends inside a multi-byte character gets ``""`` while the token completing the
+    character gets all of it. Decodes a sliding window per token (linear time) and checks
+    the result against the full decode, falling back to exact prefix decodes.
+    """
+    ids = [int(t) for t in token_ids]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    pieces = _pieces(tokenizer, ids, special, window=8)
+    if "".join(pieces) != text:
+        pieces = _pieces(tokenizer, ids, special, window=None)
+    if "".join(pieces) != text:
+        raise GenerationError("token pieces do not concatenate to the decoded text")
+    return text, pieces
+
+
+def _pieces(tokenizer, ids: list[int], special: set[int], window: int | None) -> list[str]:
+    kept = [t for t in ids if t not in special]
+    pieces, k = [], 0  # k: index of the current token within `kept`
+    for t in ids:
+        if t in special:
+            pieces.append("")
+            continue
+        lo = 0 if window is None else max(0, k - window)
+        before = _stable(tokenizer.decode(kept[lo:k], skip_special_tokens=True)) if k > lo else ""
+        after = _stable(tokenizer.decode(kept[lo : k + 1], skip_special_tokens=True))
+        pieces.append(after[len(before) :] if after.startswith(before) else "\x00")
+        k += 1
+    # The last token may end mid-character: its bytes show up only in the full decode.
+    text = tokenizer.decode(kept, skip_special_tokens=True)
+    joined = "".join(pieces)
+    if pieces and text.startswith(joined) and len(text) > len(joined):
+        last = max(i for i, t in enumerate(ids) if t not in special)
+        pieces[last] += text[len(joined) :]
+    return pieces
+
+
+def _stable(s: str) -> str:
+    """Text without a trailing incomplete character (decoded as U+FFFD)."""
+    return s.rstrip("\ufffd")
+
+
+def offsets_of(pieces: Sequence[str]) -> list[tuple[int, int]]:
+    out, pos = [], 0
+    for p in pieces:
+        out.append((pos, pos + len(p)))
+        pos += len(p)
+    return out
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+class ParquetSink:
+    """Rows appended in batches to one Parquet file (schema from the first batch)."""
+
+    def __init__(self, path: Path, schema: pa.Schema | None = None):
+        self.path = Path(path)
+        self.schema = schema
+        self.writer: pq.ParquetWriter | None = None
+        self.rows = 0
+
+    def write(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        table = pa.Table.from_pylist(rows, schema=self.schema)
+        if self.writer is None:
+            self.schema = table.schema
+            self.writer = pq.ParquetWriter(self.path, self.schema)
+        self.writer.write_table(table)
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        if self.writer is None and self.schema is not None:
+            pq.write_table(self.schema.empty_table(), self.path)
+        elif self.writer is not None:
+            self.writer.close()
+
+
+def write_rejects(path: Path, rejects: list[dict]) -> None:
+    schema = pa.schema(
+        [
+            ("row_id", pa.string()),
+            ("stage", pa.string()),
+            ("field", pa.string()),
+            ("reason", pa.string()),
+        ]
+    )
+    pq.write_table(pa.Table.from_pylist(rejects, schema=schema), path)
+
+
+def now() -> float:
+    return time.perf_counter()
