@@ -1,0 +1,155 @@
+"""Eval metrics, token pieces/offsets, input handling and config of eval/generate (no engine)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+
+from raydc.config import ConfigError, from_dict
+from raydc.eval.generation import (
+    offsets_of,
+    pick_key,
+    read_records,
+    render_prompts,
+    resolve_backend,
+    stop_token_ids,
+    token_pieces,
+)
+from raydc.eval.report import format_metrics, pass_at_k, run_eval, summarize
+from raydc.models import load_tokenizer
+from tests.conftest import QWEN2_TOKENIZER
+
+
+def test_pass_at_k_matches_enumeration():
+    # n=4, c=2, k=2: of the 6 pairs, only the one with both wrong fails.
+    assert pass_at_k(4, 2, 2) == pytest.approx(5 / 6)
+    assert pass_at_k(4, 2, 1) == pytest.approx(0.5)
+    assert pass_at_k(4, 0, 4) == 0.0
+    assert pass_at_k(4, 1, 4) == 1.0
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+
+
+def test_summarize_hand_computed():
+    correct = [[True, True], [True, False], [False, False]]
+    m = summarize(correct, [10, 20, 30, 40, 50, 60], [True] * 5 + [False], [False] * 5 + [True])
+    shares = [1.0, 0.5, 0.0]
+    assert m["pass@1"] == pytest.approx(0.5)
+    sd = math.sqrt(sum((s - 0.5) ** 2 for s in shares) / 2)
+    assert m["pass@1_stderr"] == pytest.approx(sd / math.sqrt(3))
+    assert m["pass@k"]["2"] == pytest.approx((1 + 1 + 0) / 3)
+    assert m["mean_response_tokens"] == 35 and m["max_response_tokens"] == 60
+    assert m["no_answer_share"] == pytest.approx(1 / 6)
+    assert m["truncated_share"] == pytest.approx(1 / 6)
+    assert (m["prompts"], m["n_samples"], m["samples"]) == (3, 2, 6)
+    assert "pass@1 0.500 +- " in format_metrics({**m, "temperature": 0.0})
+    with pytest.raises(ValueError):
+        summarize([[True], [True, False]], [1, 1, 1], [True] * 3, [False] * 3)
+    assert summarize([[True]], [3], [True], [False])["pass@1_stderr"] is None
+
+
+@pytest.mark.parametrize("name", ["tiny-bpe", "tiny-wordpiece", QWEN2_TOKENIZER])
+def test_token_pieces_tile_the_decoded_text(name):
+    tok = load_tokenizer(name)
+    special = {int(i) for i in tok.all_special_ids}
+    text = "It is 5.5 dollars. Done!\nYes ünï 😀 über 12,000 — ok"
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    decoded, pieces = token_pieces(tok, ids, special)
+    assert decoded == tok.decode(ids, skip_special_tokens=True)
+    assert "".join(pieces) == decoded and len(pieces) == len(ids)
+    assert pieces[-1] == ""  # the stop token has no characters
+    offsets = offsets_of(pieces)
+    assert all(decoded[s:e] == p for (s, e), p in zip(offsets, pieces))
+    assert offsets[-1] == (len(decoded), len(decoded))
+    # Each non-empty piece is what the token adds to the decode of the tokens before it.
+    for i in (0, 3, len(ids) // 2):
+        assert tok.decode(ids[: i + 1], skip_special_tokens=True).endswith(pieces[i])
+
+
+def test_token_pieces_multibyte_and_truncated_character():
+    tok = load_tokenizer("tiny-bpe")
+    ids = tok("ab 😀", add_special_tokens=False)["input_ids"]
+    assert len(ids) > 3  # the emoji is several byte tokens
+    _, pieces = token_pieces(tok, ids, set())
+    assert pieces[-1] == "😀" and all(p == "" for p in pieces[2:-1])
+    text, pieces = token_pieces(tok, ids[:-1], set())  # cut inside the character
+    assert "".join(pieces) == text and text.endswith("\ufffd")
+
+
+def test_read_records_and_keys(tmp_path):
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"question": "q1", "answer": "#### 1"}\n\n{"id": "x", "question": "q2"}\n')
+    recs = read_records(f)
+    assert [r[0] for r in recs] == ["a.jsonl:0", "a.jsonl:2"]
+    assert pick_key([r for _, r in recs], "auto", ("problem", "question"), "prompt") == "question"
+    with pytest.raises(ValueError, match="no gold column"):
+        pick_key([r for _, r in recs], "auto", ("solution",), "gold")
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"a": 1}\n{oops\n')
+    with pytest.raises(ValueError, match="b.jsonl:2"):
+        read_records(bad)
+    with pytest.raises(FileNotFoundError):
+        read_records(tmp_path / "missing.jsonl")
+    pq.write_table(__import__("pyarrow").table({"question": ["p"], "answer": ["#### 2"]}),
+                   tmp_path / "c.parquet")
+    assert read_records(tmp_path / "c.parquet") == [("c.parquet:0", {"question": "p", "answer": "#### 2"})]
+
+
+def test_render_prompts_uses_the_chat_template():
+    tok = load_tokenizer("tiny-bpe")
+    (ids,) = render_prompts(tok, ["What is 2+3?"], system_prompt="Be brief.")
+    text = tok.decode(ids)
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert text.endswith("<|im_start|>assistant\n") and "What is 2+3?" in text
+    assert stop_token_ids("no-such-dir", tok) == {tok.eos_token_id}
+
+
+def test_resolve_backend(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert resolve_backend("local", "auto") == "local"
+    assert resolve_backend("ray", None) == "ray"
+    assert resolve_backend("auto", "auto") == "ray"
+    with pytest.raises(ValueError, match="backend='gpu'"):
+        resolve_backend("gpu", None)
+
+
+def test_eval_and_generate_config_validation():
+    cfg = from_dict({}, ["eval.engine.dtype=bfloat16", "generate.temperature=0.6",
+                         "generate.n_samples=4"])
+    assert cfg.eval.engine.dtype == "bfloat16" and cfg.generate.n_samples == 4
+    for bad, field in [
+        ("eval.max_new_tokens=4096", "eval.max_new_tokens"),
+        ("eval.top_p=0", "eval.top_p"),
+        ("eval.n_samples=0", "eval.n_samples"),
+        ("generate.temperature=-1", "generate.temperature"),
+        ("generate.engine.backend=gpu", "generate.engine.backend"),
+        ("eval.engine.gpu_memory_utilization=1.5", "eval.engine.gpu_memory_utilization"),
+    ]:
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            from_dict({}, [bad])
+
+
+def test_run_eval_rejects_bad_rows_before_starting_an_engine(tmp_path):
+    data = tmp_path / "eval.jsonl"
+    rows = [
+        {"id": "a", "question": "", "answer": "#### 1"},
+        {"id": "b", "question": "How many?", "answer": "no marker"},
+        {"id": "c", "question": "How many?"},
+        {"id": "d", "question": "word " * 600, "answer": "#### 3"},
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = from_dict({}, [f"eval.path={data}", "eval.engine.max_model_len=512",
+                         "eval.max_new_tokens=32", "eval.engine.backend=local"])
+    # "tiny-bpe" is a tokenizer, not a model: reaching the engine would fail differently.
+    with pytest.raises(ValueError, match="all 4 rows"):
+        run_eval(cfg, "tiny-bpe", tmp_path / "out")
+    rej = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()
+    assert [(r["row_id"], r["field"], r["reason"].split(":")[0]) for r in rej] == [
+        ("a", "question", "missing_prompt"),
+        ("b", "answer", "bad_gold"),
+        ("c", "answer", "missing_answer"),
+        ("d", "question", "prompt_too_long"),
+    ]
