@@ -257,7 +257,8 @@ class Pipeline:
             self.results[name] = res
             self.log(f"[raydc] {name:<8} done before (fingerprint {fp}), reusing {out}")
             return res
-        pending = out / "_raydc_pending.json"
+        # Outside the stage folder: stages refuse to write into a folder they did not make.
+        pending = self.root / f".{name}.pending.json"
         keep = (
             resumable
             and pending.exists()
@@ -551,6 +552,8 @@ def format_summary(s: dict) -> str:
         if s.get(key) is not None:
             lines.append(f"{label:<18}{_fmt_int(s[key])}")
     for key, label in (("scoring_tokens_per_s", "scoring"), ("training_tokens_per_s", "training")):
+        if key not in s:
+            continue
         v = s.get(key)
         lines.append(
             f"{label:<18}" + (f"{v:,.0f} tokens/s" if isinstance(v, (int, float)) else "n/a")

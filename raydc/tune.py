@@ -137,6 +137,109 @@ def max_concurrent(cfg: RaydcConfig, cluster: dict) -> int:
     return max(1, min(fits) if fits else 1)
 
 
+# ----------------------------------------------------------------------------- reverse KL
+
+
+def reverse_kl(cfg: RaydcConfig, model_dir: str, out_dir: str | os.PathLike, engine=None) -> dict:
+    """KL(student || teacher) on the student's own samples: sample one response per
+    prompt of ``eval.path`` from ``model_dir`` at temperature 1 (recording the sampled
+    tokens' log-probs), score the same tokens under ``score.teacher`` (``score.backend``),
+    and average ``log p_S - log p_T`` over the sampled tokens: a Monte Carlo estimate of
+    the per-token reverse KL along the student's own trajectories. The teacher must share
+    the student's tokenizer (the log-probs are compared token by token).
+    """
+    import numpy as np
+
+    from raydc.data.schema import tokenizer_fingerprint
+    from raydc.eval.generation import (
+        Request,
+        Sampling,
+        iter_samples,
+        pick_key,
+        read_records,
+        render_prompts,
+        resolve_backend,
+        stop_token_ids,
+    )
+    from raydc.eval.report import PROMPT_KEYS
+    from raydc.models import load_tokenizer
+    from raydc.scoring.base import make_scorer
+
+    t0 = time.time()
+    teacher = cfg.score.teacher
+    if not teacher:
+        raise ConfigError("tune.metric=val_reverse_kl: needs score.teacher")
+    if tokenizer_fingerprint(teacher) != tokenizer_fingerprint(model_dir):
+        raise ConfigError(
+            f"tune.metric=val_reverse_kl: score.teacher={teacher} has another tokenizer than "
+            "the student; token-level reverse KL needs a shared tokenizer"
+        )
+    ecfg = cfg.eval
+    records = read_records(ecfg.path)[: ecfg.num_prompts]
+    rows = [r for _, r in records]
+    pkey = pick_key(rows, ecfg.prompt_key, PROMPT_KEYS, "prompt")
+    prompts = [
+        ecfg.prompt_template.format(prompt=r[pkey])
+        for r in rows
+        if isinstance(r.get(pkey), str) and r[pkey].strip()
+    ]
+    tok = load_tokenizer(model_dir)
+    ids = render_prompts(tok, prompts, ecfg.system_prompt)
+    room = ecfg.engine.max_model_len - ecfg.max_new_tokens
+    ids = [x for x in ids if len(x) <= room]
+    if not ids:
+        raise ValueError(f"val_reverse_kl: no usable prompt in {ecfg.path}")
+    requests = [Request(key=i, prompt_token_ids=x, seed=ecfg.seed + i) for i, x in enumerate(ids)]
+    sampling = Sampling(
+        temperature=1.0, top_p=1.0, max_new_tokens=ecfg.max_new_tokens, logprobs=True
+    )
+    backend = resolve_backend(ecfg.engine.backend, cfg.run.ray_address)
+    samples = [
+        smp
+        for batch in iter_samples(
+            str(model_dir),
+            requests,
+            sampling,
+            ecfg.engine,
+            backend,
+            stop_token_ids(str(model_dir), tok),
+            engine=engine,
+        )
+        for smp in batch
+    ]
+    samples = [smp for smp in samples if smp.token_ids]
+    settings = {
+        k: v
+        for k, v in dataclasses.asdict(cfg.score).items()
+        if k not in ("backend", "student", "teacher")
+    }
+    scorer = make_scorer(cfg.score.backend, teacher, **settings)
+    try:
+        seqs = [ids[smp.key] + list(smp.token_ids) for smp in samples]
+        logp_T = scorer.score(seqs)
+    finally:
+        scorer.close()
+    per_seq, n_tokens, total = [], 0, 0.0
+    for smp, lt in zip(samples, logp_T):
+        start = len(ids[smp.key])
+        d = np.asarray(smp.logprobs, dtype=np.float64) - lt[start:].astype(np.float64)
+        per_seq.append(float(d.mean()))
+        total += float(d.sum())
+        n_tokens += len(d)
+    out = {
+        "val_reverse_kl": total / n_tokens,  # per sampled token
+        "reverse_kl_per_sequence_mean": float(np.mean(per_seq)),
+        "samples": len(samples),
+        "sampled_tokens": n_tokens,
+        "teacher": str(teacher),
+        "model": str(model_dir),
+        "seconds": time.time() - t0,
+    }
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "reverse_kl.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
 # ----------------------------------------------------------------------------- the trial
 
 
@@ -201,7 +304,10 @@ def run_trial(config: dict, base: RaydcConfig, data_dir: str, sweep_dir: str) ->
         if ckpt is None:
             raise RuntimeError("the trial's training finished without a checkpoint")
         model_dir = _export(ckpt.path, trial_dir / "model")
-        summary = run_eval(cfg, model_dir, trial_dir / "eval")
+        if cfg.tune.metric == "val_reverse_kl":
+            summary = reverse_kl(cfg, model_dir, trial_dir / "eval")
+        else:
+            summary = run_eval(cfg, model_dir, trial_dir / "eval")
         tune.report(
             {
                 cfg.tune.metric: _eval_metric(summary, cfg.tune.metric),

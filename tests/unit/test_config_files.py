@@ -190,3 +190,26 @@ def test_a_failed_stage_reruns_and_a_resumable_one_keeps_its_partial_output(tmp_
 
     _pipe(tmp_path).run_stage("prepare", {"k": 1}, fresh)
     assert seen["leftover"] is False
+
+
+def _dotted_fields(cls, prefix=""):
+    import dataclasses
+    import typing
+
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            yield from _dotted_fields(tp, key + ".")
+        else:
+            yield key
+
+
+def test_the_configuration_reference_documents_every_field():
+    from raydc.config import RaydcConfig
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    fields = list(_dotted_fields(RaydcConfig))
+    assert len(fields) > 80
+    missing = [k for k in fields if f"| `{k}` |" not in doc]
+    assert not missing, f"docs/configuration.md lacks {missing}: regenerate it"
