@@ -17,11 +17,15 @@ prepare stage reads, under the column names of ``cfg.data``:
 | ``prompt_id`` | the prompt's id (its ``generate.id_key`` value, else ``"{file}:{index}"``) |
 | ``prompt``, ``response`` | the user message and the decoded response (special tokens skipped) |
 | ``teacher_logprobs`` | list<float32>: one per generated token, the stop token included |
-| ``teacher_tokens`` | list<string>: each token's piece of ``response``; ``"".join`` of them is ``response`` exactly (special tokens, and byte tokens that end inside a character, have ``""``) |
-| ``teacher_offsets`` | list<list<int32>>: each token's [start, end) in ``response``; the stop token has the empty span at the end |
+| ``teacher_offsets`` | list<list<int32>>: each token's [start, end) in ``response``, as a fast tokenizer's offset mapping gives them (a byte token ending inside a character shares that character's span; the stop token has the empty span at the end) |
 
-plus ``teacher_token_ids``, ``finish_reason`` (stop | length), ``num_tokens``, ``sample``,
-``temperature`` and the source row's other string columns (e.g. a gold ``answer``).
+plus ``teacher_pieces`` (each token's piece of ``response``; their concatenation is
+``response`` exactly, special tokens and byte tokens that end inside a character give
+``""``), ``teacher_token_ids``, ``finish_reason`` (stop | length), ``num_tokens``,
+``sample``, ``temperature`` and the source row's other string columns (e.g. a gold
+``answer``). The pieces are deliberately not written under ``data.teacher_tokens_key``:
+the prepare stage prefers token strings to offsets, and an empty piece has no span left
+to carry its log-prob, whereas the offsets keep every token's log-prob.
 Truncated traces (no stop token within ``max_new_tokens``) would teach the student to stop
 mid-thought, so they are dropped unless ``generate.keep_truncated``; the summary counts them.
 
@@ -41,10 +45,10 @@ from raydc.eval.generation import (
     ParquetSink,
     Request,
     Sampling,
+    char_spans,
     ensure_ray,
     iter_samples,
     now,
-    offsets_of,
     pick_key,
     read_records,
     render_prompts,
@@ -65,8 +69,8 @@ def trace_schema(dcfg, extra: list[str]) -> pa.Schema:
             (dcfg.prompt_key, pa.string()),
             (dcfg.response_key, pa.string()),
             (dcfg.teacher_logprobs_key, pa.list_(pa.float32())),
-            (dcfg.teacher_tokens_key, pa.list_(pa.string())),
             (dcfg.teacher_offsets_key, pa.list_(pa.list_(pa.int32()))),
+            ("teacher_pieces", pa.list_(pa.string())),
             ("teacher_token_ids", pa.list_(pa.int32())),
             ("finish_reason", pa.string()),
             ("num_tokens", pa.int32()),
@@ -107,6 +111,7 @@ def run_generate(
         dcfg.teacher_logprobs_key,
         dcfg.teacher_tokens_key,
         dcfg.teacher_offsets_key,
+        "teacher_pieces",
         "teacher_token_ids",
         "finish_reason",
         "num_tokens",
@@ -201,8 +206,10 @@ def run_generate(
                     dcfg.prompt_key: it["prompt"],
                     dcfg.response_key: text,
                     dcfg.teacher_logprobs_key: smp.logprobs,
-                    dcfg.teacher_tokens_key: pieces,
-                    dcfg.teacher_offsets_key: [list(se) for se in offsets_of(pieces)],
+                    dcfg.teacher_offsets_key: [
+                        list(se) for se in char_spans(pieces, smp.token_ids, special)
+                    ],
+                    "teacher_pieces": pieces,
                     "teacher_token_ids": smp.token_ids,
                     "finish_reason": smp.finish_reason,
                     "num_tokens": len(smp.token_ids),

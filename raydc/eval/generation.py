@@ -382,10 +382,29 @@ def _stable(s: str) -> str:
 
 
 def offsets_of(pieces: Sequence[str]) -> list[tuple[int, int]]:
+    """[start, end) of each piece in ``"".join(pieces)``."""
     out, pos = [], 0
     for p in pieces:
         out.append((pos, pos + len(p)))
         pos += len(p)
+    return out
+
+
+def char_spans(pieces: Sequence[str], token_ids: Sequence[int], special: set[int]):
+    """Character spans that keep every token's log-prob: like a fast tokenizer's offset
+    mapping, a byte token that ends inside a character (empty piece) gets the span of
+    the character it starts, ``(p, p + 1)`` where the next non-empty piece begins, so it
+    overlaps the token that completes the character. An aligner that sums the values of
+    the tokens *ending* inside a span then counts both. Special tokens keep their empty
+    span (the stop token's is ``(len, len)``: after the text)."""
+    spans = offsets_of(pieces)
+    out = list(spans)
+    nxt = None  # start of the next non-empty piece, scanning backwards
+    for i in range(len(pieces) - 1, -1, -1):
+        if pieces[i]:
+            nxt = spans[i][0]
+        elif int(token_ids[i]) not in special and nxt is not None:
+            out[i] = (nxt, nxt + 1)
     return out
 
 
