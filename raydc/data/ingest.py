@@ -117,7 +117,9 @@ def _datasource(fmt: str, files: list[str]):
                 import pyarrow.parquet as pq
 
                 start = 0
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=READ_CHUNK_ROWS):
+                # Parquet needs random access; the stream Ray hands us is sequential.
+                source = pq.ParquetFile(pa.BufferReader(f.readall()))
+                for batch in source.iter_batches(batch_size=READ_CHUNK_ROWS):
                     yield _tag(pa.Table.from_batches([batch]), name, start)
                     start += batch.num_rows
             else:  # hf: Arrow IPC stream files written by datasets' save_to_disk

@@ -167,7 +167,12 @@ def parse_row(row: dict, dcfg, default_id: str) -> list[Candidate]:
         row_id = str(row[dcfg.id_key])
     schema = dcfg.schema
     if schema == "auto":
-        if dcfg.messages_key in row:
+        # A column that exists but is null in this row (Parquet unions) does not count.
+        if not _missing(row, dcfg.messages_key):
+            schema = "chat"
+        elif not _missing(row, dcfg.prompt_key):
+            schema = "prompt_response"
+        elif dcfg.messages_key in row:
             schema = "chat"
         elif dcfg.prompt_key in row:
             schema = "prompt_response"

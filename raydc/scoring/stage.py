@@ -1,0 +1,623 @@
+"""The score and select stages: prepared rows -> scored Parquet + manifest (Ray Data).
+
+Scoring is one streaming Ray Data pipeline::
+
+    read prepared Parquet
+      -> check       (task)   rows longer than score.max_model_len or with ids outside the
+                              vocabulary -> rejects
+      -> student     (actors) one engine per actor (vLLM or transformers): student_logprobs
+      -> teacher     (actors) only with score.teacher set and rows without teacher
+                              log-probs; another tokenizer: scored on its own rendering of
+                              the conversation and aligned by character spans
+      -> finish      (task)   unknown teacher log-probs on loss tokens (NaN) become the
+                              student's (a neutral ratio, counted); weights of cfg.weights
+      -> write Parquet; rejects + counts merged; manifest.json with weight diagnostics
+
+Engines are actors of a ``map_batches`` actor pool: each loads its model once and then
+scores batches as they stream past (the measurement behind this choice over
+``ray.data.llm`` is in docs/scoring.md). Light tasks ask for a quarter of a CPU so they run
+beside engines on a small machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raydc.data.schema import (
+    PARTS_DIR,
+    SCORED_SCHEMA,
+    batch_key,
+    collect_parts,
+    count_rows,
+    data_files,
+    prepare_out_dir,
+    reason_counts,
+    tokenizer_fingerprint,
+    write_json,
+    write_parts,
+)
+
+LIGHT_CPUS = 0.25
+DIAGNOSTICS_MAX_TOKENS = 2_000_000  # weight diagnostics over at most this many loss tokens
+
+
+class ScoreError(RuntimeError):
+    """The score or select stage refused its input; the message says why and what to do."""
+
+
+def _pairs(flat) -> list[tuple[int, int]]:
+    return list(zip(flat[::2], flat[1::2]))
+
+
+# ----------------------------------------------------------------------------- check
+
+
+def check_batch(batch: pa.Table, max_len: int, vocab: int, parts_dir: str) -> pa.Table:
+    """Reject rows the engines cannot score; count rows in."""
+    ids = batch.column("input_ids").to_pylist()
+    keep, rejects = [], []
+    for k, (rid, row) in enumerate(zip(batch.column("row_id").to_pylist(), ids)):
+        if len(row) > max_len:
+            rejects.append(
+                {
+                    "row_id": rid,
+                    "field": "input_ids",
+                    "reason": f"too_long: {len(row)} tokens > score.max_model_len={max_len}",
+                }
+            )
+        elif row and (max(row) >= vocab or min(row) < 0):
+            bad = max(row) if max(row) >= vocab else min(row)
+            rejects.append(
+                {
+                    "row_id": rid,
+                    "field": "input_ids",
+                    "reason": f"vocab: token id {bad} outside the model's {vocab} ids",
+                }
+            )
+        else:
+            keep.append(k)
+    stats = {"rows_in": batch.num_rows, "rows_rejected": len(rejects)}
+    write_parts(parts_dir, batch_key(batch.column("row_id").to_pylist()), "score", rejects, stats)
+    return batch.take(keep) if len(keep) < batch.num_rows else batch
+
+
+# ----------------------------------------------------------------------------- engines
+
+
+class StudentScorer:
+    """Ray Data actor: adds ``student_logprobs`` to each batch."""
+
+    def __init__(self, model: str, score_cfg: dict):
+        from raydc.scoring.base import make_scorer
+
+        self.scorer = make_scorer(score_cfg["backend"], model, **_settings(score_cfg))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        lps = self.scorer.score(batch.column("input_ids").to_pylist())
+        col = pa.array([x.astype(np.float32) for x in lps], pa.list_(pa.float32()))
+        return _set_column(batch, "student_logprobs", col)
+
+
+class TeacherScorer:
+    """Ray Data actor: fills ``teacher_logprobs`` of rows that have none.
+
+    Same tokenizer as the student: the student's ids are scored as they are. Another
+    tokenizer: the conversation is rendered with the teacher's chat template and
+    tokenised by the teacher, scored, and each assistant turn's values are carried onto
+    the student's tokens by character spans (``raydc.data.align.align_turn``). Values
+    beyond the teacher's max_model_len, and student tokens the teacher does not cover,
+    are NaN ("unknown"), resolved in the finish step.
+    """
+
+    def __init__(self, model: str, score_cfg: dict, same_tokenizer: bool):
+        from raydc.scoring.base import make_scorer
+
+        self.same = same_tokenizer
+        self.max_len = int(score_cfg["max_model_len"])
+        self.scorer = make_scorer(score_cfg["backend"], model, **_settings(score_cfg))
+        if not self.same:
+            from raydc.data.render import special_ids
+            from raydc.models import load_tokenizer
+
+            self.tok = load_tokenizer(model)
+            self.specials = special_ids(self.tok)
+            self.vocab = _vocab_size(model)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        given = batch.column("teacher_logprobs").to_pylist()
+        todo = [i for i, t in enumerate(given) if t is None]
+        if not todo:
+            return batch
+        ids = batch.column("input_ids").to_pylist()
+        if self.same:
+            lps = self.scorer.score([ids[i] for i in todo])
+            for i, lp in zip(todo, lps):
+                given[i] = lp.astype(np.float32)
+        else:
+            for i, vals in zip(todo, self._cross([batch.slice(i, 1).to_pylist()[0] for i in todo])):
+                given[i] = np.asarray(vals, dtype=np.float32)
+        col = pa.array(given, pa.list_(pa.float32()))
+        return _set_column(batch, "teacher_logprobs", col)
+
+    def _cross(self, rows: list[dict]) -> list[list[float]]:
+        from raydc.data.align import align_turn
+        from raydc.data.render import RowReject, render, tokenize, turn_tokens
+
+        t_ids, t_offs, t_spans, t_turns = [], [], [], []
+        for r in rows:
+            try:
+                text, spans = render(self.tok, json.loads(r["conversation"]))
+            except RowReject as e:
+                raise ScoreError(f"row {r['row_id']}: the teacher's chat template: {e}") from None
+            ids, offs = tokenize(self.tok, text)
+            # Beyond the teacher's context: dropped here, so those tokens stay unknown.
+            ids, offs = ids[: self.max_len], offs[: self.max_len]
+            if ids and max(ids) >= self.vocab:
+                raise ScoreError(f"row {r['row_id']}: teacher token id {max(ids)} >= its vocab")
+            t_ids.append(ids)
+            t_offs.append(offs)
+            t_spans.append(spans)
+            t_turns.append(turn_tokens(offs, ids, spans, self.specials))
+        lps = self.scorer.score(t_ids)
+        out = []
+        for r, lp, offs, spans, turns in zip(rows, lps, t_offs, t_spans, t_turns):
+            s_offs = _pairs(r["offsets"])
+            s_spans = _pairs(r["response_spans"])
+            mask = r["loss_mask"]
+            vals = [0.0] * len(r["input_ids"])
+            if len(spans) != len(s_spans):
+                raise ScoreError(
+                    f"row {r['row_id']}: the teacher's template shows {len(spans)} assistant "
+                    f"turns, the student's {len(s_spans)}"
+                )
+            for (tcs, tce), (tcontent, teot), (scs, sce) in zip(spans, turns, s_spans):
+                src = [(offs[i][0] - tcs, offs[i][1] - tcs) for i in tcontent]
+                val = [float(lp[i]) for i in tcontent]
+                if teot is not None and teot < len(lp):
+                    src.append((tce - tcs, tce - tcs + 1))  # at the content's end: end-of-turn
+                    val.append(float(lp[teot]))
+                s_content = [
+                    i for i, (s, e) in enumerate(s_offs) if mask[i] and s < sce and e > scs
+                ]
+                s_eot = next((i for i, (s, _) in enumerate(s_offs) if s >= sce), None)
+                has_eot = s_eot is not None and mask[s_eot]
+                dst = [(s_offs[i][0] - scs, s_offs[i][1] - scs) for i in s_content]
+                got = align_turn(tce - tcs, src, val, dst, has_eot)
+                for i, v in zip([*s_content, *([s_eot] if has_eot else [])], got):
+                    vals[i] = v
+            out.append(vals)
+        return out
+
+
+def _settings(score_cfg: dict) -> dict:
+    return {k: v for k, v in score_cfg.items() if k not in ("backend", "student", "teacher")}
+
+
+def _set_column(batch: pa.Table, name: str, col: pa.Array) -> pa.Table:
+    if name in batch.column_names:
+        return batch.set_column(batch.column_names.index(name), name, col)
+    return batch.append_column(name, col)
+
+
+def _vocab_size(model: str) -> int:
+    cfg = Path(model) / "config.json"
+    if not cfg.exists():
+        raise ScoreError(
+            f"{model}: no config.json (score.student / score.teacher must be a model folder)"
+        )
+    data = json.loads(cfg.read_text())
+    data = data.get("text_config", data)
+    return int(data["vocab_size"])
+
+
+# ----------------------------------------------------------------------------- finish
+
+
+def finish_batch(batch: pa.Table, weights_cfg: dict, parts_dir: str) -> pa.Table:
+    """Resolve unknown teacher log-probs, compute weights, cast to SCORED_SCHEMA."""
+    import torch
+
+    from raydc.weights import WeightConfig, compute_weights
+
+    wcfg = WeightConfig(**weights_cfg)
+    s_rows = batch.column("student_logprobs").to_pylist()
+    t_rows = batch.column("teacher_logprobs").to_pylist()
+    m_rows = batch.column("loss_mask").to_pylist()
+    sid_rows = batch.column("sentence_ids").to_pylist()
+    filled = 0
+    for k, (s, t, m) in enumerate(zip(s_rows, t_rows, m_rows)):
+        if t is None:
+            continue
+        t = [float(x) for x in t]
+        for i, on in enumerate(m):
+            if on and (t[i] is None or math.isnan(t[i])):
+                t[i] = s[i]  # the teacher said nothing here: a neutral ratio of 1
+                filled += 1
+            elif not on and math.isnan(t[i]):
+                t[i] = 0.0
+        t_rows[k] = t
+    B, T = batch.num_rows, max((len(m) for m in m_rows), default=0)
+    m_BT = torch.zeros(B, T, dtype=torch.bool)
+    s_BT = torch.zeros(B, T)
+    sid_BT = torch.zeros(B, T, dtype=torch.long)
+    has_t = [t is not None for t in t_rows]
+    t_BT = torch.zeros(B, T)
+    for b in range(B):
+        n = len(m_rows[b])
+        m_BT[b, :n] = torch.tensor(m_rows[b])
+        s_BT[b, :n] = torch.tensor(s_rows[b])
+        sid_BT[b, :n] = torch.tensor(sid_rows[b])
+        if has_t[b]:
+            t_BT[b, :n] = torch.tensor(t_rows[b])
+    w_BT = torch.zeros(B, T)
+    # Rows with and without teacher log-probs are weighted apart: without, d = log p_S.
+    for group in (True, False):
+        rows = [b for b in range(B) if has_t[b] == group]
+        if rows:
+            w_BT[rows] = compute_weights(
+                s_BT[rows], t_BT[rows] if group else None, m_BT[rows], wcfg, sid_BT[rows]
+            )
+    weights = [w_BT[b, : len(m_rows[b])].tolist() for b in range(B)]
+    batch = _set_column(batch, "teacher_logprobs", pa.array(t_rows, pa.list_(pa.float32())))
+    batch = _set_column(batch, "weights", pa.array(weights, pa.list_(pa.float32())))
+    stats = {
+        "rows_out": B,
+        "tokens": int(sum(len(m) for m in m_rows)),
+        "loss_tokens": int(m_BT.sum()),
+        "teacher_rows": int(sum(has_t)),
+        "teacher_unknown_tokens": filled,
+    }
+    write_parts(parts_dir, batch_key(batch.column("row_id").to_pylist()), "finish", [], stats)
+    return batch.select(SCORED_SCHEMA.names).cast(SCORED_SCHEMA)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _same_tokenizer(student: str, teacher: str) -> bool:
+    from raydc.models import load_tokenizer
+
+    a, b = load_tokenizer(student), load_tokenizer(teacher)
+    return a.get_vocab() == b.get_vocab()
+
+
+def _engine_args(scfg) -> dict:
+    import ray
+
+    args = dict(
+        compute=ray.data.ActorPoolStrategy(size=int(scfg.num_engines)),
+        batch_size=int(scfg.batch_size),
+        num_cpus=float(scfg.cpus_per_engine),
+        batch_format="pyarrow",
+    )
+    if scfg.gpus_per_engine > 0:
+        args["num_gpus"] = float(scfg.gpus_per_engine) * int(scfg.tensor_parallel_size)
+    return args
+
+
+def _input_fingerprint(files: list[str]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{os.path.basename(f)}:{st.st_size}".encode())
+        h.update(pq.ParquetFile(f).metadata.to_dict().__repr__().encode()[:4096])
+    return h.hexdigest()[:16]
+
+
+def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
+    """Score prepared rows under the student (and teacher); write scored Parquet,
+    ``rejects.parquet`` and ``manifest.json`` to ``out_dir``; return the summary."""
+    import ray
+
+    from raydc.data.ingest import check_reject_share, ensure_ray
+    from raydc.models import fingerprint, offline_env
+
+    t0 = time.time()
+    offline_env()
+    scfg = cfg.score
+    if not scfg.student:
+        raise ScoreError("score.student is empty: set it to the student model folder")
+    student = str(scfg.student)
+    files = data_files(prepared_dir)
+    summary_path = Path(prepared_dir) / "summary.json"
+    if not files or not summary_path.exists():
+        raise ScoreError(f"{prepared_dir}: no prepared data (run the prepare stage first)")
+    prep = json.loads(summary_path.read_text())
+    tok_fp = tokenizer_fingerprint(student)
+    if prep.get("tokenizer_fingerprint") != tok_fp:
+        raise ScoreError(
+            f"{prepared_dir} was tokenised with {prep.get('tokenizer')!r} (fingerprint "
+            f"{prep.get('tokenizer_fingerprint')}), not the student's tokenizer {student!r} "
+            f"({tok_fp}); prepare again with data.tokenizer unset or set to the student"
+        )
+    teacher = str(scfg.teacher) if scfg.teacher else None
+    needs_teacher_scoring = (
+        teacher is not None and prep.get("given_teacher_rows", 0) < prep["rows_out"]
+    )
+    same = _same_tokenizer(student, teacher) if needs_teacher_scoring else None
+
+    ensure_ray(cfg)
+    out = prepare_out_dir(out_dir)
+    parts = str(out / PARTS_DIR)
+    score_cfg = dataclasses.asdict(scfg)
+    vocab = _vocab_size(student)
+    ds = ray.data.read_parquet(files, num_cpus=LIGHT_CPUS)
+    ds = ds.map_batches(
+        check_batch,
+        batch_format="pyarrow",
+        num_cpus=LIGHT_CPUS,
+        fn_kwargs=dict(max_len=int(scfg.max_model_len), vocab=vocab, parts_dir=parts),
+    )
+    ds = ds.map_batches(
+        StudentScorer,
+        fn_constructor_kwargs=dict(model=student, score_cfg=score_cfg),
+        **_engine_args(scfg),
+    )
+    if needs_teacher_scoring:
+        ds = ds.map_batches(
+            TeacherScorer,
+            fn_constructor_kwargs=dict(model=teacher, score_cfg=score_cfg, same_tokenizer=same),
+            **_engine_args(scfg),
+        )
+    ds = ds.map_batches(
+        finish_batch,
+        batch_format="pyarrow",
+        num_cpus=LIGHT_CPUS,
+        fn_kwargs=dict(weights_cfg=cfg.weights.to_dict(), parts_dir=parts),
+    )
+    ds.write_parquet(str(out), ray_remote_args={"num_cpus": LIGHT_CPUS})
+
+    totals_in, _ = _collect_stats(out, "finish")
+    totals, rejects = collect_parts(out, "score")
+    rows_out = count_rows(data_files(out))
+    summary = {
+        "stage": "score",
+        "rows_in": int(totals.get("rows_in", 0)),
+        "rows_out": rows_out,
+        "rows_rejected": rejects.num_rows,
+        "tokens": int(totals_in.get("tokens", 0)),
+        "loss_tokens": int(totals_in.get("loss_tokens", 0)),
+        "teacher_rows": int(totals_in.get("teacher_rows", 0)),
+        "teacher_unknown_tokens": int(totals_in.get("teacher_unknown_tokens", 0)),
+        "reasons": reason_counts(rejects),
+        "seconds": round(time.time() - t0, 3),
+    }
+    if summary["rows_in"] != rows_out + rejects.num_rows or totals_in.get("rows_out") != rows_out:
+        raise ScoreError(
+            f"score lost rows: {summary['rows_in']} in != {rows_out} out + "
+            f"{rejects.num_rows} rejected (a bug; please report)"
+        )
+    backend_version = _backend_version(scfg.backend)
+    diag = _weight_diagnostics(data_files(out), cfg.weights)
+    manifest = {
+        "student": {"path": student, "fingerprint": fingerprint(student)},
+        "tokenizer_fingerprint": tok_fp,
+        "teacher": None
+        if teacher is None
+        else {
+            "path": teacher,
+            "fingerprint": fingerprint(teacher),
+            "scored": needs_teacher_scoring,
+            "same_tokenizer": same,
+            "tokenizer_fingerprint": tokenizer_fingerprint(teacher),
+        },
+        "backend": scfg.backend,
+        "vllm_version": backend_version.get("vllm"),
+        "versions": backend_version,
+        "counts": {
+            k: summary[k]
+            for k in (
+                "rows_in",
+                "rows_out",
+                "rows_rejected",
+                "tokens",
+                "loss_tokens",
+                "teacher_rows",
+                "teacher_unknown_tokens",
+            )
+        },
+        "config": {"score": score_cfg, "data": prep.get("config")},
+        "weights": cfg.weights.to_dict(),
+        "weight_diagnostics": diag,
+        "input_fingerprint": _input_fingerprint(files),
+        "prepared": str(prepared_dir),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": summary["seconds"],
+    }
+    write_json(out / "manifest.json", manifest)
+    check_reject_share("score", summary, cfg.data.max_reject_share, out / "rejects.parquet")
+    summary["paths"] = {
+        "data": str(out),
+        "manifest": str(out / "manifest.json"),
+        "rejects": str(out / "rejects.parquet"),
+    }
+    return summary
+
+
+def _collect_stats(out: Path, stage: str) -> tuple[dict, None]:
+    totals: dict = {}
+    for f in sorted((out / PARTS_DIR).glob(f"stats-{stage}-*.json")):
+        for k, v in json.loads(f.read_text()).items():
+            totals[k] = totals.get(k, 0) + v
+        f.unlink()
+    return totals, None
+
+
+def _backend_version(backend: str) -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("vllm", "torch", "transformers", "ray"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            try:
+                out[pkg] = md.version(f"{pkg}-cpu") if pkg == "vllm" else None
+            except md.PackageNotFoundError:
+                out[pkg] = None
+    if backend != "vllm":
+        out["vllm"] = None
+    return out
+
+
+def _weight_diagnostics(files: list[str], wcfg) -> dict:
+    """``raydc.weights.weight_diagnostics`` over the scored rows (the first
+    DIAGNOSTICS_MAX_TOKENS loss tokens; ``sampled`` says whether that cut anything)."""
+    import torch
+
+    from raydc.weights import weight_diagnostics
+
+    ws, ms, n, sampled = [], [], 0, False
+    for f in files:
+        for b in pq.ParquetFile(f).iter_batches(batch_size=256, columns=["weights", "loss_mask"]):
+            for w, m in zip(b.column("weights").to_pylist(), b.column("loss_mask").to_pylist()):
+                if n >= DIAGNOSTICS_MAX_TOKENS:
+                    sampled = True
+                    break
+                ws.append(w)
+                ms.append(m)
+                n += sum(m)
+    if not ws:
+        return {"tokens": 0, "sampled": False}
+    T = max(len(w) for w in ws)
+    w_BT = torch.zeros(len(ws), T)
+    m_BT = torch.zeros(len(ws), T, dtype=torch.bool)
+    for b, (w, m) in enumerate(zip(ws, ms)):
+        w_BT[b, : len(w)] = torch.tensor(w)
+        m_BT[b, : len(m)] = torch.tensor(m)
+    diag = weight_diagnostics(w_BT, m_BT, wcfg)
+    diag["sampled"] = sampled
+    if isinstance(diag.get("corr_weight_length"), float) and math.isnan(diag["corr_weight_length"]):
+        diag["corr_weight_length"] = None  # JSON has no NaN
+    return diag
+
+
+# ----------------------------------------------------------------------------- select
+
+
+def select_group(batch: pa.Table, threshold: float, top_k: int, parts_dir: str) -> pa.Table:
+    """One prompt's candidates (a Ray Data group): keep the top-k by DASD score."""
+    import torch
+
+    from raydc.select import divergence_scores, select_top_k
+
+    if batch.num_rows == 0:
+        return batch
+    rows = batch.to_pylist()
+    missing = [r["row_id"] for r in rows if r["teacher_logprobs"] is None]
+    if missing:
+        raise ScoreError(
+            f"selection needs teacher log-probs; rows {missing[:5]} have none (set "
+            "score.teacher or give them in the data)"
+        )
+    T = max(len(r["input_ids"]) for r in rows)
+    B = len(rows)
+    s, t = torch.zeros(B, T, dtype=torch.float64), torch.zeros(B, T, dtype=torch.float64)
+    sid, m = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        n = len(r["input_ids"])
+        s[b, :n] = torch.tensor(r["student_logprobs"], dtype=torch.float64)
+        t[b, :n] = torch.tensor(r["teacher_logprobs"], dtype=torch.float64)
+        sid[b, :n] = torch.tensor(r["sentence_ids"])
+        m[b, :n] = torch.tensor(r["loss_mask"])
+    scores = divergence_scores(s, t, sid, m, threshold).tolist()
+    keep = select_top_k([r["prompt_id"] for r in rows], scores, top_k)
+    dropped = [
+        {
+            "row_id": rows[i]["row_id"],
+            "field": "teacher_logprobs",
+            "reason": f"not_selected: DASD score {scores[i]:.4f} outside the top {top_k} of "
+            f"prompt {rows[i]['prompt_id']}",
+        }
+        for i in range(B)
+        if i not in set(keep)
+    ]
+    stats = {
+        "rows_in": B,
+        "rows_out": len(keep),
+        "rows_rejected": len(dropped),
+        "score_sum_kept": float(sum(scores[i] for i in keep)),
+        "score_sum_all": float(sum(scores)),
+    }
+    write_parts(parts_dir, batch_key([r["row_id"] for r in rows]), "select", dropped, stats)
+    return batch.take(keep)
+
+
+def run_select(cfg, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
+    """DASD divergence-aware selection on scored rows: per prompt, keep the top
+    ``cfg.select.top_k`` candidates by the share of sentences with delta >
+    ``cfg.select.threshold``. Writes the kept rows (scored schema), ``rejects.parquet``
+    (the rows not selected, reason ``not_selected``) and a manifest; returns the summary."""
+    import ray
+
+    from raydc.data.ingest import ensure_ray
+
+    t0 = time.time()
+    files = data_files(scored_dir)
+    src_manifest = Path(scored_dir) / "manifest.json"
+    if not files or not src_manifest.exists():
+        raise ScoreError(f"{scored_dir}: no scored data (run the score stage first)")
+    ensure_ray(cfg)
+    out = prepare_out_dir(out_dir)
+    sel = cfg.select
+    ds = ray.data.read_parquet(files, num_cpus=LIGHT_CPUS)
+    ds = ds.groupby("prompt_id").map_groups(
+        select_group,
+        batch_format="pyarrow",
+        num_cpus=LIGHT_CPUS,
+        fn_kwargs=dict(
+            threshold=float(sel.threshold), top_k=int(sel.top_k), parts_dir=str(out / PARTS_DIR)
+        ),
+    )
+    ds.write_parquet(str(out), ray_remote_args={"num_cpus": LIGHT_CPUS})
+    totals, rejects = collect_parts(out, "select")
+    rows_out = count_rows(data_files(out))
+    summary = {
+        "stage": "select",
+        "rows_in": int(totals.get("rows_in", 0)),
+        "rows_out": rows_out,
+        "rows_rejected": rejects.num_rows,
+        "mean_score_kept": totals.get("score_sum_kept", 0.0) / max(1, rows_out),
+        "mean_score_all": totals.get("score_sum_all", 0.0) / max(1, totals.get("rows_in", 0)),
+        "seconds": round(time.time() - t0, 3),
+    }
+    n_scored = count_rows(files)
+    if summary["rows_in"] != n_scored or n_scored != rows_out + rejects.num_rows:
+        raise ScoreError(
+            f"select lost rows: {n_scored} scored, {summary['rows_in']} seen, {rows_out} kept "
+            f"+ {rejects.num_rows} not selected (a bug; please report)"
+        )
+    manifest = json.loads(src_manifest.read_text())
+    manifest["counts"] = {
+        **manifest.get("counts", {}),
+        "rows_in": summary["rows_in"],
+        "rows_out": rows_out,
+        "rows_rejected": rejects.num_rows,
+    }
+    manifest["selection"] = {
+        "threshold": sel.threshold,
+        "top_k": sel.top_k,
+        "source": str(scored_dir),
+        "mean_score_kept": summary["mean_score_kept"],
+        "mean_score_all": summary["mean_score_all"],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(out / "manifest.json", manifest)
+    summary["paths"] = {
+        "data": str(out),
+        "manifest": str(out / "manifest.json"),
+        "rejects": str(out / "rejects.parquet"),
+    }
+    return summary

@@ -1,0 +1,91 @@
+"""The vLLM scorer: one engine, token-in prompts, prompt log-probs of the given tokens.
+
+Settings that make the numbers right rather than fast-but-wrong:
+
+- ``TokensPrompt``: the ids are scored as sent; nothing is re-tokenised.
+- ``prompt_logprobs=0``: only the log-prob of the actual next token, per position (the
+  engine adds no top-k alternatives), read from the entry keyed by the sent token id.
+- ``logprobs_mode="raw_logprobs"``, temperature 1: log-softmax of the raw logits, no
+  temperature or penalties applied.
+- Prefix caching off: a cached prefix has no prompt log-probs to return.
+- ``max_num_batched_tokens`` bounded: prompt log-probs materialise a [tokens x vocab]
+  float32 tensor per scheduler step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from raydc.scoring.base import ScoreMismatchError, check_result
+
+
+def engine_kwargs(model: str, scfg) -> dict:
+    return dict(
+        model=model,
+        dtype=scfg.dtype,
+        max_model_len=int(scfg.max_model_len),
+        max_num_batched_tokens=int(max(scfg.max_num_batched_tokens, scfg.max_model_len)),
+        gpu_memory_utilization=float(scfg.gpu_memory_utilization),
+        tensor_parallel_size=int(scfg.tensor_parallel_size),
+        enforce_eager=bool(scfg.enforce_eager),
+        enable_prefix_caching=False,
+        logprobs_mode="raw_logprobs",
+        skip_tokenizer_init=False,
+        seed=0,
+    )
+
+
+class VLLMScorer:
+    backend = "vllm"
+
+    def __init__(self, model: str, scfg):
+        from raydc.models import offline_env
+
+        offline_env()
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        import vllm
+        from vllm import LLM, SamplingParams
+
+        self.version = vllm.__version__
+        self.llm = LLM(**engine_kwargs(model, scfg))
+        self.params = SamplingParams(
+            max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False
+        )
+
+    def score(self, token_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        from vllm.inputs import TokensPrompt
+
+        rows = [[int(t) for t in r] for r in token_ids]
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=r) for r in rows], self.params, use_tqdm=False
+        )
+        if len(outs) != len(rows):
+            raise ScoreMismatchError(f"{len(outs)} results for {len(rows)} rows sent")
+        return [
+            to_logprobs(i, r, o.prompt_token_ids, o.prompt_logprobs)
+            for i, (r, o) in enumerate(zip(rows, outs))
+        ]
+
+    def close(self) -> None:
+        self.llm = None
+
+
+def to_logprobs(i: int, sent: list[int], got_ids, prompt_logprobs) -> np.ndarray:
+    """One request's prompt log-probs as float32 [T], checked against what was sent."""
+    if prompt_logprobs is None or len(prompt_logprobs) != len(sent):
+        n = None if prompt_logprobs is None else len(prompt_logprobs)
+        raise ScoreMismatchError(f"row {i}: {n} prompt log-prob entries for {len(sent)} tokens")
+    logp = np.zeros(len(sent), dtype=np.float32)
+    for t in range(1, len(sent)):
+        entry = prompt_logprobs[t]
+        lp = entry.get(sent[t]) if entry is not None else None
+        if lp is None:
+            raise ScoreMismatchError(
+                f"row {i}: position {t} has no log-prob for the sent token {sent[t]}"
+            )
+        logp[t] = lp.logprob
+    check_result(i, sent, got_ids, logp)
+    return logp

@@ -1,0 +1,232 @@
+"""The score stage on a real local Ray with real vLLM CPU engines, checked against
+transformers: one module-scoped run scores the student and a teacher with another
+tokenizer (two engine starts), then many assertions read its outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raydc.config import from_dict
+from raydc.data.schema import SCORED_SCHEMA, data_files
+from raydc.models import fingerprint, load_tokenizer
+from raydc.text import align_by_char_spans
+
+pytestmark = pytest.mark.integration
+
+GSM8K = "raydc/assets/gsm8k/train.jsonl"
+SCORE_MAX_LEN = 200
+
+
+def _traces(path, n=6):
+    rows = []
+    with open(GSM8K) as fh:
+        for i, line in zip(range(n), fh):
+            d = json.loads(line)
+            # Two candidate responses per prompt (ASCII, so no byte-split characters).
+            rows.append(
+                {
+                    "id": f"g{i}",
+                    "prompt": d["question"][:120],
+                    "response": [d["answer"][:150], d["answer"][-90:]],
+                }
+            )
+    rows.append({"id": "long", "prompt": "Count.", "response": " ".join(["one two"] * 60)})
+    rows.append({"id": "bad", "prompt": "Q?", "response": ""})
+    with open(path, "w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    return rows
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, tiny_student, tiny_teacher_other_tokenizer, ray_local):
+    from raydc.data.ingest import run_prepare
+    from raydc.scoring.stage import run_score
+
+    tmp = tmp_path_factory.mktemp("score")
+    _traces(tmp / "traces.jsonl")
+    cfg = from_dict(
+        {
+            "data": {"path": str(tmp / "traces.jsonl"), "max_length": 256},
+            "score": {
+                "student": tiny_student,
+                "teacher": tiny_teacher_other_tokenizer,
+                "backend": "vllm",
+                "max_model_len": SCORE_MAX_LEN,
+                "max_num_batched_tokens": 1024,
+                "cpus_per_engine": 0.5,
+                "batch_size": 4,
+            },
+            "weights": {"preset": "discord", "granularity": "sentence"},
+        }
+    )
+    prep = run_prepare(cfg, tmp / "prepared")
+    summary = run_score(cfg, tmp / "prepared", tmp / "scored")
+    table = pq.read_table(data_files(tmp / "scored"))
+    return {
+        "cfg": cfg,
+        "prep": prep,
+        "summary": summary,
+        "dir": tmp / "scored",
+        "rows": {r["row_id"]: r for r in table.to_pylist()},
+        "schema": table.schema,
+    }
+
+
+def test_counts_and_rejects(scored):
+    prep, summary = scored["prep"], scored["summary"]
+    assert prep["rows_in"] == 6 * 2 + 1 + 1 == prep["rows_out"] + prep["rows_rejected"]
+    assert prep["reasons"] == {"empty_response": 1}
+    assert summary["rows_in"] == prep["rows_out"]
+    assert summary["rows_in"] == summary["rows_out"] + summary["rows_rejected"]
+    rejects = pq.read_table(scored["dir"] / "rejects.parquet").to_pylist()
+    # The long row fits data.max_length (256) but not score.max_model_len (200).
+    assert [(r["row_id"], r["stage"], r["field"], r["reason"].split(":")[0]) for r in rejects] == [
+        ("long", "score", "input_ids", "too_long")
+    ]
+    assert set(scored["rows"]) == {f"g{i}#{k}" for i in range(6) for k in range(2)}
+
+
+def test_schema_is_the_contract(scored):
+    schema = scored["schema"]
+    assert schema.equals(SCORED_SCHEMA)
+    for name in ("student_logprobs", "teacher_logprobs", "weights"):
+        assert str(schema.field(name).type) == "list<element: float>"  # 4 bytes a token
+    for r in scored["rows"].values():
+        n = len(r["input_ids"])
+        assert len(r["student_logprobs"]) == len(r["teacher_logprobs"]) == len(r["weights"]) == n
+        assert r["student_logprobs"][0] == 0.0 and r["loss_mask"][0] is False
+
+
+def test_vllm_student_equals_transformers_log_softmax(scored, tiny_student):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_student, dtype=torch.float32).eval()
+    worst = 0.0
+    for r in scored["rows"].values():
+        ids = torch.tensor([r["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+        ref = logp[:-1].gather(-1, ids[0, 1:, None])[:, 0]
+        got = torch.tensor(r["student_logprobs"][1:], dtype=torch.float64)
+        worst = max(worst, float((got - ref).abs().max()))
+    assert worst < 1e-4, worst
+
+
+def test_cross_tokenizer_teacher_matches_transformers_aligned_by_spans(
+    scored, tiny_teacher_other_tokenizer
+):
+    """The teacher (WordPiece) is scored on its own tokens and carried onto the student's
+    (byte-level BPE) by character spans; recomputed here with transformers."""
+    from transformers import AutoModelForCausalLM
+
+    teacher = tiny_teacher_other_tokenizer
+    tok = load_tokenizer(teacher)
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    checked = unknown = 0
+    for r in scored["rows"].values():
+        msgs = json.loads(r["conversation"])
+        text = tok.apply_chat_template(msgs, tokenize=False)
+        content = msgs[-1]["content"]
+        cs = text.rfind(content)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = torch.tensor([enc["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+        t_lp = [0.0] + logp[:-1].gather(-1, ids[0, 1:, None])[:, 0].tolist()
+        src, vals = [], []
+        for (s, e), v in zip(enc["offset_mapping"], t_lp):
+            if e > cs and s < cs + len(content):
+                src.append((max(s, cs) - cs, min(e, cs + len(content)) - cs))
+                vals.append(v)
+        s_offs = list(zip(r["offsets"][::2], r["offsets"][1::2]))
+        scs = r["response_spans"][0]
+        loss = [i for i, m in enumerate(r["loss_mask"]) if m]
+        content_idx, eot = loss[:-1], loss[-1]
+        expect = align_by_char_spans(
+            src, vals, [(s_offs[i][0] - scs, s_offs[i][1] - scs) for i in content_idx]
+        )
+        for i, v in zip(content_idx, expect):
+            got = r["teacher_logprobs"][i]
+            if v is None:  # the teacher says nothing here: neutral, the student's value
+                assert got == pytest.approx(r["student_logprobs"][i], abs=1e-6)
+                unknown += 1
+            else:
+                assert got == pytest.approx(v, abs=1e-4)
+                checked += 1
+        # The student's <|im_end|> gets the teacher's own end-of-turn token's log-prob.
+        t_eot = next(k for k, (s, _) in enumerate(enc["offset_mapping"]) if s >= cs + len(content))
+        assert r["teacher_logprobs"][eot] == pytest.approx(t_lp[t_eot], abs=1e-4)
+        # Off the loss mask, teacher log-probs are 0.
+        assert all(r["teacher_logprobs"][i] == 0.0 for i, m in enumerate(r["loss_mask"]) if not m)
+    assert checked > 10 * unknown > 0
+    assert scored["summary"]["teacher_unknown_tokens"] == unknown
+
+
+def test_weights_are_compute_weights_of_the_config(scored):
+    from raydc.weights import compute_weights
+
+    cfg = scored["cfg"]
+    for r in scored["rows"].values():
+        w = compute_weights(
+            torch.tensor([r["student_logprobs"]]),
+            torch.tensor([r["teacher_logprobs"]]),
+            torch.tensor([r["loss_mask"]]),
+            cfg.weights,
+            torch.tensor([r["sentence_ids"]]),
+        )[0]
+        assert torch.allclose(w, torch.tensor(r["weights"]), atol=1e-6)
+        # Sentence granularity: one weight per sentence of the response.
+        by_sid: dict = {}
+        for wt, sid, m in zip(r["weights"], r["sentence_ids"], r["loss_mask"]):
+            if m:
+                by_sid.setdefault(sid, set()).add(round(wt, 5))
+        assert all(len(v) == 1 for v in by_sid.values())
+
+
+def test_manifest(scored, tiny_student, tiny_teacher_other_tokenizer):
+    m = json.loads((scored["dir"] / "manifest.json").read_text())
+    assert m["student"] == {"path": tiny_student, "fingerprint": fingerprint(tiny_student)}
+    assert m["teacher"]["path"] == tiny_teacher_other_tokenizer
+    assert m["teacher"]["same_tokenizer"] is False and m["teacher"]["scored"] is True
+    assert m["backend"] == "vllm" and m["vllm_version"]
+    assert m["counts"]["rows_out"] == len(scored["rows"])
+    assert m["counts"]["loss_tokens"] == sum(sum(r["loss_mask"]) for r in scored["rows"].values())
+    assert m["weights"] == scored["cfg"].weights.to_dict()
+    d = m["weight_diagnostics"]
+    assert d["tokens"] == m["counts"]["loss_tokens"] and 0 < d["ess_fraction"] <= 1
+    assert d["sampled"] is False and sum(d["histogram"]["counts"]) == d["tokens"]
+    assert m["config"]["score"]["max_model_len"] == SCORE_MAX_LEN and m["input_fingerprint"]
+
+
+def test_select_on_scored_data_keeps_the_top_candidate(scored, tmp_path):
+    from raydc.scoring.stage import run_select
+    from raydc.select import divergence_scores
+
+    cfg = scored["cfg"]
+    cfg.select.top_k = 1
+    summary = run_select(cfg, scored["dir"], tmp_path / "selected")
+    kept = {r["row_id"] for r in pq.read_table(data_files(tmp_path / "selected")).to_pylist()}
+    expect = set()
+    for i in range(6):
+        pair = [scored["rows"][f"g{i}#{k}"] for k in range(2)]
+        T = max(len(r["input_ids"]) for r in pair)
+
+        def pad(key, dtype, rows=pair, T=T):
+            return torch.tensor([r[key] + [0] * (T - len(r[key])) for r in rows], dtype=dtype)
+
+        sc = divergence_scores(
+            pad("student_logprobs", torch.float64),
+            pad("teacher_logprobs", torch.float64),
+            pad("sentence_ids", torch.long),
+            pad("loss_mask", torch.bool),
+        )
+        expect.add(f"g{i}#{0 if sc[0] >= sc[1] else 1}")
+    assert kept == expect
+    assert summary["rows_in"] == 12 == summary["rows_out"] + summary["rows_rejected"]
+    assert not math.isnan(summary["mean_score_kept"])
