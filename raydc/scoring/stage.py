@@ -46,6 +46,7 @@ from raydc.data.schema import (
     write_json,
     write_parts,
 )
+from raydc.scoring.vllm_backend import max_prompt_len
 
 LIGHT_CPUS = 0.25
 DIAGNOSTICS_MAX_TOKENS = 2_000_000  # weight diagnostics over at most this many loss tokens
@@ -94,21 +95,51 @@ def check_batch(batch: pa.Table, max_len: int, vocab: int, parts_dir: str) -> pa
 # ----------------------------------------------------------------------------- engines
 
 
-class StudentScorer:
+class _Timed:
+    """Engine start-up and busy time of an actor, written beside the data so the stage
+    summary reports start-up apart from scoring."""
+
+    role = "engine"
+
+    def _start(self, parts_dir: str | None) -> float:
+        self.parts_dir = parts_dir
+        return time.perf_counter()
+
+    def _started(self, t0: float) -> None:
+        if self.parts_dir:
+            stats = {"startup_s": time.perf_counter() - t0, "engines": 1}
+            write_parts(
+                self.parts_dir, f"{self.role}-{os.getpid()}-init", f"eng{self.role}", [], stats
+            )
+
+    def _busy(self, t0: float, rows: list[str], tokens: int) -> None:
+        if self.parts_dir:
+            stats = {"busy_s": time.perf_counter() - t0, "tokens": tokens, "calls": 1}
+            write_parts(self.parts_dir, batch_key(rows), f"eng{self.role}", [], stats)
+
+
+class StudentScorer(_Timed):
     """Ray Data actor: adds ``student_logprobs`` to each batch."""
 
-    def __init__(self, model: str, score_cfg: dict):
+    role = "student"
+
+    def __init__(self, model: str, score_cfg: dict, parts_dir: str | None = None):
         from raydc.scoring.base import make_scorer
 
+        t0 = self._start(parts_dir)
         self.scorer = make_scorer(score_cfg["backend"], model, **_settings(score_cfg))
+        self._started(t0)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        lps = self.scorer.score(batch.column("input_ids").to_pylist())
+        t0 = time.perf_counter()
+        ids = batch.column("input_ids").to_pylist()
+        lps = self.scorer.score(ids)
         col = pa.array([x.astype(np.float32) for x in lps], pa.list_(pa.float32()))
+        self._busy(t0, batch.column("row_id").to_pylist(), sum(map(len, ids)))
         return _set_column(batch, "student_logprobs", col)
 
 
-class TeacherScorer:
+class TeacherScorer(_Timed):
     """Ray Data actor: fills ``teacher_logprobs`` of rows that have none.
 
     Same tokenizer as the student: the student's ids are scored as they are. Another
@@ -119,11 +150,16 @@ class TeacherScorer:
     are NaN ("unknown"), resolved in the finish step.
     """
 
-    def __init__(self, model: str, score_cfg: dict, same_tokenizer: bool):
+    role = "teacher"
+
+    def __init__(
+        self, model: str, score_cfg: dict, same_tokenizer: bool, parts_dir: str | None = None
+    ):
         from raydc.scoring.base import make_scorer
 
+        t0 = self._start(parts_dir)
         self.same = same_tokenizer
-        self.max_len = int(score_cfg["max_model_len"])
+        self.max_len = max_prompt_len(model, int(score_cfg["max_model_len"]))
         self.scorer = make_scorer(score_cfg["backend"], model, **_settings(score_cfg))
         if not self.same:
             from raydc.data.render import special_ids
@@ -132,12 +168,14 @@ class TeacherScorer:
             self.tok = load_tokenizer(model)
             self.specials = special_ids(self.tok)
             self.vocab = _vocab_size(model)
+        self._started(t0)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         given = batch.column("teacher_logprobs").to_pylist()
         todo = [i for i, t in enumerate(given) if t is None]
         if not todo:
             return batch
+        t0 = time.perf_counter()
         ids = batch.column("input_ids").to_pylist()
         if self.same:
             lps = self.scorer.score([ids[i] for i in todo])
@@ -147,6 +185,8 @@ class TeacherScorer:
             for i, vals in zip(todo, self._cross([batch.slice(i, 1).to_pylist()[0] for i in todo])):
                 given[i] = np.asarray(vals, dtype=np.float32)
         col = pa.array(given, pa.list_(pa.float32()))
+        rids = batch.column("row_id").to_pylist()
+        self._busy(t0, [rids[i] for i in todo], sum(len(ids[i]) for i in todo))
         return _set_column(batch, "teacher_logprobs", col)
 
     def _cross(self, rows: list[dict]) -> list[list[float]]:
@@ -353,22 +393,25 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
     parts = str(out / PARTS_DIR)
     score_cfg = dataclasses.asdict(scfg)
     vocab = _vocab_size(student)
+    max_len = max_prompt_len(student, int(scfg.max_model_len))
     ds = ray.data.read_parquet(files, num_cpus=LIGHT_CPUS)
     ds = ds.map_batches(
         check_batch,
         batch_format="pyarrow",
         num_cpus=LIGHT_CPUS,
-        fn_kwargs=dict(max_len=int(scfg.max_model_len), vocab=vocab, parts_dir=parts),
+        fn_kwargs=dict(max_len=max_len, vocab=vocab, parts_dir=parts),
     )
     ds = ds.map_batches(
         StudentScorer,
-        fn_constructor_kwargs=dict(model=student, score_cfg=score_cfg),
+        fn_constructor_kwargs=dict(model=student, score_cfg=score_cfg, parts_dir=parts),
         **_engine_args(scfg),
     )
     if needs_teacher_scoring:
         ds = ds.map_batches(
             TeacherScorer,
-            fn_constructor_kwargs=dict(model=teacher, score_cfg=score_cfg, same_tokenizer=same),
+            fn_constructor_kwargs=dict(
+                model=teacher, score_cfg=score_cfg, same_tokenizer=same, parts_dir=parts
+            ),
             **_engine_args(scfg),
         )
     ds = ds.map_batches(
@@ -380,6 +423,18 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
     ds.write_parquet(str(out), ray_remote_args={"num_cpus": LIGHT_CPUS})
 
     totals_in, _ = _collect_stats(out, "finish")
+    engines = {}
+    for role in ("student", "teacher"):
+        eng, _ = _collect_stats(out, f"eng{role}")
+        if eng:
+            busy = eng.get("busy_s", 0.0)
+            engines[role] = {
+                "engines": int(eng.get("engines", 0)),
+                "startup_s": round(eng.get("startup_s", 0.0) / max(1, eng.get("engines", 1)), 3),
+                "busy_s": round(busy, 3),
+                "tokens": int(eng.get("tokens", 0)),
+                "tokens_per_s_busy": round(eng.get("tokens", 0) / busy, 1) if busy else None,
+            }
     totals, rejects = collect_parts(out, "score")
     rows_out = count_rows(data_files(out))
     summary = {
@@ -392,6 +447,7 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
         "teacher_rows": int(totals_in.get("teacher_rows", 0)),
         "teacher_unknown_tokens": int(totals_in.get("teacher_unknown_tokens", 0)),
         "reasons": reason_counts(rejects),
+        "engines": engines,  # start-up (mean per engine) apart from busy scoring time
         "seconds": round(time.time() - t0, 3),
     }
     if summary["rows_in"] != rows_out + rejects.num_rows or totals_in.get("rows_out") != rows_out:
@@ -435,6 +491,7 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
         "prepared": str(prepared_dir),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": summary["seconds"],
+        "engines": engines,
     }
     write_json(out / "manifest.json", manifest)
     check_reject_share("score", summary, cfg.data.max_reject_share, out / "rejects.parquet")

@@ -22,12 +22,27 @@ import numpy as np
 from raydc.scoring.base import ScoreMismatchError, check_result
 
 
+def max_prompt_len(model: str, max_model_len: int) -> int:
+    """The longest row an engine scores: ``score.max_model_len``, less one when the model's
+    own context is no longer (vLLM counts the one generated token against the length)."""
+    import json
+    from pathlib import Path
+
+    cfg = Path(model) / "config.json"
+    limit = None
+    if cfg.exists():
+        data = json.loads(cfg.read_text())
+        limit = data.get("text_config", data).get("max_position_embeddings")
+    return int(min(max_model_len, limit - 1)) if limit else int(max_model_len)
+
+
 def engine_kwargs(model: str, scfg) -> dict:
+    engine_len = max_prompt_len(model, scfg.max_model_len) + 1
     return dict(
         model=model,
         dtype=scfg.dtype,
-        max_model_len=int(scfg.max_model_len),
-        max_num_batched_tokens=int(max(scfg.max_num_batched_tokens, scfg.max_model_len)),
+        max_model_len=engine_len,
+        max_num_batched_tokens=int(max(scfg.max_num_batched_tokens, engine_len)),
         gpu_memory_utilization=float(scfg.gpu_memory_utilization),
         tensor_parallel_size=int(scfg.tensor_parallel_size),
         enforce_eager=bool(scfg.enforce_eager),
