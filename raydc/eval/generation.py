@@ -210,6 +210,12 @@ class LocalEngine:
         self.version = vllm.__version__
         self.llm = vllm.LLM(model=self.model_dir, **engine_kwargs(ecfg))
 
+    def close(self) -> None:
+        """Stop the engine's worker processes now rather than at interpreter exit."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+
     def generate(self, requests: Sequence[Request], s: Sampling) -> list[Sample]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -249,8 +255,12 @@ def iter_samples(
         if eng.model_dir != str(model_dir):
             raise ValueError(f"engine serves {eng.model_dir}, not {model_dir}")
         chunk = max(256, 8 * int(ecfg.batch_size))  # bounded memory, streamed to disk
-        for i in range(0, len(requests), chunk):
-            yield eng.generate(requests[i : i + chunk], s)
+        try:
+            for i in range(0, len(requests), chunk):
+                yield eng.generate(requests[i : i + chunk], s)
+        finally:
+            if engine is None:  # ours: free its memory before the next stage
+                eng.close()
         return
     if backend == "ray":
         yield from _ray_samples(model_dir, requests, s, ecfg, stop_ids)

@@ -153,3 +153,26 @@ def test_run_eval_rejects_bad_rows_before_starting_an_engine(tmp_path):
         ("c", "answer", "missing_answer"),
         ("d", "question", "prompt_too_long"),
     ]
+
+
+def test_char_spans_keep_byte_tokens_on_their_character():
+    from raydc.eval.generation import char_spans
+
+    tok = load_tokenizer("tiny-bpe")
+    ids = tok("ab 😀!", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    special = {int(i) for i in tok.all_special_ids}
+    text, pieces = token_pieces(tok, ids, special)
+    spans = char_spans(pieces, ids, special)
+    emoji = text.index("😀")
+    # Every byte token of the emoji ends on the emoji's one character...
+    byte_tokens = [i for i, p in enumerate(pieces) if p in ("", "😀") and ids[i] not in special]
+    assert len(byte_tokens) > 1
+    assert all(spans[i] == (emoji, emoji + 1) for i in byte_tokens)
+    # ...ordinary tokens keep their piece's span, and the stop token sits after the text.
+    assert text[slice(*spans[-2])] == "!" and spans[-1] == (len(text), len(text))
+    # Summing values by the token whose span ends inside a character range loses none.
+    from raydc.text import align_by_char_spans
+
+    values = [float(-(i + 1)) for i in range(len(ids) - 1)]
+    whole = align_by_char_spans(spans[:-1], values, [(0, len(text))])
+    assert whole == [pytest.approx(sum(values))]
