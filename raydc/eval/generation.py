@@ -273,8 +273,10 @@ def _ray_samples(model_dir, requests, s: Sampling, ecfg, stop_ids) -> Iterator[l
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     if ecfg.gpus_per_engine > 0:
-        bundle = {"CPU": float(ecfg.cpus_per_engine), "GPU": float(ecfg.gpus_per_engine)}
-        bundles = [bundle] * int(ecfg.tensor_parallel_size)
+        # One bundle per tensor-parallel worker; the engine's GPUs split evenly over them.
+        tp = int(ecfg.tensor_parallel_size)
+        bundle = {"CPU": float(ecfg.cpus_per_engine) / tp, "GPU": float(ecfg.gpus_per_engine) / tp}
+        bundles = [bundle] * tp
     else:
         bundles = [{"CPU": float(ecfg.cpus_per_engine)}]
     config = vLLMEngineProcessorConfig(
