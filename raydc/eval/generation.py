@@ -196,6 +196,14 @@ def _sampled_logprobs(key: int, token_ids: Sequence[int], entries) -> list[float
     return out
 
 
+def finish_reason(token_ids: Sequence[int], max_new_tokens: int, stop_ids: set[int]) -> str:
+    """``length`` when the budget is used up without a stop token at the end, else ``stop``
+    (Ray Data's vLLM rows do not carry vLLM's own finish reason)."""
+    if len(token_ids) >= max_new_tokens and (not token_ids or token_ids[-1] not in stop_ids):
+        return "length"
+    return "stop"
+
+
 class LocalEngine:
     """One in-process vLLM engine; reusable across calls (tests share one per module)."""
 
@@ -304,12 +312,11 @@ def _ray_samples(model_dir, requests, s: Sampling, ecfg, stop_ids) -> Iterator[l
     def post(row: dict) -> dict:
         ids = [int(t) for t in row["generated_tokens"]]
         lps = _sampled_logprobs(int(row["key"]), ids, row["logprobs"]) if want_lp else None
-        truncated = len(ids) >= max_new and (not ids or ids[-1] not in stops)
         return dict(
             key=int(row["key"]),
             token_ids=ids,
             logprobs=lps,
-            finish_reason="length" if truncated else "stop",
+            finish_reason=finish_reason(ids, max_new, stops),
         )
 
     processor = build_processor(config, preprocess=pre, postprocess=post)

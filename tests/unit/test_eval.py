@@ -93,9 +93,13 @@ def test_read_records_and_keys(tmp_path):
         read_records(bad)
     with pytest.raises(FileNotFoundError):
         read_records(tmp_path / "missing.jsonl")
-    pq.write_table(__import__("pyarrow").table({"question": ["p"], "answer": ["#### 2"]}),
-                   tmp_path / "c.parquet")
-    assert read_records(tmp_path / "c.parquet") == [("c.parquet:0", {"question": "p", "answer": "#### 2"})]
+    pq.write_table(
+        __import__("pyarrow").table({"question": ["p"], "answer": ["#### 2"]}),
+        tmp_path / "c.parquet",
+    )
+    assert read_records(tmp_path / "c.parquet") == [
+        ("c.parquet:0", {"question": "p", "answer": "#### 2"})
+    ]
 
 
 def test_render_prompts_uses_the_chat_template():
@@ -117,8 +121,9 @@ def test_resolve_backend(monkeypatch):
 
 
 def test_eval_and_generate_config_validation():
-    cfg = from_dict({}, ["eval.engine.dtype=bfloat16", "generate.temperature=0.6",
-                         "generate.n_samples=4"])
+    cfg = from_dict(
+        {}, ["eval.engine.dtype=bfloat16", "generate.temperature=0.6", "generate.n_samples=4"]
+    )
     assert cfg.eval.engine.dtype == "bfloat16" and cfg.generate.n_samples == 4
     for bad, field in [
         ("eval.max_new_tokens=4096", "eval.max_new_tokens"),
@@ -141,8 +146,15 @@ def test_run_eval_rejects_bad_rows_before_starting_an_engine(tmp_path):
         {"id": "d", "question": "word " * 600, "answer": "#### 3"},
     ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = from_dict({}, [f"eval.path={data}", "eval.engine.max_model_len=512",
-                         "eval.max_new_tokens=32", "eval.engine.backend=local"])
+    cfg = from_dict(
+        {},
+        [
+            f"eval.path={data}",
+            "eval.engine.max_model_len=512",
+            "eval.max_new_tokens=32",
+            "eval.engine.backend=local",
+        ],
+    )
     # "tiny-bpe" is a tokenizer, not a model: reaching the engine would fail differently.
     with pytest.raises(ValueError, match="all 4 rows"):
         run_eval(cfg, "tiny-bpe", tmp_path / "out")
@@ -176,3 +188,20 @@ def test_char_spans_keep_byte_tokens_on_their_character():
     values = [float(-(i + 1)) for i in range(len(ids) - 1)]
     whole = align_by_char_spans(spans[:-1], values, [(0, len(text))])
     assert whole == [pytest.approx(sum(values))]
+
+
+def test_finish_reason_and_sampled_logprobs():
+    from raydc.eval.generation import GenerationError, _sampled_logprobs, finish_reason
+
+    assert finish_reason([5, 6, 7], 3, {2}) == "length"
+    assert finish_reason([5, 6, 2], 3, {2}) == "stop"  # stopped on the last allowed token
+    assert finish_reason([5, 2], 3, {2}) == "stop"
+    # Ray rows carry {token_id: {"logprob": ...}}; the in-process engine Logprob objects.
+    assert _sampled_logprobs(0, [4, 9], [{4: {"logprob": -1.5}}, {9: {"logprob": -0.25}}]) == [
+        -1.5,
+        -0.25,
+    ]
+    with pytest.raises(GenerationError, match="no log-prob for sampled token 9"):
+        _sampled_logprobs(0, [4, 9], [{4: {"logprob": -1.5}}, {8: {"logprob": -0.25}}])
+    with pytest.raises(GenerationError, match="1 log-prob entries for 2 tokens"):
+        _sampled_logprobs(0, [4, 9], [{4: {"logprob": -1.5}}])
