@@ -1,0 +1,212 @@
+"""The training stage on the driver: check the scores, build the TorchTrainer, export.
+
+``build_trainer`` reads nothing but the scored folder's file list, schema and manifest
+(refusing scores made with another student), builds the Ray Data datasets (``train`` and,
+with ``train.val_share > 0``, a held-out ``val`` slice chosen by prompt id), and returns a
+Ray Train V2 ``TorchTrainer`` running ``raydc.train.loop.train_loop_per_worker``. Ray Tune's
+per-trial driver passes its ``TuneReportCallback`` as ``extra_callbacks``.
+
+``run_train`` fits it and copies the exported model (``save_pretrained`` + tokenizer, in the
+final checkpoint) to ``out_dir/model``. Re-running with the same ``out_dir`` resumes from the
+latest checkpoint under ``out_dir/ray`` (Ray Train restores a run by name and storage path).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from raydc.config import RaydcConfig
+from raydc.train.data import (
+    ScoredDataError,
+    check_schema,
+    check_student,
+    is_val_key,
+    read_manifest,
+    scored_files,
+)
+
+RUN_NAME = "train"
+FAULT_ENV = "RAYDC_TRAIN_FAULT"  # "step:marker_path": test hook, see loop._maybe_fault
+
+
+def student_path(cfg: RaydcConfig) -> str:
+    path = cfg.train.student or cfg.score.student
+    if not path:
+        raise ScoredDataError("train.student (or score.student) must name the student model folder")
+    return path
+
+
+def _scalar_metrics(metrics: dict) -> dict:
+    return {
+        k: v
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
+def _metrics_callback_cls():
+    from ray.train.v2.api.callback import UserCallback
+
+    class MetricsLog(UserCallback):
+        """On the driver side: rank 0's metrics -> out_dir/metrics.jsonl and TensorBoard
+        (scalars, and the weight histogram the workers computed)."""
+
+        def __init__(self, out_dir: str):
+            self.out_dir = out_dir
+            self._writer = None
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            m = dict(metrics[0])
+            Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(self.out_dir) / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(m, default=str) + "\n")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is a dependency; a broken install only loses TB
+                return
+            if self._writer is None:
+                self._writer = SummaryWriter(str(Path(self.out_dir) / "tensorboard"))
+            step = int(m.get("step", 0))
+            for k, v in _scalar_metrics(m).items():
+                if k not in ("step",):
+                    self._writer.add_scalar(f"train/{k}", v, step)
+            hist = m.get("weight_histogram")
+            if hist and sum(hist["counts"]) > 0:
+                import numpy as np
+
+                edges, counts = hist["edges"], hist["counts"]
+                centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+                num = float(sum(counts))
+                total = sum(c * x for c, x in zip(counts, centers))
+                total_sq = sum(c * x * x for c, x in zip(counts, centers))
+                nz = [i for i, c in enumerate(counts) if c]
+                self._writer.add_histogram_raw(
+                    "train/weights",
+                    min=edges[nz[0]],
+                    max=edges[nz[-1] + 1],
+                    num=num,
+                    sum=total,
+                    sum_squares=total_sq,
+                    bucket_limits=np.asarray(edges[1:]),
+                    bucket_counts=np.asarray(counts),
+                    global_step=step,
+                )
+            self._writer.flush()
+
+    return MetricsLog
+
+
+def build_trainer(
+    cfg: RaydcConfig,
+    scored_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    extra_callbacks: list | None = None,
+    run_config_overrides: dict | None = None,
+):
+    """A Ray Train V2 ``TorchTrainer`` for weighted distillation from ``scored_dir``."""
+    import ray.data
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raydc.train.loop import train_loop_per_worker
+
+    tc = cfg.train
+    student = student_path(cfg)
+    manifest = read_manifest(scored_dir)
+    check_student(manifest, student, scored_dir)
+    files = scored_files(scored_dir)
+    columns = check_schema(files)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Read (and split off the held-out slice) now, before the trainer reserves the
+    # workers' CPUs: Ray Data only gets what training leaves, which on a small machine is
+    # nothing, and the read would wait forever. The blocks live in the object store
+    # (spilled to disk when large); the split over workers then runs no tasks.
+    ds = ray.data.read_parquet(files, columns=columns)
+    datasets = {"train": ds}
+    if tc.val_share > 0:
+        key = "prompt_id" if "prompt_id" in columns else "row_id"
+        share, seed = tc.val_share, tc.seed
+        datasets["train"] = ds.filter(lambda r: not is_val_key(str(r[key]), share, seed))
+        datasets["val"] = ds.filter(lambda r: is_val_key(str(r[key]), share, seed))
+    datasets = {name: d.materialize() for name, d in datasets.items()}
+
+    fault = None
+    if os.environ.get(FAULT_ENV):
+        step, marker = os.environ[FAULT_ENV].split(":", 1)
+        fault = {"step": int(step), "marker": marker}
+    loop_config = {
+        "cfg": cfg,
+        "student": student,
+        "has_val": tc.val_share > 0,
+        "use_gpu": tc.use_gpu,
+        "fault": fault,
+        "world_hint": tc.num_workers,
+    }
+    resources = {"CPU": tc.cpus_per_worker}
+    if tc.use_gpu:
+        resources["GPU"] = 1
+    run_kwargs: dict[str, Any] = dict(
+        name=RUN_NAME,
+        storage_path=str(out / "ray"),
+        failure_config=FailureConfig(max_failures=tc.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+        callbacks=[_metrics_callback_cls()(str(out))] + list(extra_callbacks or []),
+    )
+    run_kwargs.update(run_config_overrides or {})
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(**run_kwargs),
+        datasets=datasets,
+        # preserve_order makes each worker's shard the same on every attempt, so a
+        # restart resumes at the same data position.
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+    )
+
+
+def run_train(cfg: RaydcConfig, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
+    """Train from scored Parquet; return a summary (final metrics, checkpoint, model dir)."""
+    t0 = time.time()
+    manifest = read_manifest(scored_dir)
+    trainer = build_trainer(cfg, scored_dir, out_dir)
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    out = Path(out_dir).resolve()
+    model_dir = out / "model"
+    ckpt = result.checkpoint
+    if ckpt is None:
+        raise RuntimeError("training finished without a checkpoint")
+    with ckpt.as_directory() as d:
+        src = Path(d) / "model"
+        if not src.is_dir():
+            raise RuntimeError(f"the final checkpoint {ckpt.path} holds no exported model")
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        shutil.copytree(src, model_dir)
+    counts = manifest.get("counts") or {}
+    metrics = {k: v for k, v in (result.metrics or {}).items() if k != "weight_histogram"}
+    summary = {
+        "rows_in": counts.get("rows_out"),
+        "steps": metrics.get("step"),
+        "metrics": metrics,
+        "checkpoint": ckpt.path,
+        "model_dir": str(model_dir),
+        "metrics_path": str(out / "metrics.jsonl"),
+        "tensorboard_dir": str(out / "tensorboard"),
+        "seconds": time.time() - t0,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary

@@ -1,0 +1,137 @@
+"""Scored Parquet for the training tests, made with a plain transformers forward.
+
+``make_scored`` writes what the scoring stage writes (docs/contracts.md): ``part-*.parquet``
+with the prepared + scored columns and ``manifest.json`` with the student's fingerprint, from
+GSM8K question/answer pairs rendered with the student's chat template, so the training
+tests need neither vLLM nor the scoring stage.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from raydc.models import ASSETS, fingerprint, offline_env
+
+
+def _logprobs(model_dir: str, ids_list: list[list[int]]) -> list[np.ndarray]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for ids in ids_list:
+            x = torch.tensor([ids])
+            logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), dim=-1)
+            lp = logp.gather(-1, x[0, 1:, None])[:, 0]
+            out.append(np.concatenate([[0.0], lp.numpy()]).astype(np.float32))
+    return out
+
+
+def render(tok, question: str, answer: str, max_len: int) -> tuple[list[int], list[bool]]:
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+    full = prompt + answer + "<|im_end|>\n"
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    ids = tok(full, add_special_tokens=False)["input_ids"][:max_len]
+    mask = [i >= len(p_ids) for i in range(len(ids))]
+    return ids, mask
+
+
+def make_scored(
+    student_dir: str,
+    teacher_dir: str | None,
+    out_dir: str | Path,
+    n_rows: int = 32,
+    max_len: int = 128,
+    n_files: int = 2,
+    start: int = 0,
+) -> str:
+    """Write scored rows of GSM8K train items [start, start + n_rows) to ``out_dir``."""
+    offline_env()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    items = []
+    with open(ASSETS / "gsm8k" / "train.jsonl") as f:
+        for i, line in enumerate(f):
+            if i >= start + n_rows:
+                break
+            if i >= start:
+                items.append(json.loads(line))
+    ids_list, masks = [], []
+    for it in items:
+        # Cut question and answer so rows are short (CPU tests) but of varied length.
+        q = it["question"][:60]
+        a = it["answer"][: 40 + (len(it["question"]) * 7) % 80]
+        ids, mask = render(tok, q, a, max_len)
+        ids_list.append(ids)
+        masks.append(mask)
+    s_lp = _logprobs(student_dir, ids_list)
+    t_lp = _logprobs(teacher_dir, ids_list) if teacher_dir else [None] * len(ids_list)
+    rows = []
+    for k, (ids, mask) in enumerate(zip(ids_list, masks)):
+        rows.append(
+            {
+                "row_id": f"gsm8k:{start + k}",
+                "prompt_id": f"p{start + k}",
+                "input_ids": np.asarray(ids, np.int32),
+                "loss_mask": np.asarray(mask, bool),
+                "sentence_ids": np.zeros(len(ids), np.int32),
+                "teacher_logprobs": t_lp[k],
+                "num_tokens": len(ids),
+                "num_loss_tokens": int(sum(mask)),
+                "student_logprobs": s_lp[k],
+                "weights": np.ones(len(ids), np.float32),
+            }
+        )
+    schema = pa.schema(
+        [
+            ("row_id", pa.string()),
+            ("prompt_id", pa.string()),
+            ("input_ids", pa.list_(pa.int32())),
+            ("loss_mask", pa.list_(pa.bool_())),
+            ("sentence_ids", pa.list_(pa.int32())),
+            ("teacher_logprobs", pa.list_(pa.float32())),
+            ("num_tokens", pa.int32()),
+            ("num_loss_tokens", pa.int32()),
+            ("student_logprobs", pa.list_(pa.float32())),
+            ("weights", pa.list_(pa.float32())),
+        ]
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    per = (len(rows) + n_files - 1) // n_files
+    for j in range(n_files):
+        part = rows[j * per : (j + 1) * per]
+        cols = {name: [r[name] for r in part] for name in schema.names}
+        pq.write_table(pa.table(cols, schema=schema), out / f"part-{j:05d}.parquet")
+    manifest = {
+        "student": {"path": str(student_dir), "fingerprint": fingerprint(student_dir)},
+        "tokenizer_fingerprint": fingerprint(student_dir),
+        "teacher": {"path": str(teacher_dir), "fingerprint": fingerprint(teacher_dir)}
+        if teacher_dir
+        else None,
+        "backend": "transformers (tests/train_fixtures.py)",
+        "vllm_version": None,
+        "counts": {
+            "rows_in": len(rows),
+            "rows_out": len(rows),
+            "rows_rejected": 0,
+            "tokens": sum(r["num_tokens"] for r in rows),
+            "loss_tokens": sum(r["num_loss_tokens"] for r in rows),
+        },
+        "config": {},
+        "weights": {},
+        "weight_diagnostics": {},
+        "input_fingerprint": "train-fixture",
+        "created": "fixture",
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return str(out)
