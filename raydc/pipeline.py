@@ -54,6 +54,18 @@ TOKENIZER_FILES = (
 )
 
 
+EVAL_HEADLINE = (
+    "pass@1",
+    "pass@1_stderr",
+    "prompts",
+    "n_samples",
+    "mean_response_tokens",
+    "no_answer_share",
+    "truncated_share",
+    "tokens_per_second",
+)
+
+
 class StageError(RuntimeError):
     """A stage failed; the message names the stage and where its partial output is."""
 
@@ -221,9 +233,12 @@ def stage_line(name: str, summary: dict) -> str:
                 f"{summary.get('best_metric')}"
             )
     if name == "eval":
-        for k, v in (summary.get("metrics") or summary).items():
-            if k.startswith(("accuracy", "val_", "reverse_kl")) and isinstance(v, (int, float)):
+        for k in EVAL_HEADLINE[:2]:
+            v = summary.get(k)
+            if isinstance(v, (int, float)):
                 bits.append(f"{k} {v:.4g}")
+        if "prompts" in summary:
+            bits.append(f"{summary['prompts']} prompts")
     return ", ".join(bits)
 
 
@@ -532,9 +547,7 @@ def summarize(results: dict[str, StageResult], cfg: RaydcConfig) -> dict:
             }
     if "eval" in results:
         e = results["eval"].summary
-        s["eval_metrics"] = e.get("metrics") or {
-            k: v for k, v in e.items() if isinstance(v, (int, float)) and k != "seconds"
-        }
+        s["eval_metrics"] = {k: e[k] for k in EVAL_HEADLINE if e.get(k) is not None}
         s["eval_dir"] = str(results["eval"].out_dir)
     return s
 

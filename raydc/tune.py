@@ -23,9 +23,10 @@ latest training checkpoint. A stopped sweep resumes: running the stage again res
 experiment (``Tuner.restore``) and finishes the trials that had not.
 
 On 2 CPUs the per-trial driver asks for ``tune.driver_cpus`` (0.01) and the trainer's
-workers for ``train.cpus_per_worker`` (0.9 leaves room for Ray Data): Tune does not see the
-trainer's own resource request, so ``max_concurrent_trials`` is derived here from what one
-trial's worker group needs and what the cluster has.
+workers for ``train.cpus_per_worker``; the trial must leave a whole CPU for Ray Data's file
+listing task (0.49 x 2 workers does). Tune does not see the trainer's own resource request,
+so ``max_concurrent_trials`` is derived here from what one trial's worker group needs and
+what the cluster has.
 """
 
 from __future__ import annotations

@@ -117,10 +117,13 @@ class LocalHead:
         except Exception as e:  # 401 also means it is up
             return "401" in str(e)
 
-    def run(self, args: list[str], timeout: float = 600, **kw) -> subprocess.CompletedProcess:
-        """Run a client command (``ray job submit ...``) with this cluster's auth env."""
+    def run(
+        self, args: list[str], timeout: float = 600, env_override: dict | None = None
+    ) -> subprocess.CompletedProcess:
+        """Run a client command (``ray job submit ...``) with this cluster's auth env
+        (or ``env_override`` instead of it)."""
         return subprocess.run(
-            args, env=self.env, capture_output=True, text=True, timeout=timeout, **kw
+            args, env=env_override or self.env, capture_output=True, text=True, timeout=timeout
         )
 
     def submit(self, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
