@@ -6,6 +6,7 @@ answers, and sampled-token log-probs against transformers."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -14,7 +15,7 @@ from raydc.config import from_dict
 
 pytestmark = pytest.mark.integration
 
-GSM8K = "raydc/assets/gsm8k/test.jsonl"
+GSM8K = Path(__file__).resolve().parents[2] / "raydc" / "assets" / "gsm8k" / "test.jsonl"
 METRIC_FIELDS = {
     "pass@1",
     "pass@1_stderr",

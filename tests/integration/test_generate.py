@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -15,7 +16,7 @@ from raydc.config import from_dict
 pytestmark = pytest.mark.integration
 
 T = 0.7
-GSM8K = "raydc/assets/gsm8k/test.jsonl"
+GSM8K = Path(__file__).resolve().parents[2] / "raydc" / "assets" / "gsm8k" / "test.jsonl"
 
 
 @pytest.fixture(scope="module")
