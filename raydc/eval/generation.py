@@ -324,7 +324,7 @@ def _ray_samples(model_dir, requests, s: Sampling, ecfg, stop_ids) -> Iterator[l
         {"key": r.key, "prompt_token_ids": list(r.prompt_token_ids), "seed": r.seed}
         for r in requests
     ]
-    blocks = max(1, min(len(items), 4 * int(ecfg.num_engines) * 4))
+    blocks = max(1, min(len(items), 16 * int(ecfg.num_engines)))  # work for every engine
     ds = processor(ray.data.from_items(items, override_num_blocks=blocks))
     for batch in ds.iter_batches(batch_size=int(ecfg.batch_size) * 8, batch_format="pyarrow"):
         yield [
