@@ -163,9 +163,8 @@ class TeacherScorer(_Timed):
         self.scorer = make_scorer(score_cfg["backend"], model, **_settings(score_cfg))
         if not self.same:
             from raydc.data.render import special_ids
-            from raydc.models import load_tokenizer
 
-            self.tok = load_tokenizer(model)
+            self.tok = load_teacher_tokenizer(model)
             self.specials = special_ids(self.tok)
             self.vocab = _vocab_size(model)
         self._started(t0)
@@ -237,6 +236,29 @@ class TeacherScorer(_Timed):
                     vals[i] = v
             out.append(vals)
         return out
+
+
+def load_teacher_tokenizer(path: str):
+    """The tokenizer a folder's ``tokenizer.json`` describes.
+
+    ``AutoTokenizer`` (transformers 5) picks the tokenizer class from the model type: a
+    Qwen2-architecture folder saved with a WordPiece ``tokenizer.json`` (the tiny
+    cross-tokenizer teacher) loads as a byte-level ``Qwen2Tokenizer`` that splits every
+    character and reports wrong character offsets, which would misalign the teacher's
+    log-probs. When the folder declares a plain tokenizers backend, load exactly that.
+    """
+    from raydc.models import load_tokenizer, offline_env, tokenizer_path
+
+    folder = Path(tokenizer_path(path))
+    conf = folder / "tokenizer_config.json"
+    if (folder / "tokenizer.json").exists() and conf.exists():
+        cls = json.loads(conf.read_text()).get("tokenizer_class")
+        if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            offline_env()
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    return load_tokenizer(path)
 
 
 def _settings(score_cfg: dict) -> dict:
