@@ -134,7 +134,11 @@ def max_concurrent(cfg: RaydcConfig, cluster: dict) -> int:
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
     need = trial_resources(cfg)
-    fits = [math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0]
+    have = dict(cluster)
+    # One whole CPU stays free for Ray Data: the file listing that feeds each trial's
+    # workers asks for a full CPU, and a trial waits forever for its data without it.
+    have["CPU"] = have.get("CPU", 0.0) - 1.0
+    fits = [math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0]
     return max(1, min(fits) if fits else 1)
 
 

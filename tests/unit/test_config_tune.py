@@ -100,8 +100,11 @@ def test_concurrency_follows_the_trial_resources():
     cfg = _cfg()
     assert trial_resources(cfg) == {"CPU": pytest.approx(1.81)}
     assert max_concurrent(cfg, {"CPU": 2.0}) == 1  # this laptop: one trial at a time
-    assert max_concurrent(cfg, {"CPU": 8.0}) == 4
+    assert max_concurrent(cfg, {"CPU": 8.0}) == 3  # 1 CPU kept for Ray Data's listing
     assert max_concurrent(cfg, {"CPU": 1.0}) == 1  # never 0
+    half = from_dict({"train": {"num_workers": 2, "cpus_per_worker": 0.49, "val_share": 0.1}})
+    assert max_concurrent(half, {"CPU": 2.0}) == 1  # 0.99 a trial, but a CPU stays free
+    assert max_concurrent(half, {"CPU": 3.0}) == 2
     gpu = from_dict({"train": {"use_gpu": True, "num_workers": 4, "val_share": 0.1}})
     assert max_concurrent(gpu, {"CPU": 64.0, "GPU": 8.0}) == 2
     assert max_concurrent(_cfg(max_concurrent_trials=3), {"CPU": 2.0}) == 3
