@@ -99,6 +99,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--traces", default="clean,noisy")
     ap.add_argument("--workers", type=int, default=2, help="training processes")
+    ap.add_argument(
+        "--threads", type=int, default=2, help="torch threads of the main process (stages 2-5)"
+    )
     ap.add_argument("--student-ref", default="current", choices=["current", "init"])
     ap.add_argument("--quick", action="store_true", help="tiny smoke configuration")
     ap.add_argument("--seed", type=int, default=0, help="task, teacher and student seed")
@@ -113,7 +116,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     offline_env()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     P = dict(QUICK if args.quick else FULL)
     budgets = sorted(int(b) for b in args.budgets.split(","))
     arms = [a for a in args.arms.split(",") if a]
