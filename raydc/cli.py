@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as e:
         print(f"raydc: {e}", file=sys.stderr)
         return 1
+    except ConfigError as e:
+        print(f"raydc: config error: {e}", file=sys.stderr)
+        return 2
     summary = summarize(pipe.results, pipe.cfg)
     print(format_summary(summary))
     if args.command == "run":

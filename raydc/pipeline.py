@@ -402,7 +402,10 @@ class Pipeline:
         return self.run_stage("train", parts, fn, resumable=True)
 
     def tune(self) -> StageResult:
+        from raydc.tune import check_space
+
         cfg = self.cfg
+        check_space(cfg)  # before scoring: a bad space should not cost a scoring run
         data = self.training_data()
         parts = {
             "tune": dataclasses.asdict(cfg.tune),

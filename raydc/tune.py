@@ -75,6 +75,8 @@ def _spec(raw: Any) -> dict:
 def check_space(cfg: RaydcConfig) -> None:
     """Fail before any trial starts if a value of the space makes an invalid config; the
     error names ``tune.space.<field>``. Each bound / value is tried alone on the base."""
+    if not cfg.tune.space:
+        raise ConfigError("tune.space: empty; name at least one field to search")
     for key, raw in cfg.tune.space.items():
         spec = _spec(raw)
         values = spec["values"] if "values" in spec else [spec["low"], spec["high"]]

@@ -61,3 +61,11 @@ def test_select_when_disabled_exits_1_before_running_anything(tmp_path, capsys):
     assert rc == 1
     assert "select.enabled" in capsys.readouterr().err
     assert not (out / "prepare").exists()
+
+
+def test_tune_with_an_empty_space_exits_2_before_any_stage_runs(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["tune", f"run.output_dir={out}", "score.student=", "score.teacher=null"])
+    assert rc == 2
+    assert "tune.space: empty" in capsys.readouterr().err
+    assert not (out / "prepare").exists()

@@ -58,6 +58,8 @@ def test_check_space_names_the_field_of_a_bad_value():
 
 
 def test_check_space_needs_what_the_metric_needs():
+    with pytest.raises(ConfigError, match=r"tune\.space: empty"):
+        check_space(from_dict({"train": {"val_share": 0.1}}))  # e.g. `raydc tune` on default
     cfg = from_dict({"tune": {"enabled": True, "space": {"weights.tau": [1.0]}}})
     with pytest.raises(ConfigError, match=r"train\.val_share"):
         check_space(cfg)
