@@ -69,3 +69,75 @@ def test_tune_with_an_empty_space_exits_2_before_any_stage_runs(tmp_path, capsys
     assert rc == 2
     assert "tune.space: empty" in capsys.readouterr().err
     assert not (out / "prepare").exists()
+
+
+def test_the_run_summary_reports_rows_throughput_metrics_and_paths(tmp_path):
+    from pathlib import Path
+
+    from raydc.pipeline import StageResult, format_summary, stage_line, summarize
+
+    def res(name, summary, skipped=False):
+        return StageResult(name, Path(tmp_path / name), "fp", summary, skipped)
+
+    results = {
+        "prepare": res(
+            "prepare",
+            {
+                "rows_in": 242,
+                "rows_out": 240,
+                "rows_rejected": 2,
+                "paths": {"rejects": "/r/rejects.parquet"},
+                "seconds": 3.0,
+            },
+        ),
+        "score": res(
+            "score",
+            {"rows_in": 240, "rows_out": 240, "rows_rejected": 0, "tokens": 48000, "seconds": 12.0},
+            skipped=True,
+        ),
+        "tune": res(
+            "tune",
+            {
+                "metric": "val_nll",
+                "mode": "min",
+                "best_metric": 5.5,
+                "best_config": {"weights.tau": 0.5},
+                "num_trials": 2,
+                "results_csv": "/t/results.csv",
+                "model_dir": "/t/model",
+                "metrics": {"step": 16, "loss": 5.1, "tokens_per_s": 6000.0, "val_nll": 5.5},
+                "seconds": 60.0,
+            },
+        ),
+        "eval": res(
+            "eval",
+            {
+                "pass@1": 0.25,
+                "pass@1_stderr": 0.1,
+                "prompts": 16,
+                "rows_in": 16,
+                "rows_out": 16,
+                "rows_rejected": 0,
+            },
+        ),
+    }
+    from raydc.config import from_dict
+
+    s = summarize(results, from_dict({"run": {"output_dir": str(tmp_path)}}))
+    assert s["rows"] == {"rows_in": 242, "rows_out": 240, "rows_rejected": 2}
+    assert s["scoring_tokens_per_s"] == 4000.0 and s["training_tokens_per_s"] == 6000.0
+    assert s["tune"]["best_config"] == {"weights.tau": 0.5}
+    assert s["eval_metrics"] == {"pass@1": 0.25, "pass@1_stderr": 0.1, "prompts": 16}
+    text = format_summary(s)
+    for piece in (
+        "in 242, out 240, rejected 2",
+        "4,000 tokens/s",
+        "6,000 tokens/s",
+        '"weights.tau": 0.5',
+        "pass@1 0.25",
+        "[reused]",
+        "/t/model",
+    ):
+        assert piece in text, piece
+    assert stage_line("prepare", results["prepare"].summary) == "rows 242 -> 240 (2 rejected)"
+    assert "4,000 tokens/s" in stage_line("score", results["score"].summary)
