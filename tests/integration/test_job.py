@@ -1,0 +1,71 @@
+"""The job as users submit it: a real local cluster (``ray start --head`` on free ports,
+token authentication on, as Ray 2.60 defaults), ``ray job submit --working-dir <repo> --
+python jobs/distill.py`` with the embedded default config, wait, check the job succeeded
+and wrote every stage's output and the summary, stop the cluster.
+
+The run is the default example (all 242 rows, vLLM scoring of student and teacher, DASD
+selection, DeepSpeed training on 2 CPU workers, vLLM eval) with fewer training steps and
+eval prompts: the expensive test of the suite, kept as small as stays honest.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_cluster import REPO, LocalHead
+
+pytestmark = pytest.mark.integration
+
+
+def test_default_job_via_ray_job_submit_on_a_token_auth_cluster(tmp_path):
+    out = tmp_path / "run"
+    with LocalHead(num_cpus=2) as head:
+        assert head.env["RAY_AUTH_MODE"] == "token"
+        # Without the token the cluster refuses the submission.
+        no_token = {k: v for k, v in head.env.items() if not k.startswith("RAY_AUTH_TOKEN")}
+        no_token["RAY_AUTH_TOKEN"] = "not-the-token"
+        denied = head.run(
+            ["ray", "job", "list", "--address", head.dashboard_url], env_override=no_token
+        )
+        assert denied.returncode != 0
+
+        r = head.submit(
+            [
+                "--working-dir",
+                str(REPO),
+                "--",
+                sys.executable,
+                "jobs/distill.py",
+                f"run.output_dir={out}",
+                "train.max_steps=4",
+                "train.log_every=2",
+                "train.checkpoint_every=4",
+                "eval.num_prompts=8",
+                "eval.max_new_tokens=32",
+            ],
+            timeout=1200,
+        )
+    logs = r.stdout + r.stderr
+    assert r.returncode == 0, logs[-6000:]
+    assert "succeeded" in logs.lower()
+    assert "raydc run summary" in logs
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"] == {"rows_in": 242, "rows_out": 240, "rows_rejected": 2}
+    assert set(summary["stages"]) == {"prepare", "score", "select", "train", "eval"}
+    assert not any(st["reused"] for st in summary["stages"].values())
+    assert summary["scored_rows"] == 240
+    assert summary["selected_rows"] == 120  # top 1 of the 2 candidates of each problem
+    assert summary["scoring_tokens_per_s"] > 0 and summary["training_tokens_per_s"] > 0
+    assert summary["train_metrics"]["step"] == 4
+    assert (Path(summary["model_dir"]) / "config.json").is_file()
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["prompts"] == 8 and 0.0 <= metrics["pass@1"] <= 1.0
+    for stage in summary["stages"]:
+        assert (out / stage / "_raydc_stage.json").is_file(), stage
+    assert (out / "score" / "manifest.json").is_file()
+    assert (out / "prepare" / "rejects.parquet").is_file()
