@@ -523,6 +523,12 @@ def summarize(results: dict[str, StageResult], cfg: RaydcConfig) -> dict:
         s["rejects"] = (p.get("paths") or {}).get("rejects")
     if "score" in results:
         s["scoring_tokens_per_s"] = _rate(results["score"].summary)
+        engines = results["score"].summary.get("engines") or {}
+        s["scoring_engines"] = {
+            role: {k: e.get(k) for k in ("tokens_per_s_busy", "startup_s")}
+            for role, e in engines.items()
+            if isinstance(e, dict)
+        }
         s["scored_rows"] = results["score"].summary.get("rows_out")
     if "select" in results:
         s["selected_rows"] = results["select"].summary.get("rows_out")
@@ -571,9 +577,16 @@ def format_summary(s: dict) -> str:
         if key not in s:
             continue
         v = s.get(key)
-        lines.append(
-            f"{label:<18}" + (f"{v:,.0f} tokens/s" if isinstance(v, (int, float)) else "n/a")
-        )
+        text = f"{v:,.0f} tokens/s" if isinstance(v, (int, float)) else "n/a"
+        if key == "scoring_tokens_per_s" and s.get("scoring_engines"):
+            # End to end includes vLLM start-up; the engines' busy rate is the steady state.
+            text += " end to end; busy: " + ", ".join(
+                f"{role} {e['tokens_per_s_busy']:,.0f} tokens/s (start-up {e['startup_s']:.0f} s)"
+                for role, e in s["scoring_engines"].items()
+                if isinstance(e.get("tokens_per_s_busy"), (int, float))
+                and isinstance(e.get("startup_s"), (int, float))
+            )
+        lines.append(f"{label:<18}{text}")
     if s.get("train_metrics"):
         lines.append(
             "final train       "

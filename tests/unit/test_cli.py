@@ -92,7 +92,14 @@ def test_the_run_summary_reports_rows_throughput_metrics_and_paths(tmp_path):
         ),
         "score": res(
             "score",
-            {"rows_in": 240, "rows_out": 240, "rows_rejected": 0, "tokens": 48000, "seconds": 12.0},
+            {
+                "rows_in": 240,
+                "rows_out": 240,
+                "rows_rejected": 0,
+                "tokens": 48000,
+                "seconds": 12.0,
+                "engines": {"student": {"tokens_per_s_busy": 8000.0, "startup_s": 40.0}},
+            },
             skipped=True,
         ),
         "tune": res(
@@ -129,6 +136,7 @@ def test_the_run_summary_reports_rows_throughput_metrics_and_paths(tmp_path):
     assert s["tune"]["best_config"] == {"weights.tau": 0.5}
     assert s["eval_metrics"] == {"pass@1": 0.25, "pass@1_stderr": 0.1, "prompts": 16}
     text = format_summary(s)
+    assert "busy: student 8,000 tokens/s (start-up 40 s)" in text
     for piece in (
         "in 242, out 240, rejected 2",
         "4,000 tokens/s",
