@@ -7,12 +7,13 @@ bucketing*: rows are shuffled per epoch, cut into buffers, sorted by length insi
 buffer and packed greedily up to ``micro_batch_tokens`` padded slots, so rows of similar
 length share a micro-batch and padding stays small (the padding share is reported).
 
-Why hold the shard in memory instead of streaming it every epoch: a restarted worker must
-see exactly the micro-batches it would have seen (resume "where it stopped", data position
-included), every worker must agree on the number of steps in an epoch before the first
-collective, and re-scoring rounds revisit every row. Ray Data's split is deterministic with
-``preserve_order`` (the trainer sets it), so the shard a worker holds after a restart is the
-one it held before. Memory: ~17 bytes a token (ids, mask, sentence ids, two log-probs).
+Which rows a worker holds is decided by a hash of the row id (``owner_rank``), not by Ray
+Data's split, whose assignment of blocks to workers can change from run to run: a restarted
+worker must see exactly the micro-batches it would have seen (resume "where it stopped",
+data position included). Every worker therefore reads the whole dataset and keeps its rows.
+The shard is held in memory (~17 bytes a token: ids, mask, sentence ids, two log-probs)
+because every worker must agree on the number of steps in an epoch before the first
+collective, and re-scoring rounds revisit every row.
 """
 
 from __future__ import annotations
@@ -100,6 +101,12 @@ def is_val_key(key: str, share: float, seed: int) -> bool:
         return False
     h = hashlib.sha1(f"{seed}:{key}".encode()).digest()
     return int.from_bytes(h[:8], "big") / 2.0**64 < share
+
+
+def owner_rank(row_id: str, world: int) -> int:
+    """The training rank that holds a row: a hash of its id, independent of file order."""
+    h = hashlib.sha1(f"rank:{row_id}".encode()).digest()
+    return int.from_bytes(h[:8], "big") % world
 
 
 @dataclass

@@ -23,6 +23,7 @@ restart resumes with them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -32,21 +33,41 @@ from pathlib import Path
 
 import numpy as np
 
-from raydc.train.data import Row, collate, epoch_rng, plan_micro_batches, rows_from_table
+from raydc.train.data import (
+    Row,
+    collate,
+    epoch_rng,
+    owner_rank,
+    plan_micro_batches,
+    rows_from_table,
+)
 
 STATE_FILE = "raydc_state.json"
 DS_TAG = "ds"
 
 
-def _read_shard(name: str) -> list[Row]:
+def _read_shard(name: str, rank: int, world: int) -> list[Row]:
+    """This rank's rows of dataset ``name``, sorted by row id.
+
+    Ray Data hands every worker the whole (materialised) dataset; a row belongs to the rank
+    given by a hash of its row id. Which rows a rank holds, and their order, then depend on
+    nothing but the row ids: not on block order, task timing or how a split balanced blocks,
+    so a restarted worker, or a rerun, sees exactly the same shard.
+    """
     import ray.train
 
-    shard = ray.train.get_dataset_shard(name)
+    it = ray.train.get_dataset_shard(name)
     rows: list[Row] = []
-    if shard is None:
+    if it is None:
         return rows
-    for table in shard.iter_batches(batch_size=512, batch_format="pyarrow"):
-        rows.extend(rows_from_table(table))
+    for table in it.iter_batches(batch_size=1024, batch_format="pyarrow"):
+        ids = table.column("row_id").to_pylist()
+        keep = [owner_rank(str(r), world) == rank for r in ids]
+        if any(keep):
+            import pyarrow as pa
+
+            rows.extend(rows_from_table(table.filter(pa.array(keep))))
+    rows.sort(key=lambda r: r.row_id)
     return rows
 
 
@@ -96,12 +117,14 @@ class _Worker:
         self.on_gpu = self.device.type != "cpu"
         torch.manual_seed(self.tc.seed)
         self._build_engine()
-        self.rows = _read_shard("train")
-        self.val_rows = _read_shard("val") if config.get("has_val") else []
+        self.rows = _read_shard("train", self.rank, self.world)
+        self.val_rows = _read_shard("val", self.rank, self.world) if config.get("has_val") else []
         self.rescored: list[np.ndarray] | None = None
         self.step = 0
         self.epoch = 0
         self.pos = 0  # micro-batches of this epoch already consumed
+        self.resumed_from = 0  # the checkpoint step this attempt started from
+        self.last_rows_fp = ""
         self.window = self._new_window()
 
     # ------------------------------------------------------------------ setup
@@ -160,7 +183,10 @@ class _Worker:
             self.pos = 0
             self._plan_epoch()
         out = []
-        for idxs in self.plan[self.pos : self.pos + self.tc.grad_accum]:
+        step_plan = self.plan[self.pos : self.pos + self.tc.grad_accum]
+        ids = [self.rows[i].row_id for b in step_plan for i in b]
+        self.last_rows_fp = hashlib.sha1("\n".join(ids).encode()).hexdigest()[:12]
+        for idxs in step_plan:
             rows = [self.rows[i] for i in idxs]
             lps = [self.rescored[i] for i in idxs] if self.rescored is not None else None
             mb = collate(rows, self.pad_id, lps)
@@ -244,6 +270,7 @@ class _Worker:
         win["grad_norm"] = float(gn) if gn is not None else float("nan")
         win["lr"] = lr
         win["last"] = (mbs, weights)
+        win["rows_fp"] = self.last_rows_fp
         return win
 
     @staticmethod
@@ -258,6 +285,7 @@ class _Worker:
             grad_norm=float("nan"),
             lr=0.0,
             last=None,
+            rows_fp="",
         )
 
     def window_metrics(self) -> dict:
@@ -280,6 +308,9 @@ class _Worker:
             "tokens_per_s": tokens / seconds if seconds > 0 else float("nan"),
             "step_time_s": seconds / n,
             "padding_share": 1.0 - tokens / slots if slots else 0.0,
+            "resumed_from_step": self.resumed_from,
+            # Rank 0's rows in the last step: equal runs must have seen equal data.
+            "rows_fingerprint": win["rows_fp"],
             "weight_source": "uniform (weight warmup)"
             if self.step <= self.tc.weight_warmup_steps
             else self.tc.student_ref,
@@ -364,6 +395,7 @@ class _Worker:
             )
         self.engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=True)
         self.step, self.epoch, self.pos = state["step"], state["epoch"], state["pos"]
+        self.resumed_from = self.step
         path = Path(ckpt_dir) / f"rescored_rank{self.rank}.npy"
         if path.exists():
             flat = np.load(path)
@@ -399,15 +431,27 @@ class _Worker:
             self.tokenizer.save_pretrained(model_dir)
 
 
-def _maybe_fault(config: dict, step: int, rank: int) -> None:
+def _maybe_fault(config: dict, step: int, rank: int, checkpoint_every: int) -> None:
     """Test hook (RAYDC_TRAIN_FAULT="step:marker" on the driver): the last rank exits hard
-    after ``step`` on the first attempt only, so restarts can be tested with a real death."""
+    after ``step`` on the first attempt only, so restarts are tested with a real death.
+
+    Ray Train registers a report when its controller next polls the workers; a worker
+    that dies first takes its last report with it. The hook therefore waits (up to 120 s)
+    until the newest checkpoint is in the run's checkpoint snapshot before exiting.
+    """
     fault = config.get("fault")
     if not fault or step != fault["step"] or rank != config["world_hint"] - 1:
         return
     marker = Path(fault["marker"])
     if marker.exists():
         return
+    last = (step // checkpoint_every) * checkpoint_every
+    snapshot = Path(config["run_dir"]) / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 120
+    while last and time.time() < deadline:
+        if snapshot.exists() and f"step_{last:08d}" in snapshot.read_text():
+            break
+        time.sleep(0.5)
     marker.write_text(f"killed rank {rank} after step {step}\n")
     os._exit(1)
 
@@ -452,7 +496,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     while w.step < tc.max_steps:
         w.train_step()
-        _maybe_fault(config, w.step, w.rank)
+        _maybe_fault(config, w.step, w.rank, tc.checkpoint_every)
         if tc.rescore_every and w.step % tc.rescore_every == 0 and w.step < tc.max_steps:
             w.rescore()
         if w.step == tc.max_steps:

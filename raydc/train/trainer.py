@@ -150,6 +150,7 @@ def build_trainer(
         "use_gpu": tc.use_gpu,
         "fault": fault,
         "world_hint": tc.num_workers,
+        "run_dir": str(out / "ray" / RUN_NAME),
     }
     resources = {"CPU": tc.cpus_per_worker}
     if tc.use_gpu:
@@ -170,9 +171,12 @@ def build_trainer(
         ),
         run_config=RunConfig(**run_kwargs),
         datasets=datasets,
-        # preserve_order makes each worker's shard the same on every attempt, so a
+        # Not split by Ray Data: each worker keeps the rows its rank owns by a hash of the
+        # row id (raydc.train.data.owner_rank), the same rows on every attempt, so a
         # restart resumes at the same data position.
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        dataset_config=DataConfig(
+            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
+        ),
     )
 
 

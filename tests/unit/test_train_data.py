@@ -18,6 +18,7 @@ from raydc.train.data import (
     check_student,
     collate,
     is_val_key,
+    owner_rank,
     plan_micro_batches,
     rows_from_table,
     scored_files,
@@ -196,3 +197,12 @@ def test_build_trainer_refuses_another_students_scores(tiny_student, tiny_teache
         build_trainer(cfg, scored, tmp_path / "out")
     rows = rows_from_table(pq.read_table(scored_files(scored)))
     assert len(rows) == 4 and all(r.teacher_logprobs is None for r in rows)
+
+
+def test_owner_rank_is_deterministic_and_balanced():
+    ids = [f"row{i}" for i in range(3000)]
+    ranks = [owner_rank(r, 3) for r in ids]
+    assert ranks == [owner_rank(r, 3) for r in ids]
+    counts = [ranks.count(k) for k in range(3)]
+    assert min(counts) > 900 and set(ranks) == {0, 1, 2}
+    assert {owner_rank(r, 1) for r in ids} == {0}
