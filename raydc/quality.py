@@ -4,11 +4,13 @@ Why this task. A CPU pilot (see the project notes) found no exposure bias on a r
 and showed that what distribution correction changes is *which teacher tokens a student
 learns from*. So the task here has:
 
-- long step-by-step traces (8-14 steps, up to ~90 characters) with a checkable answer: a
-  running sum mod 10 over a list of digits, one step ``+d=r`` per line, then ``#answer``;
+- long step-by-step traces (8-14 steps, up to ~75 response tokens after a ~30-token
+  prompt) with a checkable answer: a running sum mod 10 over a list of letter-labelled
+  digits (``Sa3b9c4:``), one step per line naming the item, its digit and the sum
+  (``c4=6``), then ``#answer``;
 - two trace *styles* that are both correct but incompatible mid-trace: ``forward`` consumes
-  the digits left to right, ``backward`` right to left. A trace that starts in one style
-  and drifts into the other skips or repeats digits, so one slip derails it;
+  the items a, b, c..., ``backward`` the last item first. A trace that starts in one style
+  and drifts into the other skips or repeats items, so one slip derails it;
 - a student with a strong, competent prior of its own: pre-trained on ``forward`` traces of
   shorter lists (3-10 digits) and on a side task (``D``: double each digit mod 10) that the
   teacher traces never show. What it keeps of that prior is measured, not assumed;
@@ -18,7 +20,7 @@ learns from*. So the task here has:
 
 Exposure bias is measured directly: one teacher-forced forward pass over a correct
 reference trace says, per position, whether the student's argmax is a *valid* next token
-(any unconsumed digit, the right sum, the right punctuation). The share of problems whose
+(any unconsumed item's label, its digit, the right sum, the punctuation). The share of problems whose
 every teacher-forced step is valid is what teacher forcing predicts for free generation;
 free greedy generation on the same problems gives the realised accuracy.
 
@@ -36,7 +38,6 @@ import os
 import random
 import re
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +50,10 @@ from raydc.weights import WeightConfig, compute_weights, preset, weight_diagnost
 # ----------------------------------------------------------------------------- tokenizer
 
 PAD, EOS = 0, 1
-CHARS = "0123456789SD:+=#\n"
+LETTERS = "abcdefghijklmn"  # item labels: lists hold up to 14 items
+CHARS = "0123456789SD:=#\n" + LETTERS
 VOCAB = ["<pad>", "<eos>", *CHARS]
-VOCAB_SIZE = 32  # rounded up; ids >= len(VOCAB) never occur in data
+VOCAB_SIZE = 64  # rounded up; ids >= len(VOCAB) never occur in data
 _STOI = {c: i + 2 for i, c in enumerate(CHARS)}
 
 
@@ -83,14 +85,25 @@ STYLES = ("forward", "backward")
 
 @dataclass(frozen=True)
 class Problem:
-    """kind ``S``: running sum mod 10 over ``digits``; kind ``D``: double each digit."""
+    """kind ``S``: running sum mod 10 over ``digits``; kind ``D``: double each digit.
+
+    The prompt labels each item with a letter (``Sa3b9c4:``); a step of the ``S`` trace
+    names the item it consumes, its digit and the running sum (``c4=6``), one per line,
+    then ``#answer``. Looking an item up by its label is easy for a small transformer;
+    *which* label comes next is the trace's state, and that is where styles differ.
+    """
 
     kind: str
     digits: tuple[int, ...]
 
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.digits) <= len(LETTERS):
+            raise ValueError(f"a problem holds 1 to {len(LETTERS)} digits, got {len(self.digits)}")
+
     @property
     def prompt(self) -> str:
-        return f"{self.kind}{''.join(map(str, self.digits))}:"
+        items = "".join(f"{LETTERS[i]}{d}" for i, d in enumerate(self.digits))
+        return f"{self.kind}{items}:"
 
     @property
     def answer(self) -> str:
@@ -99,11 +112,12 @@ class Problem:
         return "".join(str(2 * d % 10) for d in self.digits)
 
 
-def style_order(digits: Sequence[int], style: str) -> list[int]:
+def style_order(n: int, style: str) -> list[int]:
+    """Item indices in the order a style consumes them."""
     if style == "forward":
-        return list(digits)
+        return list(range(n))
     if style == "backward":
-        return list(reversed(digits))
+        return list(range(n - 1, -1, -1))
     raise ValueError(f"style={style!r}: must be one of {STYLES}")
 
 
@@ -112,9 +126,10 @@ def solution(problem: Problem, style: str = "forward") -> str:
     if problem.kind == "D":
         return problem.answer
     lines, r = [], 0
-    for d in style_order(problem.digits, style):
+    for i in style_order(len(problem.digits), style):
+        d = problem.digits[i]
         r = (r + d) % 10
-        lines.append(f"+{d}={r}\n")
+        lines.append(f"{LETTERS[i]}{d}={r}\n")
     return "".join(lines) + f"#{r}"
 
 
@@ -129,13 +144,14 @@ def make_problems(
     ]
 
 
-_STEP = re.compile(r"\+(\d)=(\d)")
+_STEP = re.compile(r"([a-n])(\d)=(\d)")
 
 
 @dataclass
 class Grade:
-    """What a response did. ``valid``: every step consumed an available digit with the
-    right running sum, every digit was consumed once, and the answer is right."""
+    """What a response did. ``valid``: every step names an item not yet consumed, with
+    its digit and the right running sum; every item is consumed once; the answer is
+    right."""
 
     correct: bool  # the final answer is right
     valid: bool
@@ -154,7 +170,7 @@ def grade(problem: Problem, response: str) -> Grade:
     lines = body.split("\n")
     if lines and lines[-1] == "":
         lines = lines[:-1]
-    left = Counter(problem.digits)
+    n = len(problem.digits)
     consumed: list[int] = []
     r, steps_ok = 0, True
     for line in lines:
@@ -162,17 +178,16 @@ def grade(problem: Problem, response: str) -> Grade:
         if not m:
             steps_ok = False
             break
-        d, got = int(m.group(1)), int(m.group(2))
-        if left[d] <= 0 or got != (r + d) % 10:
+        i, d, got = LETTERS.index(m.group(1)), int(m.group(2)), int(m.group(3))
+        if i >= n or i in consumed or problem.digits[i] != d or got != (r + d) % 10:
             steps_ok = False
-        left[d] -= 1
         r = got
-        consumed.append(d)
+        consumed.append(i)
     correct = finished and ans == problem.answer
-    valid = correct and steps_ok and not +left and len(consumed) == len(problem.digits)
-    if consumed == style_order(problem.digits, "forward"):
+    valid = correct and steps_ok and sorted(consumed) == list(range(n))
+    if consumed == style_order(n, "forward"):
         style = "forward"
-    elif consumed == style_order(problem.digits, "backward"):
+    elif consumed == style_order(n, "backward"):
         style = "backward"
     else:
         style = "other"
@@ -181,24 +196,26 @@ def grade(problem: Problem, response: str) -> Grade:
 
 def valid_next_tokens(problem: Problem, response: str) -> list[set[int]]:
     """For each position of ``response + EOS``: the set of token ids that are a valid next
-    token *given the reference prefix before it* (any unconsumed digit, the right sum, the
-    right punctuation). ``response`` must be a correct ``S`` solution in any style."""
+    token *given the reference prefix before it* (any unconsumed item's label, then that
+    item's digit, the right sum, the punctuation). ``response`` must be a correct ``S``
+    solution in any style."""
     if problem.kind != "S":
         raise ValueError("valid_next_tokens is defined for S problems")
-    left = Counter(problem.digits)
+    left = set(range(len(problem.digits)))
     r, out = 0, []
     lines = response.split("\n")
     for line in lines[:-1]:
         m = _STEP.fullmatch(line)
         if not m:
             raise ValueError(f"reference step {line!r} is malformed")
-        d = int(m.group(1))
-        out.append({_STOI["+"]})
-        out.append({_STOI[str(k)] for k, c in left.items() if c > 0})
+        i = LETTERS.index(m.group(1))
+        d = problem.digits[i]
+        out.append({_STOI[LETTERS[k]] for k in left})
+        out.append({_STOI[str(d)]})
         out.append({_STOI["="]})
         out.append({_STOI[str((r + d) % 10)]})
         out.append({_STOI["\n"]})
-        left[d] -= 1
+        left.discard(i)
         r = (r + d) % 10
     if lines[-1] != f"#{r}":
         raise ValueError(f"reference answer {lines[-1]!r} is not #{r}")

@@ -88,7 +88,9 @@ def test_recipe_prepare_stage_runs_on_tiny_models(tiny_student, ray_local, tmp_p
     assert summary["rows_out"] == n
     assert summary["given_teacher_rows"] == n  # the teacher log-probs were carried over
     assert summary["loss_tokens"] > 0
-    out = pq.read_table(summary["paths"]["data"]).to_pylist()
+    from raydc.data.schema import data_files
+
+    out = [r for f in data_files(summary["paths"]["data"]) for r in pq.read_table(f).to_pylist()]
     assert len(out) == n
     row = out[0]
     # The recipe's system prompt is rendered into the prompt (chat template of the

@@ -14,18 +14,21 @@ from raydc.weights import preset
 
 
 def test_encode_decode_roundtrip_and_unknown_character():
-    text = "S0123:+4=4\n#4"
+    text = "Sa0b1:a0=0\nb1=1\n#1"
     assert q.decode(q.encode(text) + [q.EOS, 5, 6]) == text
-    assert q.decode([q.PAD] + q.encode("D12")) == "D12"
+    assert q.decode([q.PAD] + q.encode("Da1b2:")) == "Da1b2:"
     with pytest.raises(ValueError, match="'x'"):
-        q.encode("S1x")
+        q.encode("Sa1x")
 
 
 def test_solution_styles_and_answer():
     p = q.Problem("S", (3, 9, 4))
-    assert q.solution(p, "forward") == "+3=3\n+9=2\n+4=6\n#6"
-    assert q.solution(p, "backward") == "+4=4\n+9=3\n+3=6\n#6"
+    assert p.prompt == "Sa3b9c4:"
+    assert q.solution(p, "forward") == "a3=3\nb9=2\nc4=6\n#6"
+    assert q.solution(p, "backward") == "c4=4\nb9=3\na3=6\n#6"
     assert p.answer == "6"
+    with pytest.raises(ValueError, match="1 to 14"):
+        q.Problem("S", tuple(range(10)) * 2)
     assert q.Problem("D", (3, 9, 4)).answer == "688"
     with pytest.raises(ValueError, match="style"):
         q.solution(p, "sideways")
@@ -44,22 +47,26 @@ def test_correct_solutions_grade_valid(style):
 
 def test_grade_catches_each_kind_of_slip():
     p = q.Problem("S", (3, 9, 4))
-    skipped = "+3=3\n+4=7\n#7"  # a digit never consumed: the answer is wrong too
+    skipped = "a3=3\nc4=7\n#7"  # an item never consumed: the answer is wrong too
     assert not q.grade(p, skipped).valid and not q.grade(p, skipped).correct
-    repeated = "+3=3\n+3=6\n+4=0\n#0"  # 3 used twice, 9 never
+    repeated = "a3=3\na3=6\nc4=0\n#0"  # a twice, b never
     g = q.grade(p, repeated)
     assert not g.valid and g.style == "other"
-    bad_sum = "+3=3\n+9=3\n+4=7\n#6"  # wrong running sum, right answer by luck
+    bad_sum = "a3=3\nb9=3\nc4=7\n#6"  # wrong running sum, right answer by luck
     g = q.grade(p, bad_sum)
     assert g.correct and not g.valid
-    mixed = "+3=3\n+4=7\n+9=6\n#6"  # forward start, backward drift: all consumed once
+    wrong_digit = "a3=3\nb8=1\nc4=5\n#6"
+    assert not q.grade(p, wrong_digit).valid
+    no_such_item = "a3=3\nb9=2\nc4=6\nd1=7\n#6"
+    assert not q.grade(p, no_such_item).valid
+    mixed = "a3=3\nc4=7\nb9=6\n#6"  # forward start, backward drift: all consumed once
     g = q.grade(p, mixed)
     assert g.valid and g.style == "other"
-    unfinished = "+3=3\n+9=2\n"
+    unfinished = "a3=3\nb9=2\n"
     g = q.grade(p, unfinished)
     assert not g.finished and not g.valid
-    assert not q.grade(p, "+3=3\n+9=2\n+4=6\n#66").finished
-    assert not q.grade(p, "+3=3\nxx\n#6").valid
+    assert not q.grade(p, "a3=3\nb9=2\nc4=6\n#66").finished
+    assert not q.grade(p, "a3=3\nxx\n#6").valid
 
 
 def test_grade_side_task():
@@ -79,16 +86,16 @@ def test_valid_next_tokens_contains_reference_and_exactly_the_remaining_digits()
             assert all(t in s for t, s in zip(ids, allowed))
     p = q.Problem("S", (5, 5, 2))
     allowed = q.valid_next_tokens(p, q.solution(p, "forward"))
-    digit = lambda *ds: {q.encode(str(d))[0] for d in ds}  # noqa: E731
-    assert allowed[1] == digit(5, 2)
-    assert allowed[6] == digit(5, 2)  # one 5 consumed, one left
-    assert allowed[11] == digit(2)
-    assert allowed[3] == digit(5) and allowed[8] == digit(0)
+    ids = lambda *cs: {q.encode(str(c))[0] for c in cs}  # noqa: E731
+    assert allowed[0] == ids("a", "b", "c")
+    assert allowed[5] == ids("b", "c")  # a consumed
+    assert allowed[10] == ids("c")
+    assert allowed[1] == ids(5) and allowed[3] == ids(5) and allowed[8] == ids(0)
 
 
 def test_build_trace_set_masks_and_alignment():
-    prompts = [q.encode("S12:"), q.encode("S345:")]
-    responses = [q.encode("+1=1\n+2=3\n#3") + [q.EOS], q.encode("+3=3\n")]
+    prompts = [q.encode("Sa1:"), q.encode("Sa3b4:")]
+    responses = [q.encode("a1=1\nb2=3\n#3") + [q.EOS], q.encode("a3=3\n")]
     lps = [[-0.1 * (j + 1) for j in range(len(r))] for r in responses]
     ts = q.build_trace_set(prompts, responses, lps, prompt_ids=[7, 8])
     assert ts.ids_BL.shape == (2, 4 + 13)
@@ -127,7 +134,7 @@ def test_generate_with_cache_and_left_padding_matches_naive_decoding():
             if p.dim() == 2:
                 p.normal_(0, 0.3)
     model.eval()
-    prompts = [q.encode("S1:"), q.encode("S12345678:"), q.encode("D99:")]
+    prompts = [q.encode("Sa1:"), q.encode("Sa1b2c3d4e5f6g7h8:"), q.encode("Da9b9:")]
     got = q.generate(model, prompts, 12)
     with torch.no_grad():
         want = [_naive_greedy(model, p, 12) for p in prompts]
@@ -216,3 +223,21 @@ def test_load_monitor_samples_the_machine():
     assert s["samples"] >= 2
     assert s["ours_cores_mean"] >= 0 and s["foreign_cores_mean"] >= 0
     assert isinstance(s["contended"], bool)
+
+
+def test_evaluate_reports_every_figure_in_range():
+    model = q.build_model((64, 1, 1, 1, 64), seed=0)
+    probs = q.make_problems(4, random.Random(0), (2, 3))
+    side = q.make_problems(2, random.Random(1), (2, 3), "D")
+    res = q.evaluate(model, probs, side, seed=0, max_digits=3)
+    for key in ("greedy", "sampled"):
+        fg = res[key]
+        assert fg["n"] == 4 and fg["accuracy"] + fg["derailed"] == 1.0
+        assert math.isclose(fg["forward_share"] + fg["backward_share"] + fg["other_share"], 1.0)
+    assert 0 <= res["side_accuracy"] <= 1
+    assert set(res["teacher_forced_forward"]) == set(res["teacher_forced"])
+    best = max(
+        r["predicted_accuracy"] for r in (res["teacher_forced"], res["teacher_forced_forward"])
+    )
+    assert res["tf_predicted_best"] == best
+    assert math.isclose(res["exposure_gap"], best - res["greedy"]["accuracy"])
