@@ -7,14 +7,28 @@ Importing this package starts nothing: Ray and DeepSpeed load when these are cal
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING, Any
 
-def run_train(cfg, scored_dir, out_dir) -> dict:
+if TYPE_CHECKING:
+    from ray.train.torch import TorchTrainer
+
+    from raydc.config import RaydcConfig
+
+
+def run_train(cfg: RaydcConfig, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
     from raydc.train.trainer import run_train as _run
 
     return _run(cfg, scored_dir, out_dir)
 
 
-def build_trainer(cfg, scored_dir, out_dir, extra_callbacks=None, run_config_overrides=None):
+def build_trainer(
+    cfg: RaydcConfig,
+    scored_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    extra_callbacks: list | None = None,
+    run_config_overrides: dict[str, Any] | None = None,
+) -> TorchTrainer:
     from raydc.train.trainer import build_trainer as _build
 
     return _build(cfg, scored_dir, out_dir, extra_callbacks, run_config_overrides)
