@@ -129,7 +129,7 @@ class LocalHead:
     def submit(self, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
         """``ray job submit --address <this head> ARGS``, retried while the job agent
         that accepts submissions is still starting (the dashboard answers before it)."""
-        deadline = time.time() + 300  # the agent can take minutes on a loaded machine
+        deadline = time.time() + 480  # the agent can take minutes on a loaded machine
         while True:
             r = self.run(
                 ["ray", "job", "submit", "--address", self.dashboard_url, *args], timeout=timeout
