@@ -56,10 +56,10 @@ TUNE_SPACE = {
 
 FULL = dict(
     teacher_pool=20000,
-    teacher_steps=800,
+    teacher_steps=1800,
     teacher_backward_share=0.7,
     student_pool=20000,
-    student_steps=600,
+    student_steps=1500,
     pretrain_lr=2e-3,
     pretrain_batch=32,
     side_share=0.2,
@@ -160,7 +160,34 @@ def main() -> None:
     torch.save({"eval": eval_problems, "val": val_problems, "side": side_problems}, problems_path)
     max_digits = TEACHER_LENGTHS[1]
 
-    # 2. The teacher ------------------------------------------------------------------------
+    # 2-3. The teacher (here) and the student's own prior (in a worker) train side by side,
+    # one core each. A student pre-trained by an earlier invocation (student_state.json,
+    # written by pretrain_student_job) is reused.
+    ctx = mp.get_context("spawn")
+    workers = ctx.Pool(args.workers, initializer=q.worker_init, initargs=(1,))
+    student_dir = str(out / "models" / "student_init")
+    student_file = out / "student_state.json"
+    if "student" not in state and student_file.exists():
+        save_state(student=json.loads(student_file.read_text()))
+    student_async = None
+    if "student" not in state:
+        student_async = workers.apply_async(
+            q.pretrain_student_job,
+            (
+                dict(
+                    dir=student_dir,
+                    seed=args.seed,
+                    pool=P["student_pool"],
+                    lengths=list(STUDENT_LENGTHS),
+                    side_share=P["side_share"],
+                    steps=P["student_steps"],
+                    batch_size=P["pretrain_batch"],
+                    lr=P["pretrain_lr"],
+                    problems=str(problems_path),
+                    eval_lengths_max=max_digits,
+                ),
+            ),
+        )
     teacher_dir = str(out / "models" / "teacher")
     if "teacher" not in state:
         t0 = time.time()
@@ -184,35 +211,8 @@ def main() -> None:
         f"backward share (sampled) {ev['sampled']['backward_share']:.2f}"
     )
 
-    # 3. The student's own prior ----------------------------------------------------------
-    student_dir = str(out / "models" / "student_init")
-    if "student" not in state:
-        t0 = time.time()
-        pool = q.make_problems(P["student_pool"], rng, STUDENT_LENGTHS)
-        pool = [q.Problem("D", p.digits) if rng.random() < P["side_share"] else p for p in pool]
-        student = q.build_model(q.STUDENT_SIZE, seed=args.seed + 1)
-        spec = q.TrainSpec(
-            P["student_steps"],
-            P["pretrain_batch"],
-            P["pretrain_lr"],
-            seed=args.seed + 1,
-            decay=True,
-        )
-        info = q.train(
-            student, q.examples_to_trace_set(pool, ["forward"] * len(pool)), spec, log=log
-        )
-        q.save_model(student, student_dir)
-        short = q.make_problems(P["eval_n"], random.Random(10_005), STUDENT_LENGTHS)
-        save_state(
-            student={
-                "train": info,
-                "eval": q.evaluate(student, eval_problems, side_problems, args.seed, max_digits),
-                "own_lengths": q.evaluate(
-                    student, short, side_problems, args.seed, STUDENT_LENGTHS[1], "forward"
-                ),
-                "wall_s": time.time() - t0,
-            }
-        )
+    if student_async is not None:
+        save_state(student=student_async.get())
     student = q.load_model(student_dir)
     st = state["student"]
     log(
@@ -297,8 +297,6 @@ def main() -> None:
         student_ref=args.student_ref,
         max_digits=max_digits,
     )
-    ctx = mp.get_context("spawn")
-    workers = ctx.Pool(args.workers, initializer=q.worker_init, initargs=(1,))
 
     # 6. The tune arm: a small search on the validation split --------------------------------
     # In-process random search over TUNE_SPACE (validated as a raydc TuneConfig), one seed
@@ -400,7 +398,15 @@ def main() -> None:
     workers.join()
     timings["arms_s"] = time.time() - t0
     records = [json.loads(line) for line in records_path.read_text().splitlines()]
-    records = [r for r in records if r["budget"] in budgets and r["arm"] in arms]
+    # Only the requested seeds, arms and budgets (a resumed run may hold more).
+    records = [
+        r
+        for r in records
+        if r["budget"] in budgets
+        and r["arm"] in arms
+        and r["traces"] in trace_names
+        and r["seed"] < args.seeds
+    ]
 
     # 8. The report -------------------------------------------------------------------------
     timings["total_s"] = time.time() - t_start

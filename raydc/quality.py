@@ -229,7 +229,7 @@ def valid_next_tokens(problem: Problem, response: str) -> list[set[int]]:
 
 # (hidden, layers, heads, kv heads, intermediate); head_dim = hidden / heads = 64.
 TEACHER_SIZE = (192, 3, 3, 1, 512)
-STUDENT_SIZE = (128, 2, 2, 1, 256)
+STUDENT_SIZE = (128, 3, 2, 1, 256)
 
 
 def build_model(sizes: tuple[int, int, int, int, int], seed: int, max_len: int = 256):
@@ -1048,3 +1048,30 @@ def plot(rows: Sequence[dict], arms_order: Sequence[str], path: str | os.PathLik
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def pretrain_student_job(job: dict) -> dict:
+    """The student's own prior (runs in a worker, beside the teacher's training): forward
+    traces of shorter lists plus the side task, then its evaluation. Saves the model to
+    job["dir"] and returns its training info and evaluations. Job keys: dir, seed, pool,
+    lengths, side_share, steps, batch_size, lr, problems (path), eval_lengths_max."""
+    t0 = time.time()
+    rng = random.Random(job["seed"] + 1)
+    pool = make_problems(job["pool"], rng, tuple(job["lengths"]))
+    pool = [Problem("D", p.digits) if rng.random() < job["side_share"] else p for p in pool]
+    student = build_model(STUDENT_SIZE, seed=job["seed"] + 1)
+    spec = TrainSpec(job["steps"], job["batch_size"], job["lr"], seed=job["seed"] + 1, decay=True)
+    info = train(student, examples_to_trace_set(pool, ["forward"] * len(pool)), spec)
+    save_model(student, job["dir"])
+    problems = torch.load(job["problems"], weights_only=False)
+    short = make_problems(len(problems["eval"]), random.Random(10_005), tuple(job["lengths"]))
+    return {
+        "train": info,
+        "eval": evaluate(
+            student, problems["eval"], problems["side"], job["seed"], job["eval_lengths_max"]
+        ),
+        "own_lengths": evaluate(
+            student, short, problems["side"], job["seed"], job["lengths"][1], "forward"
+        ),
+        "wall_s": time.time() - t0,
+    }
