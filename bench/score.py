@@ -294,9 +294,10 @@ def run_arm(arm: str, model: str, work: str, rows: int, max_len: int) -> dict:
     busy = (_busy_jiffies() - busy0) / hz
     ncpu = os.cpu_count() or 1
     foreign = max(0.0, busy - sum(ours.values())) / (wall * ncpu)
-    if proc.returncode != 0:
+    result = Path(work) / f"result-{arm}.json"
+    if proc.returncode != 0 or not result.exists():
         return {"arm": arm, "error": err[-3000:]}
-    res = json.loads(out.strip().splitlines()[-1])
+    res = json.loads(result.read_text())
     res.update(
         arm=arm,
         peak_rss_mib=round(peak[0] / 2**20),
@@ -329,7 +330,8 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if a.child:
         res = globals()[f"arm_{a.child}"](a)
-        print(json.dumps(res))
+        # A file, not stdout: engines print their own lines there on shutdown.
+        (Path(a.work) / f"result-{a.child}.json").write_text(json.dumps(res))
         return
 
     from raydc.models import build_tiny_model
