@@ -47,6 +47,17 @@ class LocalHead:
         self.tmp = Path(tempfile.mkdtemp(prefix="rdc-"))  # short: Ray's socket paths
         self.port = _free_port()
         self.dashboard_port = _free_port()
+        # Every port a head binds, not just the GCS and dashboard ones: a Ray started
+        # earlier in the same session (the suite's in-process ``ray.init``) holds the
+        # default agent ports (52365...), and a second head's agent then cannot start, so
+        # ``ray job submit`` answers "No available agent" for ever.
+        self.agent_ports = {
+            "--dashboard-agent-listen-port": _free_port(),
+            "--dashboard-agent-grpc-port": _free_port(),
+            "--runtime-env-agent-port": _free_port(),
+            "--metrics-export-port": _free_port(),
+            "--ray-client-server-port": _free_port(),
+        }
         self.num_cpus = num_cpus
         self.autoscaling_config = autoscaling_config
         token_file = self.tmp / "auth_token"
@@ -84,6 +95,7 @@ class LocalHead:
             f"--num-cpus={self.num_cpus}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}",
+            *(f"{flag}={port}" for flag, port in self.agent_ports.items()),
             f"--temp-dir={self.tmp / 'ray'}",
             "--disable-usage-stats",
         ]
@@ -129,7 +141,7 @@ class LocalHead:
     def submit(self, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
         """``ray job submit --address <this head> ARGS``, retried while the job agent
         that accepts submissions is still starting (the dashboard answers before it)."""
-        deadline = time.time() + 480  # the agent can take minutes on a loaded machine
+        deadline = time.time() + 300  # the agent can take minutes on a loaded machine
         while True:
             r = self.run(
                 ["ray", "job", "submit", "--address", self.dashboard_url, *args], timeout=timeout
