@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -586,62 +587,67 @@ def _weight_diagnostics(files: list[str], wcfg) -> dict:
 # ----------------------------------------------------------------------------- select
 
 
-def select_group(batch: pa.Table, threshold: float, top_k: int, parts_dir: str) -> pa.Table:
-    """One prompt's candidates (a Ray Data group): keep the top-k by DASD score."""
+def dasd_batch_scores(batch: pa.Table, threshold: float) -> pa.Table:
+    """(row_id, prompt_id, score) for a batch of scored rows: each row's DASD score, the
+    share of its sentences with delta > ``threshold``. Rows are scored independently."""
     import torch
 
-    from raydc.select import divergence_scores, select_top_k
+    from raydc.select import divergence_scores
 
-    if batch.num_rows == 0:
-        return batch
-    rows = batch.to_pylist()
+    rows = batch.select(
+        ["row_id", "prompt_id", "student_logprobs", "teacher_logprobs", "sentence_ids", "loss_mask"]
+    ).to_pylist()
     missing = [r["row_id"] for r in rows if r["teacher_logprobs"] is None]
     if missing:
         raise ScoreError(
             f"selection needs teacher log-probs; rows {missing[:5]} have none (set "
             "score.teacher or give them in the data)"
         )
-    T = max(len(r["input_ids"]) for r in rows)
-    B = len(rows)
+    B, T = len(rows), max((len(r["loss_mask"]) for r in rows), default=0)
     s, t = torch.zeros(B, T, dtype=torch.float64), torch.zeros(B, T, dtype=torch.float64)
     sid, m = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.bool)
     for b, r in enumerate(rows):
-        n = len(r["input_ids"])
+        n = len(r["loss_mask"])
         s[b, :n] = torch.tensor(r["student_logprobs"], dtype=torch.float64)
         t[b, :n] = torch.tensor(r["teacher_logprobs"], dtype=torch.float64)
         sid[b, :n] = torch.tensor(r["sentence_ids"])
         m[b, :n] = torch.tensor(r["loss_mask"])
-    scores = divergence_scores(s, t, sid, m, threshold).tolist()
-    keep = select_top_k([r["prompt_id"] for r in rows], scores, top_k)
-    dropped = [
+    scores = divergence_scores(s, t, sid, m, threshold).tolist() if B else []
+    return pa.table(
         {
-            "row_id": rows[i]["row_id"],
-            "field": "teacher_logprobs",
-            "reason": f"not_selected: DASD score {scores[i]:.4f} outside the top {top_k} of "
-            f"prompt {rows[i]['prompt_id']}",
+            "row_id": pa.array([r["row_id"] for r in rows], pa.string()),
+            "prompt_id": pa.array([r["prompt_id"] for r in rows], pa.string()),
+            "score": pa.array(scores, pa.float64()),
         }
-        for i in range(B)
-        if i not in set(keep)
-    ]
-    stats = {
-        "rows_in": B,
-        "rows_out": len(keep),
-        "rows_rejected": len(dropped),
-        "score_sum_kept": float(sum(scores[i] for i in keep)),
-        "score_sum_all": float(sum(scores)),
-    }
-    write_parts(parts_dir, batch_key([r["row_id"] for r in rows]), "select", dropped, stats)
-    return batch.take(keep)
+    )
+
+
+def _natural_key(text: str) -> tuple:
+    """Sort key that orders "p-2" before "p-10" (row ids carry line numbers)."""
+    return tuple(int(x) if x.isdigit() else x for x in re.split(r"(\d+)", text))
+
+
+def keep_rows(batch: pa.Table, kept) -> pa.Table:
+    """The rows of ``batch`` whose row_id is in ``kept`` (a pyarrow string array)."""
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.is_in(batch.column("row_id"), value_set=kept))
 
 
 def run_select(cfg, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
     """DASD divergence-aware selection on scored rows: per prompt, keep the top
     ``cfg.select.top_k`` candidates by the share of sentences with delta >
     ``cfg.select.threshold``. Writes the kept rows (scored schema), ``rejects.parquet``
-    (the rows not selected, reason ``not_selected``) and a manifest; returns the summary."""
+    (the rows not selected, reason ``not_selected``) and a manifest; returns the summary.
+
+    No shuffle: a first pass scores every row where it lies and brings back only
+    (row_id, prompt_id, score); the top-k is taken on the driver (a few dozen bytes a row);
+    a second pass writes the kept rows. Ties go to the row id that sorts first.
+    """
     import ray
 
     from raydc.data.ingest import ensure_ray
+    from raydc.select import select_top_k
 
     t0 = time.time()
     files = data_files(scored_dir)
@@ -651,31 +657,68 @@ def run_select(cfg, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -
     ensure_ray(cfg)
     out = prepare_out_dir(out_dir)
     sel = cfg.select
-    ds = ray.data.read_parquet(files, num_cpus=LIGHT_CPUS)
-    ds = ds.groupby("prompt_id").map_groups(
-        select_group,
+    top_k = int(sel.top_k)
+    columns = ["row_id", "prompt_id", "student_logprobs", "teacher_logprobs"]
+    columns += ["sentence_ids", "loss_mask"]
+    scored = ray.data.read_parquet(files, columns=columns, num_cpus=LIGHT_CPUS).map_batches(
+        dasd_batch_scores,
         batch_format="pyarrow",
         num_cpus=LIGHT_CPUS,
-        fn_kwargs=dict(
-            threshold=float(sel.threshold), top_k=int(sel.top_k), parts_dir=str(out / PARTS_DIR)
-        ),
+        fn_kwargs=dict(threshold=float(sel.threshold)),
     )
-    ds.write_parquet(str(out), ray_remote_args={"num_cpus": LIGHT_CPUS})
-    totals, rejects = collect_parts(out, "select")
+    tables = [t for t in ray.get(scored.to_arrow_refs()) if t.num_rows]
+    table = pa.concat_tables(tables) if tables else None
+    records = table.to_pylist() if table is not None else []
+    seen: set = set()
+    for r in records:
+        if r["row_id"] in seen:
+            raise ScoreError(
+                f"selection needs unique row ids; row_id {r['row_id']!r} appears more than once "
+                "(check data.id_key)"
+            )
+        seen.add(r["row_id"])
+    records.sort(key=lambda r: (str(r["prompt_id"]), _natural_key(r["row_id"])))
+    keep = set(
+        select_top_k([r["prompt_id"] for r in records], [r["score"] for r in records], top_k)
+    )
+    kept_ids = pa.array([records[i]["row_id"] for i in sorted(keep)], pa.string())
+    dropped = pa.table(
+        {
+            "row_id": pa.array(
+                [r["row_id"] for i, r in enumerate(records) if i not in keep], pa.string()
+            ),
+            "stage": pa.array(["select"] * (len(records) - len(keep)), pa.string()),
+            "field": pa.array(["teacher_logprobs"] * (len(records) - len(keep)), pa.string()),
+            "reason": pa.array(
+                [
+                    f"not_selected: DASD score {r['score']:.4f} outside the top {top_k} of "
+                    f"prompt {r['prompt_id']}"
+                    for i, r in enumerate(records)
+                    if i not in keep
+                ],
+                pa.string(),
+            ),
+        }
+    )
+    ray.data.read_parquet(files, num_cpus=LIGHT_CPUS).map_batches(
+        keep_rows, batch_format="pyarrow", num_cpus=LIGHT_CPUS, fn_kwargs=dict(kept=kept_ids)
+    ).write_parquet(str(out), ray_remote_args={"num_cpus": LIGHT_CPUS})
+    _, rejects = collect_parts(out, "select", extra_rejects=dropped)
     rows_out = count_rows(data_files(out))
+    score_kept = sum(records[i]["score"] for i in keep)
     summary = {
         "stage": "select",
-        "rows_in": int(totals.get("rows_in", 0)),
+        "rows_in": len(records),
         "rows_out": rows_out,
         "rows_rejected": rejects.num_rows,
-        "mean_score_kept": totals.get("score_sum_kept", 0.0) / max(1, rows_out),
-        "mean_score_all": totals.get("score_sum_all", 0.0) / max(1, totals.get("rows_in", 0)),
+        "mean_score_kept": score_kept / max(1, rows_out),
+        "mean_score_all": sum(r["score"] for r in records) / max(1, len(records)),
         "seconds": round(time.time() - t0, 3),
     }
     n_scored = count_rows(files)
-    if summary["rows_in"] != n_scored or n_scored != rows_out + rejects.num_rows:
+    if len(records) != n_scored or n_scored != rows_out + rejects.num_rows:
         raise ScoreError(
-            f"select lost rows: {n_scored} scored, {summary['rows_in']} seen, {rows_out} kept "
+            f"select lost rows: {n_scored} scored, {len(records)} seen, {rows_out} kept "
             f"+ {rejects.num_rows} not selected (a bug; please report)"
         )
     manifest = json.loads(src_manifest.read_text())

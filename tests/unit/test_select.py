@@ -79,3 +79,57 @@ def test_align_by_char_spans_hand_checked():
     assert align_by_char_spans(src, vals, [(6, 8), (3, 3)]) == [None, None]
     with pytest.raises(ValueError, match="source values"):
         align_by_char_spans(src, vals[:2], dst)
+
+
+def test_stage_batch_scores_match_the_padded_computation_on_ragged_rows():
+    """The select stage scores each batch of ragged Parquet rows; the result must equal
+    divergence_scores on hand-padded tensors, row by row, whatever the batch holds."""
+    import pyarrow as pa
+
+    from raydc.scoring.stage import ScoreError, dasd_batch_scores
+
+    rows = [
+        dict(
+            row_id="p-1",
+            prompt_id="p",
+            student_logprobs=[0.0, -1.0, -2.0],
+            teacher_logprobs=[0.0, -0.5, -3.0],
+            sentence_ids=[0, 0, 1],
+            loss_mask=[False, True, True],
+        ),
+        dict(
+            row_id="p-2",
+            prompt_id="p",
+            student_logprobs=[0.0, -1.0, -1.0, -1.0, -1.0],
+            teacher_logprobs=[0.0, -0.1, -0.1, -0.1, -0.1],
+            sentence_ids=[0, 0, 1, 1, 2],
+            loss_mask=[False, True, True, True, True],
+        ),
+    ]
+    out = dasd_batch_scores(pa.Table.from_pylist(rows), threshold=0.0)
+    assert out.column_names == ["row_id", "prompt_id", "score"]
+    assert out.column("row_id").to_pylist() == ["p-1", "p-2"]
+    assert out.column("score").to_pylist() == pytest.approx([0.5, 1.0])
+    alone = dasd_batch_scores(pa.Table.from_pylist(rows[:1]), threshold=0.0)
+    assert alone.column("score").to_pylist() == pytest.approx([0.5])
+
+    rows[1]["teacher_logprobs"] = None
+    with pytest.raises(ScoreError, match="p-2"):
+        dasd_batch_scores(pa.Table.from_pylist(rows), threshold=0.0)
+
+
+def test_stage_keeps_rows_by_id_and_orders_ids_naturally():
+    import pyarrow as pa
+
+    from raydc.scoring.stage import _natural_key, keep_rows
+
+    batch = pa.table({"row_id": ["a", "b", "c"], "x": [1, 2, 3]})
+    kept = keep_rows(batch, pa.array(["c", "a", "zz"]))
+    assert kept.column("x").to_pylist() == [1, 3]
+    ids = ["t.jsonl:10#1", "t.jsonl:2#0", "t.jsonl:2#1", "t.jsonl:10#0"]
+    assert sorted(ids, key=_natural_key) == [
+        "t.jsonl:2#0",
+        "t.jsonl:2#1",
+        "t.jsonl:10#0",
+        "t.jsonl:10#1",
+    ]
