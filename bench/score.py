@@ -39,15 +39,25 @@ ARMS = ("raydc", "raydc_actor", "raydata_llm", "vllm", "hf")
 
 
 def engine_settings(max_len: int) -> dict:
+    # --batch-size and --cpus-per-engine reach the child processes through the environment.
     return dict(
         dtype="float32",
         max_model_len=max_len,
         max_num_batched_tokens=4096,
         gpu_memory_utilization=0.1,
         enforce_eager=True,
-        batch_size=32,
-        cpus_per_engine=1.0,
+        batch_size=int(os.environ.get("RAYDC_BENCH_BATCH_SIZE", "32")),
+        cpus_per_engine=float(os.environ.get("RAYDC_BENCH_CPUS_PER_ENGINE", "1")),
     )
+
+
+def ray_init() -> None:
+    """A local cluster with room for the engine actor *and* the read and write tasks beside
+    it: with an engine of 2 CPUs on a 2-CPU cluster, nothing else could be scheduled."""
+    import ray
+
+    cpus = max(2, int(engine_settings(0)["cpus_per_engine"]) + 1)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
 
 
 # ----------------------------------------------------------------------------- arms
@@ -89,12 +99,11 @@ def _ids(a):
 
 
 def arm_raydc(a) -> dict:
-    import ray
 
     from raydc.config import from_dict
     from raydc.scoring.stage import run_score
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray_init()
     cfg = from_dict(
         {
             "score": {"student": a.model, "backend": "vllm", **engine_settings(a.max_len)},
@@ -120,7 +129,7 @@ def arm_raydc_actor(a) -> dict:
     from raydc.config import ScoreConfig
     from raydc.scoring.stage import StudentScorer, _engine_args
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray_init()
     scfg = ScoreConfig(student=a.model, backend="vllm", **engine_settings(a.max_len))
     import dataclasses
 
@@ -147,7 +156,7 @@ def arm_raydata_llm(a) -> dict:
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray_init()
     s = engine_settings(a.max_len)
     config = vLLMEngineProcessorConfig(
         model_source=a.model,
@@ -164,7 +173,7 @@ def arm_raydata_llm(a) -> dict:
         chat_template_stage=False,
         tokenize_stage=False,
         detokenize_stage=False,
-        placement_group_config={"bundles": [{"CPU": 1}]},
+        placement_group_config={"bundles": [{"CPU": s["cpus_per_engine"]}]},
         log_engine_metrics=False,
     )
 
@@ -320,6 +329,13 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--batch-size", type=int, default=32, help="rows per engine call")
+    ap.add_argument(
+        "--cpus-per-engine",
+        type=float,
+        default=1.0,
+        help="Ray CPUs of each engine actor (Ray sets its OMP threads to this)",
+    )
     ap.add_argument("--child", default=None)
     ap.add_argument("--model", default=None)
     ap.add_argument("--work", default=None)
@@ -328,6 +344,9 @@ def main() -> None:
 
     offline_env()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not a.child:
+        os.environ["RAYDC_BENCH_BATCH_SIZE"] = str(a.batch_size)
+        os.environ["RAYDC_BENCH_CPUS_PER_ENGINE"] = str(a.cpus_per_engine)
     if a.child:
         res = globals()[f"arm_{a.child}"](a)
         # A file, not stdout: engines print their own lines there on shutdown.
