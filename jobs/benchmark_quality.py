@@ -59,7 +59,11 @@ FULL = dict(
     teacher_steps=1800,
     teacher_backward_share=0.7,
     student_pool=20000,
-    student_steps=1500,
+    student_steps=2000,
+    # The student's pre-training: at lr 2e-3 and batch 32 it sat on a loss plateau for
+    # 4,000 steps (11% greedy on its own task); at 3e-3 and 64 it reached 99% in 500.
+    student_lr=3e-3,
+    student_batch=64,
     pretrain_lr=2e-3,
     pretrain_batch=32,
     side_share=0.2,
@@ -181,8 +185,8 @@ def main() -> None:
                     lengths=list(STUDENT_LENGTHS),
                     side_share=P["side_share"],
                     steps=P["student_steps"],
-                    batch_size=P["pretrain_batch"],
-                    lr=P["pretrain_lr"],
+                    batch_size=P["student_batch"],
+                    lr=P["student_lr"],
                     problems=str(problems_path),
                     eval_lengths_max=max_digits,
                 ),

@@ -85,7 +85,8 @@ STYLES = ("forward", "backward")
 
 @dataclass(frozen=True)
 class Problem:
-    """kind ``S``: running sum mod 10 over ``digits``; kind ``D``: double each digit.
+    """kind ``S``: running sum mod 10 over ``digits``; kind ``D``: double each digit (mod
+    10), each after its label.
 
     The prompt labels each item with a letter (``Sa3b9c4:``); a step of the ``S`` trace
     names the item it consumes, its digit and the running sum (``c4=6``), one per line,
@@ -109,7 +110,8 @@ class Problem:
     def answer(self) -> str:
         if self.kind == "S":
             return str(sum(self.digits) % 10)
-        return "".join(str(2 * d % 10) for d in self.digits)
+        # Labelled like the prompt (``a6b8c8``): a look-up by label, as in the ``S`` trace.
+        return "".join(f"{LETTERS[i]}{2 * d % 10}" for i, d in enumerate(self.digits))
 
 
 def style_order(n: int, style: str) -> list[int]:
