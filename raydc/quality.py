@@ -110,8 +110,9 @@ class Problem:
     def answer(self) -> str:
         if self.kind == "S":
             return str(sum(self.digits) % 10)
-        # Labelled like the prompt (``a6b8c8``): a look-up by label, as in the ``S`` trace.
-        return "".join(f"{LETTERS[i]}{2 * d % 10}" for i, d in enumerate(self.digits))
+        # Labelled like the prompt, after a mark (``=a6b8c8``): a look-up by label as in
+        # the ``S`` trace, and distinct from it from the first token on.
+        return "=" + "".join(f"{LETTERS[i]}{2 * d % 10}" for i, d in enumerate(self.digits))
 
 
 def style_order(n: int, style: str) -> list[int]:

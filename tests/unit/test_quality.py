@@ -29,7 +29,7 @@ def test_solution_styles_and_answer():
     assert p.answer == "6"
     with pytest.raises(ValueError, match="1 to 14"):
         q.Problem("S", tuple(range(10)) * 2)
-    assert q.Problem("D", (3, 9, 4)).answer == "a6b8c8"
+    assert q.Problem("D", (3, 9, 4)).answer == "=a6b8c8"
     with pytest.raises(ValueError, match="style"):
         q.solution(p, "sideways")
 
@@ -71,9 +71,9 @@ def test_grade_catches_each_kind_of_slip():
 
 def test_grade_side_task():
     p = q.Problem("D", (3, 9, 4))
-    assert q.grade(p, "a6b8c8").valid
-    assert not q.grade(p, "a6b8c9").valid
-    assert not q.grade(p, "688").valid
+    assert q.grade(p, "=a6b8c8").valid
+    assert not q.grade(p, "=a6b8c9").valid
+    assert not q.grade(p, "688").valid and not q.grade(p, "a6b8c8").valid
 
 
 def test_valid_next_tokens_contains_reference_and_exactly_the_remaining_digits():
