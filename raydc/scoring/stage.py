@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from raydc.data.schema import (
     PARTS_DIR,
+    REJECTS_SCHEMA,
     SCORED_SCHEMA,
     batch_key,
     collect_parts,
@@ -682,23 +683,19 @@ def run_select(cfg, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -
         select_top_k([r["prompt_id"] for r in records], [r["score"] for r in records], top_k)
     )
     kept_ids = pa.array([records[i]["row_id"] for i in sorted(keep)], pa.string())
-    dropped = pa.table(
-        {
-            "row_id": pa.array(
-                [r["row_id"] for i, r in enumerate(records) if i not in keep], pa.string()
-            ),
-            "stage": pa.array(["select"] * (len(records) - len(keep)), pa.string()),
-            "field": pa.array(["teacher_logprobs"] * (len(records) - len(keep)), pa.string()),
-            "reason": pa.array(
-                [
-                    f"not_selected: DASD score {r['score']:.4f} outside the top {top_k} of "
-                    f"prompt {r['prompt_id']}"
-                    for i, r in enumerate(records)
-                    if i not in keep
-                ],
-                pa.string(),
-            ),
-        }
+    not_kept = [r for i, r in enumerate(records) if i not in keep]
+    dropped = pa.Table.from_pylist(
+        [
+            {
+                "row_id": r["row_id"],
+                "stage": "select",
+                "field": "teacher_logprobs",
+                "reason": f"not_selected: DASD score {r['score']:.4f} outside the top {top_k} "
+                f"of prompt {r['prompt_id']}",
+            }
+            for r in not_kept
+        ],
+        schema=REJECTS_SCHEMA,
     )
     ray.data.read_parquet(files, num_cpus=LIGHT_CPUS).map_batches(
         keep_rows, batch_format="pyarrow", num_cpus=LIGHT_CPUS, fn_kwargs=dict(kept=kept_ids)
