@@ -100,7 +100,7 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/quality")
     ap.add_argument("--seeds", type=int, default=8, help="seeds per arm")
-    ap.add_argument("--budgets", default="50,150", help="fine-tuning step budgets")
+    ap.add_argument("--budgets", default="50,120", help="fine-tuning step budgets")
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--traces", default="clean,noisy")
     ap.add_argument("--workers", type=int, default=2, help="training processes")
@@ -196,6 +196,9 @@ def main() -> None:
     teacher_dir = str(out / "models" / "teacher")
     if "teacher" not in state:
         t0 = time.time()
+        # One thread while the student trains on the other core: two threads here would
+        # oversubscribe the two cores and slow both.
+        torch.set_num_threads(1 if student_async is not None else args.threads)
         pool = q.make_problems(P["teacher_pool"], rng, TEACHER_LENGTHS)
         styles = [
             "backward" if rng.random() < P["teacher_backward_share"] else "forward" for _ in pool
@@ -218,6 +221,7 @@ def main() -> None:
 
     if student_async is not None:
         save_state(student=student_async.get())
+    torch.set_num_threads(args.threads)
     student = q.load_model(student_dir)
     st = state["student"]
     log(
