@@ -341,8 +341,8 @@ def run_arm(argv: list[str], retries: int, max_foreign: float) -> dict:
                     try:
                         ct = p.cpu_times()
                         own[p.pid] = ct.user + ct.system
-                        if p.pid not in names:
-                            names[p.pid] = (p.cmdline() or [p.name()])[0].split("/")[-1][:40]
+                        # Read each time: a Ray actor retitles its process after start.
+                        names[p.pid] = (p.cmdline() or [p.name()])[0].split("/")[-1][:40]
                     except psutil.Error:
                         pass
             except psutil.Error:
