@@ -3,7 +3,8 @@
 Prints (and writes as JSON with --out), from one invocation on one tiny model and batch:
 
 - raydc's training step (Ray Train, 1 worker, DeepSpeed ZeRO-2, gloo, fp32) with the
-  ``discord`` and ``sft`` presets: step time of each and their ratio;
+  ``discord`` and ``sft`` presets: step time of each and their ratio (median of
+  ``--repeats`` interleaved rounds of the plain, sft and discord arms);
 - tokens/s of raydc vs TRL ``SFTTrainer`` vs a plain PyTorch loop: same random-init Llama
   (vocab 2,048, hidden 256, 4 layers, 4 heads, 2 KV heads, intermediate 512: 3.41M
   parameters), the same random-token rows (seq 256, batch 8), AdamW lr 1e-4, 2 threads;
@@ -116,13 +117,15 @@ def write_scored(model_dir: str, out: Path) -> str:
 # ----------------------------------------------------------------------------- arms
 
 
-def arm_plain(model_dir: str) -> dict:
+def arm_plain(model_dir: str, fused: bool = False) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(THREADS)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    # The baseline is torch's default AdamW (a loop of per-tensor kernels on CPU); the fused
+    # variant is reported beside it, not as the target's baseline.
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=True if fused else None)
     x = torch.from_numpy(make_rows(BATCH))
     times = []
     for i in range(WARMUP + STEPS):
@@ -330,6 +333,7 @@ def run_arm(argv: list[str], retries: int, max_foreign: float) -> dict:
             text=True,
         )
         own: dict[int, float] = {}
+        names: dict[int, str] = {}
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
@@ -337,6 +341,8 @@ def run_arm(argv: list[str], retries: int, max_foreign: float) -> dict:
                     try:
                         ct = p.cpu_times()
                         own[p.pid] = ct.user + ct.system
+                        # Read each time: a Ray actor retitles its process after start.
+                        names[p.pid] = (p.cmdline() or [p.name()])[0].split("/")[-1][:40]
                     except psutil.Error:
                         pass
             except psutil.Error:
@@ -356,6 +362,13 @@ def run_arm(argv: list[str], retries: int, max_foreign: float) -> dict:
                 "contended": foreign > max_foreign,
             }
         res = json.loads(result_lines[-1][7:])
+        # CPU seconds of the arm's own processes by name (Ray's actors and daemons included).
+        by_name: dict[str, float] = {}
+        for pid, cpu in own.items():
+            by_name[names.get(pid, "?")] = by_name.get(names.get(pid, "?"), 0.0) + cpu
+        res["own_cpu_s"] = dict(
+            sorted(((k, round(v, 1)) for k, v in by_name.items()), key=lambda kv: -kv[1])[:8]
+        )
         res.update(
             foreign_cpu_share=round(foreign, 3),
             loadavg_before=load_before,
@@ -376,8 +389,8 @@ def child(argv: list[str]) -> None:
 
     offline_env()
     name = argv[0]
-    if name == "plain":
-        res = arm_plain(argv[1])
+    if name in ("plain", "plain_fused"):
+        res = arm_plain(argv[1], fused=name == "plain_fused")
     elif name == "trl":
         res = arm_trl(argv[1])
     elif name == "raydc":
@@ -397,6 +410,9 @@ def main() -> None:
         default=0.05,
         help="largest share of the machine's CPU other processes may use",
     )
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="interleaved rounds of plain and raydc arms"
+    )
     ap.add_argument("--skip", default="", help="comma-separated arms to skip (trl, memory)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -414,11 +430,24 @@ def main() -> None:
         },
     }
     print("throughput arms (fresh process each):", flush=True)
-    r["plain"] = run_arm(["plain", model_dir], args.retries, args.max_foreign)
-    r["raydc_sft"] = run_arm(["raydc", model_dir, scored, "sft"], args.retries, args.max_foreign)
-    r["raydc_discord"] = run_arm(
-        ["raydc", model_dir, scored, "discord"], args.retries, args.max_foreign
-    )
+    # Repeats of one arm differ by up to ~10% on this machine kind: the arms being compared
+    # run in interleaved rounds and each reports its median round.
+    arms = {
+        "plain": ["plain", model_dir],
+        "raydc_sft": ["raydc", model_dir, scored, "sft"],
+        "raydc_discord": ["raydc", model_dir, scored, "discord"],
+        "plain_fused": ["plain_fused", model_dir],
+    }
+    rounds: dict[str, list[dict]] = {k: [] for k in arms}
+    for rep in range(args.repeats):
+        print(f" round {rep + 1}/{args.repeats}", flush=True)
+        for k, argv in arms.items():
+            rounds[k].append(run_arm(argv, args.retries, args.max_foreign))
+    for k, rs in rounds.items():
+        ok = sorted((x for x in rs if "error" not in x), key=lambda x: x["step_s"])
+        r[k] = dict(ok[(len(ok) - 1) // 2]) if ok else rs[-1]
+        r[k]["rounds_step_s"] = [x.get("step_s") for x in rs]
+        r[k]["contended"] = any(x.get("contended") for x in rs)
     if "trl" not in skip:
         r["trl"] = run_arm(["trl", model_dir], args.retries, args.max_foreign)
     if "memory" not in skip:
@@ -433,13 +462,28 @@ def main() -> None:
             return r[a][key] / r[b][key]
         return None
 
-    r["ratio_discord_over_sft_step"] = ratio("raydc_discord", "raydc_sft", "step_s")
-    r["raydc_sft_over_plain_tokens"] = ratio("raydc_sft", "plain", "tokens_per_s")
+    def round_ratio(a: str, b: str) -> float | None:
+        """Median over rounds of step_s[b] / step_s[a] (a's tokens/s over b's), each round's
+        arms run minutes apart: the machine's speed drifts more between rounds than within."""
+        xs = sorted(
+            y["step_s"] / x["step_s"]
+            for x, y in zip(rounds.get(a, []), rounds.get(b, []))
+            if "error" not in x and "error" not in y
+        )
+        return xs[(len(xs) - 1) // 2] if xs else None
+
+    r["rounds_raydc_sft_over_plain_tokens"] = [
+        y["step_s"] / x["step_s"] if "error" not in x and "error" not in y else None
+        for x, y in zip(rounds["raydc_sft"], rounds["plain"])
+    ]
+    r["ratio_discord_over_sft_step"] = round_ratio("raydc_sft", "raydc_discord")
+    r["raydc_sft_over_plain_tokens"] = round_ratio("raydc_sft", "plain")
     r["raydc_sft_over_trl_tokens"] = ratio("raydc_sft", "trl", "tokens_per_s")
+    r["raydc_sft_over_plain_fused_tokens"] = round_ratio("raydc_sft", "plain_fused")
     r["mem_raydc_over_naive"] = ratio("mem_raydc", "mem_naive", "peak_extra_gib")
     r["any_contended"] = any(isinstance(v, dict) and v.get("contended") for v in r.values())
     print("\nsummary")
-    for k in ("plain", "trl", "raydc_sft", "raydc_discord"):
+    for k in ("plain", "plain_fused", "trl", "raydc_sft", "raydc_discord"):
         if k in r and "error" not in r[k]:
             print(
                 f"  {k:14s} {r[k]['tokens_per_s']:9.0f} tok/s  step {r[k]['step_s'] * 1e3:6.1f} ms"
@@ -449,6 +493,7 @@ def main() -> None:
         "ratio_discord_over_sft_step",
         "raydc_sft_over_plain_tokens",
         "raydc_sft_over_trl_tokens",
+        "raydc_sft_over_plain_fused_tokens",
         "mem_raydc_over_naive",
     ):
         if r.get(k) is not None:

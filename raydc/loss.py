@@ -18,16 +18,24 @@ import torch
 from raydc.weights import NORMALIZATIONS
 
 DEFAULT_CHUNK = 1024
+# Logits up to this size (fp32 [tokens x vocab]) are kept for the backward, not recomputed:
+# 64 MiB is 8,192 tokens at vocab 2,048 but only 110 at vocab 151,936, where the recompute
+# (and its memory bound) is what the chunking is for.
+DEFAULT_KEEP_BYTES = 64 * 2**20
 
 
 class _ChunkedTokenLogprob(torch.autograd.Function):
     """log p(target) = h . W[target] (+ bias) - logsumexp(h W^T (+ bias)), chunked."""
 
     @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, bias_V, targets_N, chunk_size):
-        N = hidden_NH.shape[0]
+    def forward(ctx, hidden_NH, weight_VH, bias_V, targets_N, chunk_size, keep_bytes):
+        N, V = hidden_NH.shape[0], weight_VH.shape[0]
         out = torch.empty(N, dtype=torch.float32, device=hidden_NH.device)
         lse = torch.empty(N, dtype=torch.float32, device=hidden_NH.device)
+        # Small logits (a small vocabulary or few tokens) are kept as probabilities for the
+        # backward instead of recomputed: the recompute is one more [N x H x V] matmul.
+        keep = any(ctx.needs_input_grad[:3]) and N * V * 4 <= keep_bytes
+        probs = torch.empty(N, V, dtype=torch.float32, device=hidden_NH.device) if keep else None
         for i in range(0, N, chunk_size):
             h = hidden_NH[i : i + chunk_size]
             logits = (h @ weight_VH.t()).float()
@@ -37,13 +45,15 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
             tgt = targets_N[i : i + chunk_size]
             out[i : i + chunk_size] = logits.gather(1, tgt[:, None]).squeeze(1) - lse_c
             lse[i : i + chunk_size] = lse_c
-        ctx.save_for_backward(hidden_NH, weight_VH, bias_V, targets_N, lse)
+            if keep:
+                torch.exp(logits.sub_(lse_c[:, None]), out=probs[i : i + chunk_size])
+        ctx.save_for_backward(hidden_NH, weight_VH, bias_V, targets_N, lse, probs)
         ctx.chunk_size = chunk_size
         return out
 
     @staticmethod
     def backward(ctx, grad_N):
-        hidden_NH, weight_VH, bias_V, targets_N, lse = ctx.saved_tensors
+        hidden_NH, weight_VH, bias_V, targets_N, lse, probs = ctx.saved_tensors
         cs = ctx.chunk_size
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden_NH) if need_h else None
@@ -56,12 +66,16 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
         for i in range(0, hidden_NH.shape[0], cs):
             h = hidden_NH[i : i + cs]
             g = grad_N[i : i + cs].float()
-            logits = (h @ weight_VH.t()).float()
-            if bias_V is not None:
-                logits = logits + bias_V.float()
+            if probs is not None:
+                dlogits = probs[i : i + cs] * (-g[:, None])
+            else:
+                logits = (h @ weight_VH.t()).float()
+                if bias_V is not None:
+                    logits = logits + bias_V.float()
+                dlogits = torch.exp_(logits.sub_(lse[i : i + cs, None]))
+                del logits
+                dlogits.mul_(-g[:, None])
             # d log p(y) / d logits = onehot(y) - softmax; scaled by the incoming grad.
-            dlogits = torch.exp_(logits.sub_(lse[i : i + cs, None]))
-            dlogits.mul_(-g[:, None])
             dlogits.scatter_add_(1, targets_N[i : i + cs, None], g[:, None])
             if need_h:
                 grad_h[i : i + cs] = (dlogits.to(weight_VH.dtype) @ weight_VH).to(grad_h.dtype)
@@ -69,12 +83,12 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
                 grad_w.add_(dlogits.t() @ h.float())
             if grad_b is not None:
                 grad_b.add_(dlogits.sum(dim=0))
-            del logits, dlogits
+            del dlogits
         if grad_w is not None:
             grad_w = grad_w.to(weight_VH.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias_V.dtype)
-        return grad_h, grad_w, grad_b, None, None
+        return grad_h, grad_w, grad_b, None, None, None
 
 
 def chunked_token_logprobs(
@@ -83,11 +97,14 @@ def chunked_token_logprobs(
     targets: torch.Tensor,
     lm_head_bias: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
+    keep_bytes: int = DEFAULT_KEEP_BYTES,
 ) -> torch.Tensor:
     """log p(targets) [...] from hidden states [..., H] and the LM head [V, H], in chunks.
 
     The [tokens x vocab] logits exist one chunk at a time, in forward and in backward
-    (recomputed), and are upcast to fp32 per chunk, so bf16 hidden states are fine.
+    (recomputed), and are upcast to fp32 per chunk, so bf16 hidden states are fine. When
+    all the fp32 probabilities fit in ``keep_bytes`` they are kept from the forward and the
+    backward skips the recompute (0 always recomputes).
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
@@ -101,7 +118,9 @@ def chunked_token_logprobs(
         )
     h = hidden.reshape(-1, hidden.shape[-1])
     tgt = targets.reshape(-1).to(torch.long)
-    out = _ChunkedTokenLogprob.apply(h, lm_head_weight, lm_head_bias, tgt, chunk_size)
+    out = _ChunkedTokenLogprob.apply(
+        h, lm_head_weight, lm_head_bias, tgt, chunk_size, int(keep_bytes)
+    )
     return out.reshape(lead)
 
 

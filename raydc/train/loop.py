@@ -84,6 +84,17 @@ def _all_reduce(values, op: str = "sum"):
     return t.tolist()
 
 
+def _adamw(params, lr: float, weight_decay: float):
+    """torch AdamW, its fused kernel where this torch has one for the device (CPU included):
+    one pass over the flat ZeRO partition instead of a loop of small kernels."""
+    import torch
+
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 def _flatten_diagnostics(diag: dict) -> dict:
     out = {}
     for k in ("ess", "ess_fraction", "mean", "std", "min", "max", "corr_weight_length"):
@@ -151,7 +162,7 @@ class _Worker:
 
             opt = DeepSpeedCPUAdam(params, lr=self.tc.lr, weight_decay=self.tc.weight_decay)
         else:
-            opt = torch.optim.AdamW(params, lr=self.tc.lr, weight_decay=self.tc.weight_decay)
+            opt = _adamw(params, lr=self.tc.lr, weight_decay=self.tc.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.tc))
         deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo")
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -215,7 +226,10 @@ class _Worker:
         return compute_weights(s, t, m, self.wc, sentence_ids=mb["sentence_ids"][:, 1:])
 
     def _forward(self, mb: dict):
-        return self.engine(mb["input_ids"], mb["attention_mask"])
+        # No attention mask: ``collate`` right-pads, so under causal attention no real token
+        # sees a pad, and pads' outputs are off the loss mask. Without a mask the attention
+        # takes its fused causal path instead of materialising a [B, 1, T, T] mask.
+        return self.engine(mb["input_ids"], None)
 
     def train_step(self) -> dict:
         import torch

@@ -25,7 +25,8 @@ def _head_logprobs(self, hidden_BTH, targets_BT, chunk_size):
 
 
 class StudentLogprobs(nn.Module):
-    """forward(input_ids [B, T], attention_mask [B, T]) -> logp [B, T - 1] of input_ids[:, 1:]."""
+    """forward(input_ids [B, T], attention_mask [B, T] or None) -> logp [B, T - 1] of
+    input_ids[:, 1:]. None suits right-padded rows (see ``_Worker._forward``)."""
 
     def __init__(self, lm: nn.Module, chunk_size: int = 1024):
         super().__init__()
@@ -35,7 +36,9 @@ class StudentLogprobs(nn.Module):
         head.forward = types.MethodType(_head_logprobs, head)
         self._head = [head]  # not a submodule twice: it already lives under lm
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         body = self.lm.get_decoder() if hasattr(self.lm, "get_decoder") else self.lm.model
         hidden_BTH = body(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False

@@ -29,7 +29,8 @@ def batch(seed=0):
 
 @pytest.mark.parametrize("chunk", [1, 4, 5, 1024])
 @pytest.mark.parametrize("bias", [False, True])
-def test_chunked_equals_plain_values_and_grads(chunk, bias):
+@pytest.mark.parametrize("keep_bytes", [0, 2**30], ids=["recompute", "kept"])
+def test_chunked_equals_plain_values_and_grads(chunk, bias, keep_bytes):
     hidden, weight, targets, mask, _ = batch()
     b = torch.randn(V, dtype=torch.float64) if bias else None
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -43,7 +44,9 @@ def test_chunked_equals_plain_values_and_grads(chunk, bias):
 
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     b2 = b.clone().requires_grad_() if bias else None
-    got = chunked_token_logprobs(h2, w2, targets, lm_head_bias=b2, chunk_size=chunk)
+    got = chunked_token_logprobs(
+        h2, w2, targets, lm_head_bias=b2, chunk_size=chunk, keep_bytes=keep_bytes
+    )
     assert got.shape == (B, T)
     assert torch.allclose(got.double(), ref64, atol=1e-5)
     assert torch.allclose(ref, ref64, atol=1e-5)
