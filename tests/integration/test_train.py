@@ -162,8 +162,13 @@ def test_killed_worker_resumes_from_checkpoint(
 @pytest.mark.parametrize("stage", [1, 3])
 def test_other_zero_stages(ray_local, tiny_student, scored, z2, tmp_path, stage):
     # ZeRO-1 with live student log-probs (student_ref=current, extra no-grad forward since
-    # grad_accum=2); ZeRO-3 with re-scoring rounds every 2 steps.
-    extra = {"student_ref": "current"} if stage == 1 else {"rescore_every": 2}
+    # grad_accum=2); ZeRO-3 with re-scoring rounds every 2 steps and the optimizer and the
+    # parameters offloaded to CPU memory (the same arithmetic as the ZeRO-2 reference).
+    extra = (
+        {"student_ref": "current"}
+        if stage == 1
+        else {"rescore_every": 2, "offload_optimizer": True, "offload_params": True}
+    )
     _, by_step = _train(
         _cfg(tiny_student, zero_stage=stage, max_steps=4, **extra), scored, tmp_path / "run"
     )
