@@ -365,7 +365,8 @@ def run_arm(argv: list[str], retries: int, max_foreign: float) -> dict:
         # CPU seconds of the arm's own processes by name (Ray's actors and daemons included).
         by_name: dict[str, float] = {}
         for pid, cpu in own.items():
-            by_name[names.get(pid, "?")] = by_name.get(names.get(pid, "?"), 0.0) + cpu
+            name = names.get(pid, "?")
+            by_name[name] = by_name.get(name, 0.0) + cpu
         res["own_cpu_s"] = dict(
             sorted(((k, round(v, 1)) for k, v in by_name.items()), key=lambda kv: -kv[1])[:8]
         )
@@ -430,7 +431,7 @@ def main() -> None:
         },
     }
     print("throughput arms (fresh process each):", flush=True)
-    # Repeats of one arm differ by up to ~10% on this machine kind: the arms being compared
+    # Repeats of one arm differed by 15-20% on this machine kind: the arms being compared
     # run in interleaved rounds and each reports its median round.
     arms = {
         "plain": ["plain", model_dir],
@@ -463,8 +464,8 @@ def main() -> None:
         return None
 
     def round_ratio(a: str, b: str) -> float | None:
-        """Median over rounds of step_s[b] / step_s[a] (a's tokens/s over b's), each round's
-        arms run minutes apart: the machine's speed drifts more between rounds than within."""
+        """Median over rounds of step_s[b] / step_s[a] (a's tokens/s over b's). A round's
+        arms run back to back; the machine's speed drifts more between rounds than within."""
         xs = sorted(
             y["step_s"] / x["step_s"]
             for x, y in zip(rounds.get(a, []), rounds.get(b, []))
