@@ -62,20 +62,17 @@ else:
             MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
         )
         deepspeed.init_distributed(dist_backend="gloo")
-        stage = 1 if "z1" in variant else 2
-        cfg = {
-            "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": 1,
-            "train_batch_size": 1,
-            "gradient_clipping": 1.0 if "clip" in variant else 0.0,
-            "zero_optimization": {
-                "stage": stage,
-                "overlap_comm": False,
-                "contiguous_gradients": True,
-            },
-            "steps_per_print": 10**9,
-            "zero_force_ds_cpu_optimizer": False,
-        }
+        from raydc.config import TrainConfig
+        from raydc.train.ds_config import build_ds_config
+
+        # raydc's own DeepSpeed config for this stage, clipping and fp32.
+        tc = TrainConfig(
+            zero_stage=1 if "z1" in variant else 2,
+            grad_clip=1.0 if "clip" in variant else 0.0,
+            grad_accum=1,
+            precision="fp32",
+        )
+        cfg = build_ds_config(tc, world_size=1, on_gpu=False)
         eng, opt, _, _ = deepspeed.initialize(
             model=m, optimizer=opt, config=cfg, dist_init_required=False
         )
