@@ -28,10 +28,11 @@ def build_trainer(
     out_dir: str | os.PathLike,
     extra_callbacks: list | None = None,
     run_config_overrides: dict[str, Any] | None = None,
+    loop_fn: Any = None,
 ) -> TorchTrainer:
     from raydc.train.trainer import build_trainer as _build
 
-    return _build(cfg, scored_dir, out_dir, extra_callbacks, run_config_overrides)
+    return _build(cfg, scored_dir, out_dir, extra_callbacks, run_config_overrides, loop_fn)
 
 
 __all__ = ["build_trainer", "run_train"]

@@ -108,8 +108,13 @@ def build_trainer(
     out_dir: str | os.PathLike,
     extra_callbacks: list | None = None,
     run_config_overrides: dict | None = None,
+    loop_fn=None,
 ):
-    """A Ray Train V2 ``TorchTrainer`` for weighted distillation from ``scored_dir``."""
+    """A Ray Train V2 ``TorchTrainer`` for weighted distillation from ``scored_dir``.
+
+    ``loop_fn`` replaces ``train_loop_per_worker`` with another function of the same config
+    (bench/train.py uses one that times raydc's step beside a plain step in one worker).
+    """
     import ray.data
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -164,7 +169,7 @@ def build_trainer(
     )
     run_kwargs.update(run_config_overrides or {})
     return TorchTrainer(
-        train_loop_per_worker,
+        loop_fn or train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
