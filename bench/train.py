@@ -223,13 +223,12 @@ def arm_trl(model_dir: str) -> dict:
     return {"step_s": step, "tokens_per_s": BATCH * SEQ / step, "trl_steps_timed": len(times)}
 
 
-def arm_raydc(model_dir: str, scored: str, preset: str) -> dict:
+def _start_ray() -> None:
+    """A local Ray for raydc's arms: every CPU, the worker's threads and offline hub."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import ray
 
-    from raydc.config import from_dict
     from raydc.models import offline_env
-    from raydc.train import run_train
 
     offline_env()
     ray.init(
@@ -245,28 +244,42 @@ def arm_raydc(model_dir: str, scored: str, preset: str) -> dict:
             }
         },
     )
+
+
+def _raydc_config(model_dir: str, preset: str, **train):
+    """raydc's training config of every raydc arm: 1 worker, ZeRO-2, fp32, clip 1.0."""
+    from raydc.config import from_dict
+
+    base = dict(
+        student=model_dir,
+        num_workers=1,
+        cpus_per_worker=THREADS,
+        zero_stage=2,
+        precision="fp32",
+        lr=LR,
+        lr_schedule="constant",
+        grad_clip=1.0,
+        micro_batch_tokens=BATCH * SEQ,
+        max_failures=0,
+    )
+    return from_dict({"train": {**base, **train}, "weights": {"preset": preset}})
+
+
+def arm_raydc(model_dir: str, scored: str, preset: str) -> dict:
+    import ray
+
+    from raydc.train import run_train
+
+    _start_ray()
     # A training run's first seconds overlap Ray's start-up (idle workers importing, the
     # controller's first report and TensorBoard writer): time the steady state after them.
     log_every, untimed = 10, E2E_UNTIMED
-    cfg = from_dict(
-        {
-            "train": dict(
-                student=model_dir,
-                num_workers=1,
-                cpus_per_worker=THREADS,
-                zero_stage=2,
-                precision="fp32",
-                lr=LR,
-                lr_schedule="constant",
-                grad_clip=1.0,
-                max_steps=untimed + E2E_STEPS + log_every,
-                micro_batch_tokens=BATCH * SEQ,
-                log_every=log_every,
-                checkpoint_every=10**6,
-                max_failures=0,
-            ),
-            "weights": {"preset": preset},
-        }
+    cfg = _raydc_config(
+        model_dir,
+        preset,
+        max_steps=untimed + E2E_STEPS + log_every,
+        log_every=log_every,
+        checkpoint_every=10**6,
     )
     with tempfile.TemporaryDirectory() as tmp:
         summary = run_train(cfg, scored, tmp)
@@ -470,45 +483,12 @@ def _same_window_loop(config: dict) -> None:
 
 def arm_same_window(model_dir: str, scored: str, rounds: int, block: int) -> dict:
     """Ray Train, 1 worker, raydc's engine as in arm_raydc, running _same_window_loop."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import ray
 
-    from raydc.config import from_dict
-    from raydc.models import offline_env
     from raydc.train import build_trainer
 
-    offline_env()
-    ray.init(
-        num_cpus=max(THREADS, os.cpu_count() or 1),
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={
-            "env_vars": {
-                "DS_ACCELERATOR": "cpu",
-                "OMP_NUM_THREADS": str(THREADS),
-                "HF_HUB_OFFLINE": "1",
-                "TRANSFORMERS_OFFLINE": "1",
-            }
-        },
-    )
-    cfg = from_dict(
-        {
-            "train": dict(
-                student=model_dir,
-                num_workers=1,
-                cpus_per_worker=THREADS,
-                zero_stage=2,
-                precision="fp32",
-                lr=LR,
-                lr_schedule="constant",
-                grad_clip=1.0,
-                max_steps=10**6,
-                micro_batch_tokens=BATCH * SEQ,
-                max_failures=0,
-            ),
-            "weights": {"preset": "sft"},
-        }
-    )
+    _start_ray()
+    cfg = _raydc_config(model_dir, "sft", max_steps=10**6)
 
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "same_window.json")
