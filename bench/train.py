@@ -35,6 +35,7 @@ contended when no clean run was had.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -132,6 +133,16 @@ def write_scored(model_dir: str, out: Path) -> str:
 # ----------------------------------------------------------------------------- arms
 
 
+def _time_steps(step, n: int) -> list[float]:
+    """Wall seconds of each of ``n`` calls of ``step``."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
 def _plain_stepper(model_dir: str, fused: bool = False):
     """One step of the plain PyTorch loop: full logits, cross-entropy, AdamW (torch's
     default per-tensor loop unless ``fused``), on the benchmark's fixed batch."""
@@ -158,13 +169,7 @@ def arm_plain(model_dir: str, fused: bool = False) -> dict:
     torch.set_num_threads(THREADS)
     # The baseline is torch's default AdamW (a loop of per-tensor kernels on CPU); the fused
     # variant is reported beside it, not as the target's baseline.
-    step = _plain_stepper(model_dir, fused)
-    times = []
-    for i in range(WARMUP + STEPS):
-        t0 = time.perf_counter()
-        step()
-        if i >= WARMUP:
-            times.append(time.perf_counter() - t0)
+    times = _time_steps(_plain_stepper(model_dir, fused), WARMUP + STEPS)[WARMUP:]
     step_s = sum(times) / len(times)
     return {"step_s": step_s, "tokens_per_s": BATCH * SEQ / step_s}
 
@@ -335,12 +340,7 @@ def serve_plain(model_dir: str) -> None:
         n = int(line.strip() or 0)
         if n <= 0:
             break
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        print(json.dumps(times), flush=True)
+        print(json.dumps(_time_steps(step, n)), flush=True)
 
 
 class _BareArm:
@@ -396,17 +396,6 @@ def _same_window_loop(config: dict) -> None:
     plain_step = _plain_stepper(config["student"])
     wcs = {"sft": preset("sft"), "discord": preset("discord")}
 
-    def timed(f):
-        def block(n: int) -> list[float]:
-            out = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                f()
-                out.append(time.perf_counter() - t0)
-            return out
-
-        return block
-
     def raydc(name: str):
         def f() -> None:
             w.wc = wcs[name]
@@ -416,9 +405,9 @@ def _same_window_loop(config: dict) -> None:
 
     arms = {
         "bare": bare,
-        "plain": timed(plain_step),
-        "sft": timed(raydc("sft")),
-        "discord": timed(raydc("discord")),
+        "plain": functools.partial(_time_steps, plain_step),
+        "sft": functools.partial(_time_steps, raydc("sft")),
+        "discord": functools.partial(_time_steps, raydc("discord")),
     }
     for f in arms.values():
         f(WARMUP)
