@@ -61,3 +61,40 @@ def test_real_qwen2_tokenizer_ships():
     tok = AutoTokenizer.from_pretrained(QWEN2_TOKENIZER)
     assert tok("Hello, world!").input_ids == [9707, 11, 1879, 0]
     assert len(tok) == 151646
+
+
+def _rchar() -> int:
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar")).split()[1])
+
+
+def test_fingerprint_reads_a_bounded_amount_and_sees_header_and_blocks(tmp_path):
+    import json
+    import os
+
+    model = tmp_path / "big"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    header = json.dumps({"w": {"dtype": "F32", "shape": [64 << 20], "data_offsets": [0, 256 << 20]}})
+    weights = model / "model.safetensors"
+    with open(weights, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header.encode())
+        f.truncate(8 + len(header) + (256 << 20))  # a sparse 256 MiB file
+    before = _rchar()
+    fp = fingerprint(model)
+    read = _rchar() - before
+    # ten 1 MiB blocks, the header and the config: not the 256 MiB of weights
+    assert read < 16 << 20, read
+    # a change in the first MiB of the data, or in the header, changes the identity
+    with open(weights, "r+b") as f:
+        f.seek(8 + len(header) + 100)
+        f.write(b"\x01")
+    fp2 = fingerprint(model)
+    assert fp2 != fp
+    other = header.replace("F32", "F16")
+    with open(weights, "r+b") as f:
+        f.write(len(other).to_bytes(8, "little") + other.encode())
+    assert fingerprint(model) not in (fp, fp2)
+    # the size is part of the identity
+    os.truncate(weights, (256 << 20) + 1024)
+    assert len({fp, fp2, fingerprint(model)}) == 3
