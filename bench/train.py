@@ -115,6 +115,7 @@ def write_scored(model_dir: str, out: Path) -> str:
             "sentence_ids": pa.array(list(np.zeros(ids.shape, np.int32)), pa.list_(pa.int32())),
             "student_logprobs": pa.array(list(s_lp), pa.list_(pa.float32())),
             "teacher_logprobs": pa.array(list(t_lp), pa.list_(pa.float32())),
+            "num_tokens": pa.array([ids.shape[1]] * n, pa.int32()),
         }
     )
     out.mkdir(parents=True, exist_ok=True)
@@ -265,6 +266,10 @@ def _raydc_config(model_dir: str, preset: str, **train):
         lr_schedule="constant",
         grad_clip=1.0,
         micro_batch_tokens=BATCH * SEQ,
+        # The same [8, 256] batch as the plain loop and TRL: equal rows need no packing
+        # (bench/long_traces.py measures packing on mixed lengths).
+        packing=False,
+        attn_implementation="sdpa",
         max_failures=0,
     )
     return from_dict({"train": {**base, **train}, "weights": {"preset": preset}})
@@ -398,7 +403,7 @@ def _same_window_loop(config: dict) -> None:
 
     def raydc(name: str):
         def f() -> None:
-            w.wc = wcs[name]
+            w.learner.wc = wcs[name]
             w.train_step()
 
         return f

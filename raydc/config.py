@@ -134,7 +134,13 @@ class TrainConfig:
     warmup_steps: int = 0
     lr_schedule: str = "cosine"  # cosine | linear | constant
     max_steps: int = 100
-    micro_batch_tokens: int = 4096  # packed tokens per micro-batch per worker
+    micro_batch_tokens: int = 4096  # tokens per micro-batch per worker (packed or padded)
+    packing: bool = True  # several rows per sequence (position ids restart; no cross-row attention)
+    # auto: flash_attention_2 on a GPU with flash-attn installed, else sdpa_packed (sdpa per
+    # packed row: no [T x T] mask) | flash_attention_2 | sdpa | eager
+    attn_implementation: str = "auto"
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward (non-reentrant)
+    shuffle_window_tokens: int = 2_000_000  # rows shuffled and packed within windows of this many tokens
     grad_accum: int = 1
     grad_clip: float = 1.0
     student_ref: str = "init"  # init (stored scores) | current (live forward, detached)
@@ -170,12 +176,18 @@ class TrainConfig:
             raise ConfigError(f"{path}.offload_optimizer=True: needs zero_stage >= 1")
         _choice(f"{path}.lr_schedule", self.lr_schedule, ("cosine", "linear", "constant"))
         _choice(f"{path}.student_ref", self.student_ref, ("init", "current"))
+        _choice(
+            f"{path}.attn_implementation",
+            self.attn_implementation,
+            ("auto", "flash_attention_2", "sdpa", "sdpa_packed", "eager"),
+        )
         for name in (
             "num_workers",
             "cpus_per_worker",
             "lr",
             "max_steps",
             "micro_batch_tokens",
+            "shuffle_window_tokens",
             "grad_accum",
             "loss_chunk_size",
             "log_every",

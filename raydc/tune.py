@@ -276,7 +276,9 @@ def _export(checkpoint_path: str, dest: Path) -> str:
     return str(dest)
 
 
-def run_trial(config: dict, base: RaydcConfig, data_dir: str, sweep_dir: str) -> None:
+def run_trial(
+    config: dict, base: RaydcConfig, data_dir: str, sweep_dir: str, student_fp: str | None = None
+) -> None:
     """The per-trial driver: sampled values -> config -> TorchTrainer (reporting to Tune)
     -> fit -> optionally eval. Runs in a Tune trial actor with ``tune.driver_cpus``."""
     from ray import tune
@@ -300,6 +302,7 @@ def run_trial(config: dict, base: RaydcConfig, data_dir: str, sweep_dir: str) ->
         extra_callbacks=[TuneReportCallback()],
         # Same name and storage on a retry: Ray Train resumes from the latest checkpoint.
         run_config_overrides={"name": "train", "storage_path": str(trial_dir / "ray")},
+        student_fingerprint=student_fp,  # checked once for the sweep, not per trial
     )
     result = trainer.fit()
     if result.error is not None:
@@ -421,10 +424,19 @@ def run_tune(cfg: RaydcConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
         # The eval metric arrives once, after training; the training reports lack it.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
 
+    from raydc.train.data import check_student, read_manifest
+    from raydc.train.trainer import student_path
+
+    # The student's identity, once for the sweep: every trial trains the same student.
+    student_fp = check_student(read_manifest(data_dir), student_path(cfg), data_dir)
     concurrent = max_concurrent(cfg, ray.cluster_resources())
     trainable = tune.with_resources(
         tune.with_parameters(
-            run_trial, base=cfg, data_dir=str(Path(data_dir).resolve()), sweep_dir=str(out)
+            run_trial,
+            base=cfg,
+            data_dir=str(Path(data_dir).resolve()),
+            sweep_dir=str(out),
+            student_fp=student_fp,
         ),
         {"cpu": tc.driver_cpus},
     )

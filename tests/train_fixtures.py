@@ -9,6 +9,7 @@ tests need neither vLLM nor the scoring stage.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -134,4 +135,52 @@ def make_scored(
         "created": "fixture",
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return str(out)
+
+
+@dataclass
+class KillOnce:
+    """An ``after_step`` hook: the last rank exits hard after ``step`` on the first attempt
+    only (``marker`` records that it fired), once Ray Train has registered the newest
+    checkpoint, so Ray Train restarts the worker group from it."""
+
+    step: int
+    marker: str
+
+    def __call__(self, info) -> None:
+        import os
+
+        from raydc.train.loop import wait_for_checkpoint
+
+        if info.step != self.step or info.rank != info.world - 1 or Path(self.marker).exists():
+            return
+        last = (info.step // info.checkpoint_every) * info.checkpoint_every
+        if last:
+            wait_for_checkpoint(info.run_dir, last)
+        Path(self.marker).write_text(f"killed rank {info.rank} after step {info.step}\n")
+        os._exit(1)
+
+
+def write_scored_rows(
+    student_dir: str, out_dir: str | Path, rows: list[tuple[list[int], list[bool]]]
+) -> str:
+    """Scored Parquet (student log-probs from a transformers forward) of the given
+    (input_ids, loss_mask) rows, one file, with the manifest training checks."""
+    offline_env()
+    s_lp = _logprobs(student_dir, [ids for ids, _ in rows])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = pa.table(
+        {
+            "row_id": [f"r{k}" for k in range(len(rows))],
+            "prompt_id": [f"p{k}" for k in range(len(rows))],
+            "input_ids": pa.array([ids for ids, _ in rows], pa.list_(pa.int32())),
+            "loss_mask": pa.array([m for _, m in rows], pa.list_(pa.bool_())),
+            "num_tokens": pa.array([len(ids) for ids, _ in rows], pa.int32()),
+            "student_logprobs": pa.array(s_lp, pa.list_(pa.float32())),
+        }
+    )
+    pq.write_table(table, out / "part-00000.parquet")
+    manifest = {"student": {"path": str(student_dir), "fingerprint": fingerprint(student_dir)}}
+    (out / "manifest.json").write_text(json.dumps(manifest))
     return str(out)

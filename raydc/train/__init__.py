@@ -16,10 +16,15 @@ if TYPE_CHECKING:
     from raydc.config import RaydcConfig
 
 
-def run_train(cfg: RaydcConfig, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
+def run_train(
+    cfg: RaydcConfig,
+    scored_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    after_step: Any = None,
+) -> dict:
     from raydc.train.trainer import run_train as _run
 
-    return _run(cfg, scored_dir, out_dir)
+    return _run(cfg, scored_dir, out_dir, after_step=after_step)
 
 
 def build_trainer(
@@ -29,10 +34,21 @@ def build_trainer(
     extra_callbacks: list | None = None,
     run_config_overrides: dict[str, Any] | None = None,
     loop_fn: Any = None,
+    after_step: Any = None,
+    student_fingerprint: str | None = None,
 ) -> TorchTrainer:
     from raydc.train.trainer import build_trainer as _build
 
-    return _build(cfg, scored_dir, out_dir, extra_callbacks, run_config_overrides, loop_fn)
+    return _build(
+        cfg,
+        scored_dir,
+        out_dir,
+        extra_callbacks,
+        run_config_overrides,
+        loop_fn,
+        after_step=after_step,
+        student_fingerprint=student_fingerprint,
+    )
 
 
 __all__ = ["build_trainer", "run_train"]

@@ -6,10 +6,18 @@ forward is ``raydc.loss.chunked_token_logprobs``: the [tokens x vocab] logits ex
 chunk at a time. Calling the head module (not reading ``lm_head.weight`` directly) keeps
 ZeRO-3 correct: DeepSpeed gathers a module's partitioned parameters in that module's
 forward and backward hooks.
+
+``load_student`` builds it the way a long-context run needs: the attention implementation
+(``train.attn_implementation``: FlashAttention-2 on GPUs runs packed rows through its varlen
+kernel; elsewhere ``sdpa_packed`` runs sdpa on each packed row's segment), non-reentrant activation checkpointing of every decoder layer
+(``train.gradient_checkpointing``, transformers' own), and under ZeRO-3 construction inside
+``deepspeed.zero.Init`` (transformers does it while an ``HfDeepSpeedConfig`` is alive), so no
+worker ever holds the whole model before it is partitioned.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import types
 
 import torch
@@ -25,8 +33,12 @@ def _head_logprobs(self, hidden_BTH, targets_BT, chunk_size):
 
 
 class StudentLogprobs(nn.Module):
-    """forward(input_ids [B, T], attention_mask [B, T] or None) -> logp [B, T - 1] of
-    input_ids[:, 1:]. None suits right-padded rows (see ``_Worker._forward``)."""
+    """forward(input_ids [B, T], position_ids [B, T] or None) -> logp [B, T - 1] of
+    input_ids[:, 1:].
+
+    No attention mask: right-padded rows need none under causal attention (no real token
+    sees a pad), and packed rows are told apart by ``position_ids`` restarting at 0.
+    """
 
     def __init__(self, lm: nn.Module, chunk_size: int = 1024):
         super().__init__()
@@ -37,10 +49,97 @@ class StudentLogprobs(nn.Module):
         self._head = [head]  # not a submodule twice: it already lives under lm
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         body = self.lm.get_decoder() if hasattr(self.lm, "get_decoder") else self.lm.model
         hidden_BTH = body(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            input_ids=input_ids,
+            position_ids=position_ids,
+            use_cache=False,
+            **segment_kwargs(position_ids),
         ).last_hidden_state
         return self._head[0](hidden_BTH[:, :-1], input_ids[:, 1:], self.chunk_size)
+
+
+PACKED_SDPA = "sdpa_packed"
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+    """Attention of packed rows on any device, without a [T x T] mask: torch's sdpa with
+    ``is_causal`` on each row's segment, the segments given by ``cu_seq_lens_q`` (what
+    FlashAttention-2's varlen kernel takes). Cost and memory are those of the rows alone
+    (sum of L_i^2, not T^2). Without segments it is transformers' sdpa.
+
+    Why a function of ours: sdpa given packed rows gets a dense block-diagonal mask (T^2
+    memory, T^2 compute), torch's flex attention has no backward on the CPU, and
+    FlashAttention is CUDA-only."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.pop("cu_seq_lens_q", None)
+    for k in ("cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids"):
+        kwargs.pop(k, None)
+    if cu is None or attention_mask is not None or len(cu) <= 2:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    outs = []
+    bounds = cu.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        out, _ = sdpa_attention_forward(
+            module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, **kwargs
+        )
+        outs.append(out)  # [B, L_i, H, D]
+    return torch.cat(outs, dim=1), None
+
+
+def _register_packed_sdpa() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    # No mask is built: rows are told apart by their segments.
+    AttentionMaskInterface.register(PACKED_SDPA, lambda *args, **kwargs: None)
+
+
+def resolve_attn_implementation(name: str, on_gpu: bool) -> str:
+    """``auto`` -> flash_attention_2 on a GPU with the flash-attn package, else
+    sdpa_packed (sdpa, one segment per packed row)."""
+    if name != "auto":
+        return name
+    if on_gpu and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return PACKED_SDPA
+
+
+def segment_kwargs(position_ids: torch.Tensor | None) -> dict:
+    """FlashAttention's varlen arguments for packed rows ([1, T] position ids restarting at
+    0), computed once per micro-batch: cumulative row starts and the longest row."""
+    if position_ids is None or position_ids.shape[0] != 1:
+        return {}
+    pos = position_ids[0]
+    starts = torch.nonzero(pos == 0).flatten()
+    if len(starts) <= 1:
+        return {}
+    cu = torch.cat([starts, torch.tensor([pos.numel()], device=pos.device)]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+
+
+def load_student(path: str, tc, on_gpu: bool, ds_config: dict | None = None) -> nn.Module:
+    """The student's causal LM in fp32 master weights, ready for DeepSpeed: attention
+    implementation, activation checkpointing, and ZeRO-3 partitioned construction."""
+    from transformers import AutoModelForCausalLM
+
+    impl = resolve_attn_implementation(tc.attn_implementation, on_gpu)
+    if impl == PACKED_SDPA:
+        _register_packed_sdpa()
+    keep = None
+    if ds_config is not None and ds_config["zero_optimization"]["stage"] == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep = HfDeepSpeedConfig(ds_config)  # noqa: F841  (alive while the model is built)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=impl)
+    del keep
+    lm.config.use_cache = False
+    if tc.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.train()  # checkpointing runs in training mode only (dropout as configured: Qwen2 has none)
+    return lm

@@ -1,10 +1,12 @@
-"""The training stage on the driver: check the scores, build the TorchTrainer, export.
+"""The training stage on the driver: check the scores, plan the shards, build the trainer.
 
-``build_trainer`` reads nothing but the scored folder's file list, schema and manifest
-(refusing scores made with another student), builds the Ray Data datasets (``train`` and,
-with ``train.val_share > 0``, a held-out ``val`` slice chosen by prompt id), and returns a
-Ray Train V2 ``TorchTrainer`` running ``raydc.train.loop.train_loop_per_worker``. Ray Tune's
-per-trial driver passes its ``TuneReportCallback`` as ``extra_callbacks``.
+``build_trainer`` reads nothing of the scored rows but the folder's file list, schema,
+manifest (refusing scores made with another student) and the Parquet footers and
+``num_tokens`` column (``raydc.train.shard.build_index``: 4 bytes a row); it cuts the rows
+into one contiguous range of equal tokens per rank and returns a Ray Train V2 ``TorchTrainer`` running
+``raydc.train.loop.train_loop_per_worker``, each worker reading its own pieces. Ray Tune's
+per-trial driver passes its ``TuneReportCallback`` as ``extra_callbacks`` and the student's
+fingerprint, computed once for the sweep.
 
 ``run_train`` fits it and copies the exported model (``save_pretrained`` + tokenizer, in the
 final checkpoint) to ``out_dir/model``. Re-running with the same ``out_dir`` resumes from the
@@ -18,6 +20,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +29,12 @@ from raydc.train.data import (
     ScoredDataError,
     check_schema,
     check_student,
-    is_val_key,
     read_manifest,
     scored_files,
 )
+from raydc.train.shard import assign_pieces, build_index
 
 RUN_NAME = "train"
-FAULT_ENV = "RAYDC_TRAIN_FAULT"  # "step:marker_path": test hook, see loop._maybe_fault
 
 
 def student_path(cfg: RaydcConfig) -> str:
@@ -109,15 +111,19 @@ def build_trainer(
     extra_callbacks: list | None = None,
     run_config_overrides: dict | None = None,
     loop_fn=None,
+    after_step: Callable | None = None,
+    student_fingerprint: str | None = None,
 ):
     """A Ray Train V2 ``TorchTrainer`` for weighted distillation from ``scored_dir``.
 
     ``loop_fn`` replaces ``train_loop_per_worker`` with another function of the same config
     (bench/train.py uses one that times raydc's step beside a plain step in one worker).
+    ``after_step`` is called on every worker after each optimizer step with a
+    ``raydc.train.loop.StepInfo`` (tests use it to kill a worker). ``student_fingerprint``
+    skips re-fingerprinting the student (a sweep checks it once for all trials).
     """
-    import ray.data
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
     from raydc.train.loop import train_loop_per_worker
@@ -125,36 +131,20 @@ def build_trainer(
     tc = cfg.train
     student = student_path(cfg)
     manifest = read_manifest(scored_dir)
-    check_student(manifest, student, scored_dir)
+    check_student(manifest, student, scored_dir, fp=student_fingerprint)
     files = scored_files(scored_dir)
     columns = check_schema(files)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-
-    # Read (and split off the held-out slice) now, before the trainer reserves the
-    # workers' CPUs: Ray Data only gets what training leaves, which on a small machine is
-    # nothing, and the read would wait forever. The blocks live in the object store
-    # (spilled to disk when large); the split over workers then runs no tasks.
-    ds = ray.data.read_parquet(files, columns=columns)
-    datasets = {"train": ds}
-    if tc.val_share > 0:
-        key = "prompt_id" if "prompt_id" in columns else "row_id"
-        share, seed = tc.val_share, tc.seed
-        datasets["train"] = ds.filter(lambda r: not is_val_key(str(r[key]), share, seed))
-        datasets["val"] = ds.filter(lambda r: is_val_key(str(r[key]), share, seed))
-    datasets = {name: d.materialize() for name, d in datasets.items()}
-
-    fault = None
-    if os.environ.get(FAULT_ENV):
-        step, marker = os.environ[FAULT_ENV].split(":", 1)
-        fault = {"step": int(step), "marker": marker}
+    groups = build_index(files)
     loop_config = {
         "cfg": cfg,
         "student": student,
+        "columns": columns,
+        "pieces": assign_pieces(groups, tc.num_workers),
         "has_val": tc.val_share > 0,
         "use_gpu": tc.use_gpu,
-        "fault": fault,
-        "world_hint": tc.num_workers,
+        "after_step": after_step,
         "run_dir": str(out / "ray" / RUN_NAME),
     }
     resources = {"CPU": tc.cpus_per_worker}
@@ -174,22 +164,21 @@ def build_trainer(
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
         ),
-        run_config=RunConfig(**run_kwargs),
-        datasets=datasets,
-        # Not split by Ray Data: each worker keeps the rows its rank owns by a hash of the
-        # row id (raydc.train.data.owner_rank), the same rows on every attempt, so a
-        # restart resumes at the same data position.
-        dataset_config=DataConfig(
-            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
-        ),
+        run_config=RayRunConfig(**run_kwargs),
     )
 
 
-def run_train(cfg: RaydcConfig, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
-    """Train from scored Parquet; return a summary (final metrics, checkpoint, model dir)."""
+def run_train(
+    cfg: RaydcConfig,
+    scored_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    after_step: Callable | None = None,
+) -> dict:
+    """Train from scored Parquet; return a summary (final metrics, checkpoint, model dir).
+    ``after_step``: see ``build_trainer``."""
     t0 = time.time()
     manifest = read_manifest(scored_dir)
-    trainer = build_trainer(cfg, scored_dir, out_dir)
+    trainer = build_trainer(cfg, scored_dir, out_dir, after_step=after_step)
     result = trainer.fit()
     if result.error is not None:
         raise result.error
@@ -206,9 +195,18 @@ def run_train(cfg: RaydcConfig, scored_dir: str | os.PathLike, out_dir: str | os
             shutil.rmtree(model_dir)
         shutil.copytree(src, model_dir)
     counts = manifest.get("counts") or {}
-    metrics = {k: v for k, v in (result.metrics or {}).items() if k != "weight_histogram"}
+    metrics = {
+        k: v
+        for k, v in (result.metrics or {}).items()
+        if k not in ("weight_histogram", "shard_rows_per_rank", "shard_tokens_per_rank")
+    }
+    raw = result.metrics or {}
     summary = {
         "rows_in": counts.get("rows_out"),
+        "shards": {
+            "rows_per_rank": raw.get("shard_rows_per_rank"),
+            "tokens_per_rank": raw.get("shard_tokens_per_rank"),
+        },
         "steps": metrics.get("step"),
         "metrics": metrics,
         "checkpoint": ckpt.path,

@@ -75,7 +75,9 @@ def test_fingerprint_reads_a_bounded_amount_and_sees_header_and_blocks(tmp_path)
     model = tmp_path / "big"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"hidden_size": 8}))
-    header = json.dumps({"w": {"dtype": "F32", "shape": [64 << 20], "data_offsets": [0, 256 << 20]}})
+    header = json.dumps(
+        {"w": {"dtype": "F32", "shape": [64 << 20], "data_offsets": [0, 256 << 20]}}
+    )
     weights = model / "model.safetensors"
     with open(weights, "wb") as f:
         f.write(len(header).to_bytes(8, "little") + header.encode())

@@ -1,0 +1,146 @@
+"""One optimizer step of weighted distillation, on any DeepSpeed engine: no Ray here.
+
+Per optimizer step a rank takes ``grad_accum`` micro-batches, computes their weights
+(``micro_batch_weights``: per row, from the stored student log-probs or the live forward,
+detached), sums its loss tokens and weights (``raydc.loss.loss_denominators``) and
+all-reduces them, so the loss is normalised over the *global* batch: every rank and every
+micro-batch of the step. The all-reduce is an argument (``AllReduce``), so the same code
+runs in a Ray Train worker (torch.distributed) and in one process (the identity).
+
+Gradient scale: DeepSpeed divides each micro-batch loss by ``grad_accum`` and averages
+gradients over the ``world`` ranks, so the gradient it steps with is
+``1 / (world * grad_accum) * sum grad(local_loss)``. Each micro-batch's local loss is
+``sum(w m l) / D_global * world * grad_accum``; the sum of their gradients then equals the
+gradient of the global loss ``sum_all(w m l) / D_global``, whatever the number of workers
+or accumulation steps (tests/integration/test_train.py checks 1 vs 2 workers).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from raydc.loss import loss_denominators, weighted_token_loss
+from raydc.train.data import MicroBatch
+from raydc.weights import WeightConfig, compute_weights
+
+# all_reduce(values, op) -> reduced values, op one of "sum" | "min" | "max"
+AllReduce = Callable[[Sequence[float], str], list]
+
+
+def no_reduce(values: Sequence[float], op: str = "sum") -> list:
+    """The all-reduce of a world of one."""
+    return [float(v) for v in values]
+
+
+def micro_batch_weights(
+    mb: MicroBatch, wc: WeightConfig, live_logp: torch.Tensor | None = None, uniform: bool = False
+) -> torch.Tensor:
+    """Detached weights [B, T-1] of ``mb``'s targets, computed per row.
+
+    ``live_logp`` (the training forward's own log-probs) replaces the stored student
+    log-probs (``student_ref=current``); ``uniform`` gives w = 1 (weight warmup). Packed
+    rows are weighed in their own [R, L-1] view (``RowLayout``), so granularities and
+    per-sequence normalisation never see a neighbouring row.
+    """
+    m = mb.loss_mask
+    if uniform:
+        return m.to(torch.float32)
+    s = live_logp.detach().float() if live_logp is not None else mb.student_logprobs
+    t, sid = mb.teacher_logprobs, mb.sentence_ids
+    lay = mb.layout
+    if lay is None:
+        return compute_weights(s, t, m, wc, sentence_ids=sid)
+    w_RL = compute_weights(
+        lay.to_rows(s),
+        None if t is None else lay.to_rows(t),
+        lay.to_rows(m, fill=False),
+        wc,
+        sentence_ids=lay.to_rows(sid),
+    )
+    return lay.from_rows(w_RL, m.shape)
+
+
+@dataclass
+class StepStats:
+    loss: float  # this rank's share of the global loss (sums to it over ranks)
+    tokens: int  # real tokens in this rank's micro-batches
+    slots: int  # tensor slots (real + pad)
+    loss_tokens: float
+    seconds: float
+    grad_norm: float
+    lr: float
+    micro_batches: list[MicroBatch]
+    weights: list[torch.Tensor]
+
+
+class Learner:
+    """A DeepSpeed engine (around ``StudentLogprobs``) and the weighted-distillation step."""
+
+    def __init__(self, engine, scheduler, tc, wc: WeightConfig, world: int, all_reduce: AllReduce):
+        self.engine, self.scheduler = engine, scheduler
+        self.tc, self.wc = tc, wc
+        self.world, self.all_reduce = world, all_reduce
+
+    def forward(self, mb: MicroBatch) -> torch.Tensor:
+        return self.engine(mb.input_ids, mb.position_ids)
+
+    def step(self, mbs: list[MicroBatch], uniform: bool = False) -> StepStats:
+        """One optimizer step over ``mbs`` (this rank's ``grad_accum`` micro-batches)."""
+        t0 = time.perf_counter()
+        G = len(mbs)
+        live: list[torch.Tensor | None] = [None] * G
+        current = self.tc.student_ref == "current" and not uniform
+        if current:
+            if G == 1:
+                live[0] = self.forward(mbs[0])  # kept with its graph for the backward
+            else:
+                # The denominator needs every micro-batch's weights before the first
+                # backward: one extra no-grad forward per micro-batch (same parameters).
+                with torch.no_grad():
+                    live = [self.forward(mb) for mb in mbs]
+        weights = [micro_batch_weights(mb, self.wc, lp, uniform) for mb, lp in zip(mbs, live)]
+        tok, wsum = 0.0, 0.0
+        for mb, w in zip(mbs, weights):
+            d = loss_denominators(w, mb.loss_mask)
+            tok += float(d["tokens"])
+            wsum += float(d["weight_sum"])
+        g_tok, g_wsum = self.all_reduce([tok, wsum], "sum")
+        denom = g_wsum if self.wc.normalization == "self_norm" else g_tok
+        scale = self.world * G
+        lr = float(self.scheduler.get_last_lr()[0])
+        loss_local = 0.0
+        for i, (mb, w) in enumerate(zip(mbs, weights)):
+            logp = live[i] if (G == 1 and live[i] is not None) else self.forward(mb)
+            loss = weighted_token_loss(
+                -logp.float(), w, mb.loss_mask, self.wc.normalization, denominator=denom
+            )
+            loss_local += float(loss.detach())
+            self.engine.backward(loss * scale)
+            self.engine.step()
+        gn = self.engine.get_global_grad_norm()
+        return StepStats(
+            loss=loss_local,
+            tokens=sum(mb.tokens for mb in mbs),
+            slots=sum(mb.slots for mb in mbs),
+            loss_tokens=tok,
+            seconds=time.perf_counter() - t0,
+            grad_norm=float(gn) if gn is not None else float("nan"),
+            lr=lr,
+            micro_batches=mbs,
+            weights=weights,
+        )
+
+    def logprobs(self, mb: MicroBatch) -> torch.Tensor:
+        """No-grad log-probs [B, T-1] in eval mode (validation, re-scoring)."""
+        module = self.engine.module
+        was = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                return self.forward(mb).float()
+        finally:
+            module.train(was)

@@ -1,0 +1,97 @@
+"""raydc.train.step.Learner: the step's gradient is that of the global loss, however the
+batch is split over ranks and accumulation steps (exact, on CPU, no DeepSpeed).
+
+A stand-in engine does what DeepSpeed does to gradients: each micro-batch loss is divided
+by grad_accum before its backward, and the data-parallel gradient is the mean over ranks.
+The ranks run one after the other on one model, so their gradients add up; dividing by the
+world size then gives DeepSpeed's average.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raydc.config import TrainConfig
+from raydc.loss import loss_denominators, weighted_token_loss
+from raydc.train.data import collate
+from raydc.train.model import StudentLogprobs, load_student
+from raydc.train.step import Learner, micro_batch_weights, no_reduce
+from raydc.weights import preset
+from tests.unit.test_train_model import _block
+
+
+class _Engine:
+    def __init__(self, model, grad_accum: int):
+        self.module, self.G = model, grad_accum
+
+    def __call__(self, input_ids, position_ids):
+        return self.module(input_ids, position_ids)
+
+    def backward(self, loss):
+        (loss / self.G).backward()
+
+    def step(self):
+        pass
+
+    def get_global_grad_norm(self):
+        return None
+
+
+class _Sched:
+    def get_last_lr(self):
+        return [1e-3]
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["discord", "sft", "iw_seq", "dft"])
+@pytest.mark.parametrize("normalization", ["self_norm", "none", "per_sequence"])
+def test_two_ranks_two_accumulation_steps_equal_one_full_batch(tiny_student, name, normalization):
+    wc = preset(name).replace(normalization=normalization)
+    block = _block(seed=5, lengths=(9, 5, 14, 3, 11, 6, 8, 12))
+    torch.manual_seed(0)
+    model = StudentLogprobs(load_student(tiny_student, TrainConfig(), on_gpu=False), 4)
+    # Reference: one rank, every row in one micro-batch, the plain global loss.
+    full = collate(block, list(range(len(block))), packed=True)
+    model.zero_grad(set_to_none=True)
+    logp = model(full.input_ids, full.position_ids)
+    w = micro_batch_weights(full, wc)
+    d = loss_denominators(w, full.loss_mask)
+    denom = d["weight_sum"] if normalization == "self_norm" else d["tokens"]
+    ref_loss = weighted_token_loss(-logp, w, full.loss_mask, normalization, denominator=denom)
+    ref_loss.backward()
+    ref = _grads(model)
+    # Two ranks x two micro-batches each (packed on rank 0, right-padded on rank 1).
+    ranks = [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
+    mbs = [[collate(block, rows, packed=(r == 0)) for rows in mb] for r, mb in enumerate(ranks)]
+    sums = [0.0, 0.0]
+    for rank_mbs in mbs:
+        for mb in rank_mbs:
+            dd = loss_denominators(micro_batch_weights(mb, wc), mb.loss_mask)
+            sums[0] += float(dd["tokens"])
+            sums[1] += float(dd["weight_sum"])
+
+    def all_reduce(values, op="sum"):
+        assert op == "sum"
+        return list(sums)
+
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for rank_mbs in mbs:
+        learner = Learner(_Engine(model, 2), _Sched(), TrainConfig(), wc, 2, all_reduce)
+        total += learner.step(rank_mbs).loss
+    got = {n: g / 2 for n, g in _grads(model).items()}  # DeepSpeed's mean over 2 ranks
+    assert total == pytest.approx(float(ref_loss.detach()), rel=1e-6)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], atol=1e-6, rtol=1e-5)
+
+
+def test_weight_warmup_gives_uniform_weights_and_no_reduce_is_identity():
+    block = _block(seed=6)
+    mb = collate(block, list(range(len(block))), packed=True)
+    w = micro_batch_weights(mb, preset("discord"), uniform=True)
+    assert torch.equal(w, mb.loss_mask.float())
+    assert no_reduce([1.0, 2.5], "max") == [1.0, 2.5]
