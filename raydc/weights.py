@@ -267,14 +267,20 @@ def granular_logratio(
     loss_mask: torch.Tensor,
     config: WeightConfig,
     sentence_ids: torch.Tensor | None = None,
+    teacher_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """u [B, T]: the signed log-ratio at the configured granularity (0 off the loss mask)."""
+    """u [B, T]: the signed log-ratio at the configured granularity (0 off the loss mask).
+
+    Where ``teacher_mask`` is False the teacher said nothing: d = 0 there (a neutral ratio
+    of 1), whatever the student's log-prob."""
     m = loss_mask.bool()
     s = _clean(student_logprobs, m)
     if teacher_logprobs is None:
         d = s
     else:
         d = config.sign * (s - _clean(teacher_logprobs, m))
+        if teacher_mask is not None:
+            d = torch.where(teacher_mask.bool(), d, torch.zeros_like(d))
     g = config.granularity
     if g == "token":
         u = d
@@ -306,18 +312,26 @@ def compute_weights(
     loss_mask: torch.Tensor,
     config: WeightConfig,
     sentence_ids: torch.Tensor | None = None,
+    teacher_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Detached per-token weights [B, T] (0 where loss_mask is False).
 
     student_logprobs, teacher_logprobs: [B, T] log p(y_t | x, y_<t) of the teacher token
     (teacher may be None: then d = log p_S). loss_mask: [B, T] bool. sentence_ids: [B, T]
-    int, needed for granularity ``sentence``. With normalization ``per_sequence`` the
-    weights are rescaled to mean 1 over each row's loss tokens.
+    int, needed for granularity ``sentence``. teacher_mask: [B, T] bool, False where the
+    teacher has no value (another tokenizer's gap, beyond its context): d = 0 there in
+    every granular mean and the token's weight is exactly 1 (before ``per_sequence``
+    rescaling), whichever student log-prob it is paired with. With normalization
+    ``per_sequence`` the weights are rescaled to mean 1 over each row's loss tokens (the
+    kept ones, for ``mask``).
     """
     m = loss_mask.bool()
     check_logprobs(student_logprobs, m, "student_logprobs")
     if teacher_logprobs is not None:
-        check_logprobs(teacher_logprobs, m, "teacher_logprobs")
+        known = m if teacher_mask is None else m & teacher_mask.bool()
+        check_logprobs(teacher_logprobs, known, "teacher_logprobs")
+    else:
+        teacher_mask = None
     cfg = config
     with torch.no_grad():
         if cfg.transform == "none":
@@ -325,7 +339,9 @@ def compute_weights(
         elif cfg.transform == "power":
             w = torch.exp(cfg.gamma * _clean(student_logprobs, m))
         else:
-            u = granular_logratio(student_logprobs, teacher_logprobs, m, cfg, sentence_ids)
+            u = granular_logratio(
+                student_logprobs, teacher_logprobs, m, cfg, sentence_ids, teacher_mask
+            )
             if cfg.transform == "sigmoid":
                 w = cfg.c * torch.sigmoid((u - cfg.b) / cfg.tau)
             elif cfg.transform == "exp_clip":
@@ -337,11 +353,23 @@ def compute_weights(
                 w = ((u >= log_lo) & (u <= log_hi)).to(u.dtype)
         if cfg.floor > 0:
             w = cfg.floor + (1.0 - cfg.floor) * w
+        if teacher_mask is not None and cfg.transform not in ("none", "power"):
+            w = torch.where(teacher_mask.bool(), w, torch.ones_like(w))
         w = torch.where(m, w, torch.zeros_like(w))
         if cfg.normalization == "per_sequence":
-            mean_B = _masked_row_mean(w, m)
+            mean_B = _masked_row_mean(w, loss_tokens(w, m, cfg))
             w = torch.where(mean_B[:, None] > 0, w / mean_B.clamp(min=1e-30)[:, None], w)
     return w.detach()
+
+
+def loss_tokens(weights: torch.Tensor, loss_mask: torch.Tensor, config: WeightConfig):
+    """The tokens that count in the loss's denominators [B, T] bool: the loss mask, less the
+    tokens the ``mask`` transform masked out (weight 0): METHOD.md, "masked tokens leave the
+    denominator", in every normalisation."""
+    m = loss_mask.bool()
+    if config.transform == "mask":
+        return m & (weights > 0)
+    return m
 
 
 def weight_diagnostics(

@@ -34,7 +34,8 @@ import torch
 
 # Columns of the scored schema (docs/contracts.md) that training reads.
 REQUIRED_COLUMNS = ("row_id", "input_ids", "loss_mask", "student_logprobs")
-OPTIONAL_COLUMNS = ("prompt_id", "sentence_ids", "teacher_logprobs")
+# teacher_mask: False where the teacher has no value (its weight is neutral, exactly 1)
+OPTIONAL_COLUMNS = ("prompt_id", "sentence_ids", "teacher_logprobs", "teacher_mask")
 INDEX_COLUMN = "num_tokens"  # per-row length: lets ranks plan without reading the rows
 
 
@@ -152,6 +153,7 @@ class RowBlock:
     student_logprobs: np.ndarray  # [N] float32
     teacher_logprobs: np.ndarray | None  # [N] float32; rows without them: see has_teacher
     has_teacher: np.ndarray  # [R] bool
+    teacher_mask: np.ndarray | None = None  # [N] bool: False where the teacher said nothing
 
     def __len__(self) -> int:
         return len(self.row_ids)
@@ -209,6 +211,9 @@ class RowBlock:
             s_lp = np.zeros(int(off[-1]), np.float32)
         sent, have_sent = column("sentence_ids", np.int32, False)
         t_lp, have_t = column("teacher_logprobs", np.float32, False)
+        t_mask, have_tm = column("teacher_mask", bool, False)
+        if t_mask is not None and not have_tm.all():
+            t_mask[np.repeat(~have_tm, lengths)] = True  # no mask given: all known
         if sent is None or not have_sent.all():
             sent = np.zeros(int(off[-1]), np.int32) if sent is None else sent
         starts = off[:-1]
@@ -233,6 +238,7 @@ class RowBlock:
             student_logprobs=s_lp,
             teacher_logprobs=t_lp if have_t.any() else None,
             has_teacher=have_t,
+            teacher_mask=t_mask,
         )
 
     def take(self, rows: list[int] | np.ndarray) -> RowBlock:
@@ -253,6 +259,7 @@ class RowBlock:
             student_logprobs=cut(self.student_logprobs),
             teacher_logprobs=None if self.teacher_logprobs is None else cut(self.teacher_logprobs),
             has_teacher=self.has_teacher[rows] if rows else self.has_teacher[:0],
+            teacher_mask=None if self.teacher_mask is None else cut(self.teacher_mask),
         )
 
     @classmethod
@@ -275,6 +282,14 @@ class RowBlock:
                     for b, n in zip(blocks, sizes)
                 ]
             )
+        t_mask = None
+        if any(b.teacher_mask is not None for b in blocks):
+            t_mask = np.concatenate(
+                [
+                    b.teacher_mask if b.teacher_mask is not None else np.ones(n, bool)
+                    for b, n in zip(blocks, sizes)
+                ]
+            )
         return cls(
             row_ids=[r for b in blocks for r in b.row_ids],
             offsets=offsets,
@@ -284,6 +299,7 @@ class RowBlock:
             student_logprobs=np.concatenate([b.student_logprobs for b in blocks]),
             teacher_logprobs=t_lp,
             has_teacher=np.concatenate([b.has_teacher for b in blocks]),
+            teacher_mask=t_mask,
         )
 
 
@@ -375,6 +391,7 @@ class MicroBatch:
     row_ids: list[str]
     tokens: int  # real (non-pad) tokens
     slots: int  # B x T
+    teacher_mask: torch.Tensor | None = None  # [B, T-1] bool: False where the teacher is silent
 
     def to(self, device) -> MicroBatch:
         def mv(x):
@@ -394,6 +411,7 @@ class MicroBatch:
             self.row_ids,
             self.tokens,
             self.slots,
+            mv(self.teacher_mask),
         )
 
     @property
@@ -441,6 +459,9 @@ def collate(
         sent = cat([block.sentence_ids[s] for s in spans]).astype(np.int64)[1:]
         slp = cat([s_lp(k, r) for k, r in enumerate(rows)]).astype(np.float32)[1:]
         tlp = cat([block.teacher_logprobs[s] for s in spans])[1:] if with_t else None
+        tm = None
+        if with_t and block.teacher_mask is not None:
+            tm = torch.from_numpy(cat([block.teacher_mask[s] for s in spans])[1:])[None]
         starts = np.cumsum([0, *lens[:-1]])
         L = max(lens) - 1
         k = np.arange(L)
@@ -461,6 +482,7 @@ def collate(
             row_ids=[block.row_ids[r] for r in rows],
             tokens=T,
             slots=T,
+            teacher_mask=tm,
         )
     B, T = len(rows), max(lens)
     ids = np.full((B, T), pad_id, dtype=np.int64)
@@ -468,6 +490,7 @@ def collate(
     sent = np.zeros((B, T), dtype=np.int64)
     slp = np.zeros((B, T), dtype=np.float32)
     tlp = np.zeros((B, T), dtype=np.float32) if with_t else None
+    tm = np.ones((B, T), dtype=bool) if with_t and block.teacher_mask is not None else None
     for b, (r, s) in enumerate(zip(rows, spans)):
         n = s.stop - s.start
         ids[b, :n] = block.input_ids[s]
@@ -476,6 +499,8 @@ def collate(
         slp[b, :n] = s_lp(b, r)
         if tlp is not None:
             tlp[b, :n] = block.teacher_logprobs[s]
+        if tm is not None:
+            tm[b, :n] = block.teacher_mask[s]
     return MicroBatch(
         input_ids=torch.from_numpy(ids),
         position_ids=None,
@@ -487,4 +512,5 @@ def collate(
         row_ids=[block.row_ids[r] for r in rows],
         tokens=int(sum(lens)),
         slots=B * T,
+        teacher_mask=None if tm is None else torch.from_numpy(tm[:, 1:]),
     )

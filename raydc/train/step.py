@@ -25,7 +25,7 @@ import torch
 
 from raydc.loss import loss_denominators, weighted_token_loss
 from raydc.train.data import MicroBatch
-from raydc.weights import WeightConfig, compute_weights
+from raydc.weights import WeightConfig, compute_weights, loss_tokens
 
 # all_reduce(values, op) -> reduced values, op one of "sum" | "min" | "max"
 AllReduce = Callable[[Sequence[float], str], list]
@@ -50,16 +50,17 @@ def micro_batch_weights(
     if uniform:
         return m.to(torch.float32)
     s = live_logp.detach().float() if live_logp is not None else mb.student_logprobs
-    t, sid = mb.teacher_logprobs, mb.sentence_ids
+    t, sid, tm = mb.teacher_logprobs, mb.sentence_ids, mb.teacher_mask
     lay = mb.layout
     if lay is None:
-        return compute_weights(s, t, m, wc, sentence_ids=sid)
+        return compute_weights(s, t, m, wc, sentence_ids=sid, teacher_mask=tm)
     w_RL = compute_weights(
         lay.to_rows(s),
         None if t is None else lay.to_rows(t),
         lay.to_rows(m, fill=False),
         wc,
         sentence_ids=lay.to_rows(sid),
+        teacher_mask=None if tm is None else lay.to_rows(tm, fill=True),
     )
     return lay.from_rows(w_RL, m.shape)
 
@@ -103,9 +104,11 @@ class Learner:
                 with torch.no_grad():
                     live = [self.forward(mb) for mb in mbs]
         weights = [micro_batch_weights(mb, self.wc, lp, uniform) for mb, lp in zip(mbs, live)]
+        # The tokens that count: the loss mask less what the mask transform removed.
+        masks = [loss_tokens(w, mb.loss_mask, self.wc) for mb, w in zip(mbs, weights)]
         tok, wsum = 0.0, 0.0
-        for mb, w in zip(mbs, weights):
-            d = loss_denominators(w, mb.loss_mask)
+        for m, w in zip(masks, weights):
+            d = loss_denominators(w, m)
             tok += float(d["tokens"])
             wsum += float(d["weight_sum"])
         g_tok, g_wsum = self.all_reduce([tok, wsum], "sum")
@@ -116,7 +119,7 @@ class Learner:
         for i, (mb, w) in enumerate(zip(mbs, weights)):
             logp = live[i] if (G == 1 and live[i] is not None) else self.forward(mb)
             loss = weighted_token_loss(
-                -logp.float(), w, mb.loss_mask, self.wc.normalization, denominator=denom
+                -logp.float(), w, masks[i], self.wc.normalization, denominator=denom
             )
             loss_local += float(loss.detach())
             self.engine.backward(loss * scale)

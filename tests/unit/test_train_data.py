@@ -181,3 +181,18 @@ def test_val_split_is_deterministic_and_near_the_share():
     assert picked == [is_val_key(k, 0.1, 0) for k in keys]
     assert 0.08 < sum(picked) / len(keys) < 0.12
     assert not any(is_val_key(k, 0.0, 0) for k in keys)
+
+
+def test_the_teacher_mask_travels_into_micro_batches_and_neutralises_weights():
+    from raydc.train.step import micro_batch_weights
+    from raydc.weights import preset
+
+    known = [[True, True, False], [True, True], [True, True, True, True]]
+    block = RowBlock.from_table(_table(teacher_mask=known))
+    for packed in (True, False):
+        mb = collate(block, [0, 1, 2], packed=packed)
+        w = micro_batch_weights(mb, preset("discord"))
+        rows = mb.layout.to_rows(w) if packed else w
+        assert rows[0, 1] == 1.0  # token 2 of row a: the teacher said nothing
+        assert rows[0, 0] != 1.0 and rows[2, 2] != 1.0
+    assert RowBlock.from_table(_table()).teacher_mask is None

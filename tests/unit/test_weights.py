@@ -337,3 +337,78 @@ def test_diagnostics():
     # uniform weights: ESS equals the token count
     d1 = weight_diagnostics(m.float(), m)
     assert d1["ess"] == pytest.approx(7.0)
+
+
+# ----------------------------------------------------------------------------- gaps closed
+# Each test below fails on a mutation the suite once let through.
+
+
+def test_prefix_ema_weighs_the_past_by_lambda():
+    # lam = 0.9: u_t = 0.9 u_{t-1} + 0.1 d_t (swapping lam and 1 - lam gives another value)
+    got = granular_logratio(S, T, M, WeightConfig(granularity="prefix_ema", lam=0.9))
+    u1 = 0.5
+    u2 = 0.9 * u1 + 0.1 * -0.5
+    u3 = 0.9 * u2 + 0.1 * -1.0
+    u4 = 0.9 * u3 + 0.1 * 0.0
+    assert resp(got) == pytest.approx([u1, u2, u3, u4])
+    assert u2 == pytest.approx(0.4)
+
+
+def test_mask_transform_ignores_tau():
+    # ratio exp(d) = 3 is outside [0.5, 2]: masked at any tau (d / tau = 0.55 is inside)
+    s = torch.tensor([[0.0, -1.0]])
+    t = torch.tensor([[0.0, -1.0 - math.log(3.0)]])
+    m = torch.tensor([[False, True]])
+    for tau in (1.0, 2.0, 5.0):
+        w = compute_weights(s, t, m, WeightConfig(transform="mask", lo=0.5, hi=2.0, tau=tau))
+        assert w[0, 1] == 0.0, tau
+
+
+def test_without_a_teacher_the_sign_does_not_apply():
+    # d = log p_S whatever the sign: DFT-like weighting needs no teacher and no direction
+    cfg = WeightConfig(transform="exp_clip", w_min=0.0, w_max=10.0, sign=-1)
+    w = compute_weights(S, None, M, cfg)
+    assert resp(w) == pytest.approx([math.exp(s) for s in [-0.5, -1.0, -2.0, -0.1]])
+    with_t = compute_weights(S, T, M, cfg)
+    assert resp(with_t) == pytest.approx([math.exp(-d) for d in D])
+
+
+@pytest.mark.parametrize("normalization", ["none", "per_sequence", "self_norm"])
+def test_masked_tokens_leave_the_denominator(normalization):
+    from raydc.loss import weighted_token_loss
+    from raydc.weights import loss_tokens
+
+    # losses [1, 1, 10, 10]; the mask transform keeps the first two tokens (ratio 1) and
+    # drops the last two (ratio e^3): the loss is the mean over the kept ones, 1.0.
+    s = torch.zeros(1, 5)
+    t = torch.tensor([[0.0, 0.0, 0.0, -3.0, -3.0]])
+    m = torch.tensor([[False, True, True, True, True]])
+    cfg = WeightConfig(transform="mask", lo=0.5, hi=2.0, normalization=normalization)
+    w = compute_weights(s, t, m, cfg)
+    assert resp(w) == [1.0, 1.0, 0.0, 0.0]
+    loss = torch.tensor([[0.0, 1.0, 1.0, 10.0, 10.0]])
+    kept = loss_tokens(w, m, cfg)
+    assert kept.tolist() == [[False, True, True, False, False]]
+    assert float(weighted_token_loss(loss, w, kept, normalization)) == pytest.approx(1.0)
+    # with a floor nothing is dropped: every token keeps a weight
+    floored = compute_weights(s, t, m, cfg.replace(floor=0.1))
+    assert loss_tokens(floored, m, cfg).tolist() == m.tolist()
+
+
+def test_where_the_teacher_is_silent_the_weight_is_exactly_one():
+    # Position 2's teacher value is unknown: neutral whatever the student log-prob there
+    # (student_ref=current or a re-scoring round gives another one than the stored).
+    known = torch.tensor([[True, True, False, True, True]])
+    cfg = preset("discord")
+    for s2 in (-0.01, -1.0, -7.0):
+        s = S.clone()
+        s[0, 2] = s2
+        w = compute_weights(s, T, M, cfg, teacher_mask=known)
+        assert w[0, 2] == 1.0
+        assert resp(w)[0] == pytest.approx(2 * sig(0.5))
+    # In a granular mean the silent token counts as d = 0.
+    u = granular_logratio(S, T, M, WeightConfig(granularity="sequence_mean"), None, known)
+    assert resp(u) == pytest.approx([(0.5 + 0.0 - 1.0 + 0.0) / 4] * 4)
+    # exp_clip: forced to 1 even where the clip bounds would not allow it
+    clip = WeightConfig(transform="exp_clip", w_min=1.5, w_max=4.0)
+    assert compute_weights(S, T, M, clip, teacher_mask=known)[0, 2] == 1.0
