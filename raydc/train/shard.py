@@ -136,9 +136,18 @@ class RankShard:
     piece_rows: np.ndarray  # [P + 1] int64: rows of piece p are [piece_rows[p], piece_rows[p+1])
     row_offsets: np.ndarray = field(init=False)  # [N + 1] token offsets in shard order
     bytes_read: int = 0  # compressed bytes of row groups read so far (index pass included)
+    _files: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.row_offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+
+    def _open(self, path: str):
+        """One open ParquetFile per file: opening re-reads the footer (64 KiB here)."""
+        import pyarrow.parquet as pq
+
+        if path not in self._files:
+            self._files[path] = pq.ParquetFile(path)
+        return self._files[path]
 
     @classmethod
     def open(
@@ -148,8 +157,9 @@ class RankShard:
 
         key = "prompt_id" if "prompt_id" in columns else "row_id"
         lengths, is_val, bounds, nbytes = [], [], [0], 0
+        files: dict = {}
         for p in pieces:
-            pf = pq.ParquetFile(p.file)
+            pf = files.get(p.file) or files.setdefault(p.file, pq.ParquetFile(p.file))
             cols = [INDEX_COLUMN] + ([key] if val_share > 0 else [])
             t = pf.read_row_group(p.row_group, columns=cols).slice(p.start, p.stop - p.start)
             nbytes += _columns_bytes(pf, p.row_group, cols)
@@ -169,6 +179,7 @@ class RankShard:
             piece_rows=np.asarray(bounds, np.int64),
         )
         shard.bytes_read = nbytes
+        shard._files = files
         return shard
 
     @property
@@ -177,13 +188,11 @@ class RankShard:
 
     def read_pieces(self, piece_ids: list[int], columns: list[str] | None = None) -> RowBlock:
         """The rows of the given pieces, in that order, as one block (checked)."""
-        import pyarrow.parquet as pq
-
         cols = columns or self.columns
         blocks = []
         for p_id in piece_ids:
             p = self.pieces[p_id]
-            pf = pq.ParquetFile(p.file)
+            pf = self._open(p.file)
             t = pf.read_row_group(p.row_group, columns=cols).slice(p.start, p.stop - p.start)
             self.bytes_read += _columns_bytes(pf, p.row_group, cols)
             block = RowBlock.from_table(t)
