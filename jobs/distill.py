@@ -13,37 +13,21 @@ cluster; otherwise it starts a local Ray.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's raydc
 
-from raydc.cli import add_config_args, load  # noqa: E402
-from raydc.pipeline import Pipeline, format_summary, summarize  # noqa: E402
+from raydc.cli import add_config_args, execute  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
+    """The whole job; returns the exit status (0 done, 2 config error, 1 a stage failed),
+    with the one error path of the ``raydc`` command (raydc.cli.execute)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_args(parser)
-    cfg = load(parser.parse_args(argv))  # validated; errors name the field
-
-    pipe = Pipeline(cfg)
-    pipe.prepare()
-    pipe.score()
-    if pipe.cfg.select.enabled:
-        pipe.select()
-    pipe.model()  # train, or a Tune sweep when tune.enabled
-    if pipe.cfg.eval.enabled:
-        pipe.eval()
-
-    summary = summarize(pipe.results, pipe.cfg)
-    print(format_summary(summary), flush=True)
-    out = Path(pipe.cfg.run.output_dir) / "summary.json"
-    out.write_text(json.dumps(summary, indent=2, default=str))
-    print(f"summary: {out}")
-    return summary
+    return execute("run", parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

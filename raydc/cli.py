@@ -74,38 +74,50 @@ def load(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return execute(args.command, args)
+
+
+def execute(command: str, args: argparse.Namespace) -> int:
+    """Run one command (a stage, ``run`` or ``config``) with one error path for every entry
+    point (``raydc``, ``jobs/distill.py``, ``ray job submit``): a config error, a missing
+    file or model, a busy output folder or a failed stage prints one line naming the field,
+    path or stage and returns non-zero (2: the config, 1: a stage); the traceback of a
+    failed stage is in ``<run.output_dir>/raydc.log``."""
     from raydc.config import ConfigError, dump_config
 
-    args = build_parser().parse_args(argv)
     try:
         cfg = load(args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"raydc: config error: {e}", file=sys.stderr)
         return 2
-    if args.command == "config":
+    if command == "config":
         print(dump_config(cfg), end="")
         return 0
 
     from raydc.pipeline import Pipeline, StageError, format_summary, summarize
 
-    pipe = Pipeline(cfg)
     try:
-        if args.command == "run":
+        pipe = Pipeline(cfg)
+        if command == "run":
             pipe.run_all()
         else:
-            pipe.run_until(args.command)
-    except StageError as e:
-        print(f"raydc: {e}", file=sys.stderr)
-        return 1
+            pipe.run_until(command)
     except ConfigError as e:
         print(f"raydc: config error: {e}", file=sys.stderr)
         return 2
+    except StageError as e:
+        print(f"raydc: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("raydc: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     summary = summarize(pipe.results, pipe.cfg)
-    print(format_summary(summary))
-    if args.command == "run":
-        (Path(pipe.cfg.run.output_dir) / "summary.json").write_text(
-            json.dumps(summary, indent=2, default=str)
-        )
+    print(format_summary(summary), flush=True)
+    if command == "run":
+        out = Path(pipe.cfg.run.output_dir) / "summary.json"
+        out.write_text(json.dumps(summary, indent=2, default=str))
+        print(f"summary: {out}")
     return 0
 
 

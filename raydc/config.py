@@ -140,7 +140,9 @@ class TrainConfig:
     # packed row: no [T x T] mask) | flash_attention_2 | sdpa | eager
     attn_implementation: str = "auto"
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward (non-reentrant)
-    shuffle_window_tokens: int = 2_000_000  # rows shuffled and packed within windows of this many tokens
+    shuffle_window_tokens: int = (
+        2_000_000  # rows shuffled and packed within windows of this many tokens
+    )
     grad_accum: int = 1
     grad_clip: float = 1.0
     student_ref: str = "init"  # init (stored scores) | current (live forward, detached)
@@ -225,7 +227,9 @@ def _check_space(path: str, space: dict) -> None:
         if isinstance(spec, list):
             spec = {"type": "choice", "values": spec}
         if not isinstance(spec, dict) or spec.get("type") not in SPACE_TYPES:
-            raise ConfigError(f"{where}={spec!r}: must be a list or a mapping with type one of {list(SPACE_TYPES)}")
+            raise ConfigError(
+                f"{where}={spec!r}: must be a list or a mapping with type one of {list(SPACE_TYPES)}"
+            )
         if spec["type"] in ("choice", "grid"):
             if not isinstance(spec.get("values"), list) or not spec["values"]:
                 raise ConfigError(f"{where}.values: must be a non-empty list")
@@ -304,8 +308,13 @@ class EngineConfig:
     def validate(self, path: str) -> None:
         _choice(f"{path}.backend", self.backend, ("auto", "ray", "local"))
         _choice(f"{path}.dtype", self.dtype, ("float32", "bfloat16", "float16", "auto"))
-        for name in ("num_engines", "tensor_parallel_size", "cpus_per_engine", "max_model_len",
-                     "batch_size"):
+        for name in (
+            "num_engines",
+            "tensor_parallel_size",
+            "cpus_per_engine",
+            "max_model_len",
+            "batch_size",
+        ):
             _positive(f"{path}.{name}", getattr(self, name))
         _positive(f"{path}.gpus_per_engine", self.gpus_per_engine, strict=False)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -384,6 +393,12 @@ class RunConfig:
     output_dir: str = "runs/default"
     ray_address: str | None = None  # None: RAY_ADDRESS or a local Ray; "auto", host:port, ray://
     seed: int = 0
+
+    def validate(self, path: str) -> None:
+        # An empty value would mean "the current folder", where stage folders would be
+        # created and cleared beside the user's own files.
+        if not str(self.output_dir or "").strip():
+            raise ConfigError(f"{path}.output_dir={self.output_dir!r}: must name a folder")
 
 
 @dataclass

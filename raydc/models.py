@@ -99,6 +99,9 @@ def build_tiny_model(
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)
     out = Path(out_dir)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a one-shard tiny model needs no progress bar
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return str(out)

@@ -8,6 +8,13 @@ resumes at the stage that failed (training and Tune also resume from their own c
 there). Every stage that actually runs appends a line to ``<output_dir>/stages.jsonl``:
 that is how a test counts that a Tune sweep scored the data once.
 
+The marker also vouches for the stage's outputs: each file's size, an O(1) digest and, for
+Parquet, its row count (``outputs``). A reused stage checks them first; a deleted, truncated
+or rewritten output reruns the stage that made it. One job at a time owns an output folder
+(``.raydc.lock``, an advisory lock the OS drops when the process dies), and a stage folder
+is cleared only if raydc made it (``.raydc_stage_dir`` inside). docs/failure-modes.md says
+what each fault does.
+
 Configs may name packaged files as ``pkg:assets/example/train.jsonl`` and the built-in
 tiny models as ``tiny:student`` / ``tiny:teacher`` (built under ``<output_dir>/models/``
 on first use, from ``raydc.models``); ``resolve`` turns both into real paths before any
@@ -30,12 +37,15 @@ from pathlib import Path
 from typing import Any
 
 from raydc.config import RaydcConfig
+from raydc.data.schema import OWNED  # in every stage folder raydc creates: it may clear it
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PACKAGE_DIR / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 MARKER = "_raydc_stage.json"
 HISTORY = "stages.jsonl"
+LOCK = ".raydc.lock"
+LOG = "raydc.log"  # tracebacks of failed stages
 # role -> (size role in raydc.models.TINY_SIZES, seed). The teacher is larger than the
 # student and shares its tokenizer.
 TINY_MODELS = {"tiny:student": ("student", 0), "tiny:teacher": ("teacher", 1)}
@@ -68,6 +78,100 @@ EVAL_HEADLINE = (
 
 class StageError(RuntimeError):
     """A stage failed; the message names the stage and where its partial output is."""
+
+
+class OutputDirBusy(StageError):
+    """Another live process holds the output folder's lock."""
+
+
+# ----------------------------------------------------------------------------- the lock
+
+# Output folder -> the open lock file of this process. A process takes a folder's lock
+# once and keeps it until it exits (or ``release_output_dir``): pipelines built one after
+# another in one process (tests, notebooks) share it; another process is refused.
+_LOCKS: dict[str, Any] = {}
+
+
+def lock_output_dir(root: Path) -> None:
+    """Take ``<root>/.raydc.lock`` for this process or raise OutputDirBusy naming the
+    holder. ``fcntl.flock`` is dropped by the kernel when its process dies, so a SIGKILLed
+    job never leaves a stale lock (on NFS, flock is only as good as the mount's locking)."""
+    import fcntl
+    import socket
+
+    key = str(root)
+    if key in _LOCKS:
+        return
+    path = root / LOCK
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise OutputDirBusy(
+            f"run.output_dir={root} is in use by another raydc job ({holder}); wait for it "
+            f"or give this job another run.output_dir"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%F %T')}")
+    fh.flush()
+    _LOCKS[key] = fh
+
+
+def release_output_dir(root: Path) -> None:
+    fh = _LOCKS.pop(str(root), None)
+    if fh is not None:
+        fh.close()
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def output_record(out: Path, paths: list[Path] | None = None) -> dict[str, dict]:
+    """What a marker vouches for: rel path -> size, O(1) digest, rows (Parquet), for every
+    file under ``paths`` (default: the whole stage folder), bookkeeping files left out."""
+    from raydc.models import file_digest
+
+    record: dict[str, dict] = {}
+    for root in [out] if paths is None else paths:
+        files = [root] if root.is_file() else sorted(x for x in root.rglob("*") if x.is_file())
+        for f in files:
+            rel = f.relative_to(out).as_posix()
+            if f.name in (MARKER, MARKER + ".tmp", OWNED) or rel.startswith("."):
+                continue
+            entry = {"bytes": f.stat().st_size, "digest": file_digest(f)}
+            if f.suffix == ".parquet":
+                entry["rows"] = _parquet_rows(f)
+            record[rel] = entry
+    return record
+
+
+def _parquet_rows(path: Path) -> int | None:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:  # truncated or not Parquet: no count, the check below reports it
+        return None
+
+
+def changed_outputs(out: Path, record: dict[str, dict]) -> list[str]:
+    """The recorded outputs that are missing or differ now (empty: all vouched for)."""
+    from raydc.models import file_digest
+
+    bad = []
+    for rel, want in record.items():
+        f = out / rel
+        if not f.is_file():
+            bad.append(f"{rel} is missing")
+        elif f.stat().st_size != want["bytes"] or file_digest(f) != want["digest"]:
+            bad.append(f"{rel} changed ({f.stat().st_size:,} bytes, recorded {want['bytes']:,})")
+        elif "rows" in want and _parquet_rows(f) != want["rows"]:
+            bad.append(f"{rel} holds {_parquet_rows(f)} rows, recorded {want['rows']}")
+    return bad
 
 
 # ----------------------------------------------------------------------------- resolving
@@ -249,9 +353,22 @@ class Pipeline:
     def __init__(
         self, cfg: RaydcConfig, log: Callable[[str], None] | None = None, connect_ray: bool = True
     ):
+        from raydc.config import ConfigError
+
+        root = Path(cfg.run.output_dir).expanduser().resolve()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / f".write_probe_{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(
+                f"run.output_dir={cfg.run.output_dir!r}: cannot write there "
+                f"({e.strerror or e}{': ' + str(e.filename) if e.filename else ''})"
+            ) from None
+        lock_output_dir(root)  # before anything is written there (the tiny models)
         self.cfg = resolve(cfg)
         self.root = Path(self.cfg.run.output_dir)
-        self.root.mkdir(parents=True, exist_ok=True)
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.results: dict[str, StageResult] = {}
         self._connect = connect_ray
@@ -259,44 +376,63 @@ class Pipeline:
     # -- the generic stage runner
 
     def run_stage(
-        self, name: str, parts: dict, fn: Callable[[Path], dict], resumable: bool = False
+        self,
+        name: str,
+        parts: dict,
+        fn: Callable[[Path], dict],
+        resumable: bool = False,
+        vouch: Callable[[Path, dict], list[Path]] | None = None,
     ) -> StageResult:
         """Run ``fn(out_dir) -> summary`` unless a finished run with the same fingerprint is
-        there. A stale or partial folder is cleared first, except for ``resumable`` stages
-        (train, tune) whose partial folder of the same fingerprint holds checkpoints."""
+        there and its outputs are as it left them. A stale or partial folder is cleared
+        first (only if raydc made it), except for ``resumable`` stages (train, tune) whose
+        partial folder of the same fingerprint holds checkpoints. ``vouch(out, summary)``
+        names the outputs the marker vouches for (default: the whole folder)."""
         fp = fingerprint({"stage": name, **parts})
         out = self.root / name
-        marker = read_marker(out)
-        if marker and marker.get("fingerprint") == fp:
-            res = StageResult(name, out, fp, marker.get("summary", {}), skipped=True)
-            self.results[name] = res
-            self.log(f"[raydc] {name:<8} done before (fingerprint {fp}), reusing {out}")
-            return res
         # Outside the stage folder: stages refuse to write into a folder they did not make.
         pending = self.root / f".{name}.pending.json"
+        marker = read_marker(out)
+        if marker and marker.get("fingerprint") == fp:
+            bad = changed_outputs(out, marker.get("outputs") or {})
+            if not bad:
+                res = StageResult(name, out, fp, marker.get("summary", {}), skipped=True)
+                self.results[name] = res
+                self.log(f"[raydc] {name:<8} done before (fingerprint {fp}), reusing {out}")
+                return res
+            self.log(
+                f"[raydc] {name:<8} outputs changed since it finished ({'; '.join(bad[:3])}"
+                f"{'; ...' if len(bad) > 3 else ''}): running it again"
+            )
+            (out / MARKER).unlink()
+            if resumable:  # its checkpoints are still good: resume from them
+                pending.write_text(json.dumps({"fingerprint": fp, "started": time.time()}))
         keep = (
             resumable
             and pending.exists()
             and json.loads(pending.read_text()).get("fingerprint") == fp
         )
         if out.exists() and not keep:
-            shutil.rmtree(out)
+            self._clear(out)
         out.mkdir(parents=True, exist_ok=True)
+        (out / OWNED).touch()
         pending.write_text(json.dumps({"fingerprint": fp, "started": time.time()}))
         if self._connect:
             connect(self.cfg)
         self.log(f"[raydc] {name:<8} running{' (resuming)' if keep else ''} -> {out}")
         t0 = time.time()
         try:
-            summary = fn(out)
+            summary = dict(fn(out) or {})
+            summary.setdefault("seconds", round(time.time() - t0, 3))
+            outputs = output_record(out, vouch(out, summary) if vouch else None)
         except Exception as e:
+            self._log_traceback(name)
             raise StageError(
                 f"stage {name!r} failed after {time.time() - t0:.1f}s: {type(e).__name__}: {e}\n"
-                f"(partial output in {out}; rerun the same command to resume here)"
+                f"(partial output in {out}; traceback in {self.root / LOG}; rerun the same "
+                f"command to resume here)"
             ) from e
         seconds = time.time() - t0
-        summary = dict(summary or {})
-        summary.setdefault("seconds", round(seconds, 3))
         record = {
             "stage": name,
             "fingerprint": fp,
@@ -304,21 +440,53 @@ class Pipeline:
             "finished": time.time(),
             "summary": summary,
             "inputs": parts,
+            "outputs": outputs,
         }
-        tmp = out / (MARKER + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2, default=str))
-        tmp.replace(out / MARKER)
-        pending.unlink(missing_ok=True)
-        with open(self.root / HISTORY, "a") as f:
-            f.write(
-                json.dumps({k: record[k] for k in ("stage", "fingerprint", "seconds", "finished")})
-                + "\n"
-            )
+        try:  # a full disk here must not leave a half-written marker that says done
+            tmp = out / (MARKER + ".tmp")
+            tmp.write_text(json.dumps(record, indent=2, default=str))
+            tmp.replace(out / MARKER)
+            pending.unlink(missing_ok=True)
+            with open(self.root / HISTORY, "a") as f:
+                f.write(
+                    json.dumps(
+                        {k: record[k] for k in ("stage", "fingerprint", "seconds", "finished")}
+                    )
+                    + "\n"
+                )
+        except OSError as e:
+            (out / MARKER).unlink(missing_ok=True)
+            raise StageError(
+                f"stage {name!r} finished but its marker could not be written to {out}: {e}; "
+                f"free space there and rerun"
+            ) from e
         res = StageResult(name, out, fp, summary, skipped=False)
         self.results[name] = res
         line = stage_line(name, summary)
         self.log(f"[raydc] {name:<8} {seconds:7.1f} s  {line}")
         return res
+
+    @staticmethod
+    def _clear(out: Path) -> None:
+        """Remove a stale stage folder, only if raydc made it."""
+        if (out / OWNED).exists() or (out / MARKER).exists() or not any(out.iterdir()):
+            shutil.rmtree(out)
+            return
+        raise StageError(
+            f"{out} exists and raydc did not make it (no {OWNED} inside): raydc clears a "
+            f"stage folder before it reruns the stage, so move your files out of it or set "
+            f"another run.output_dir"
+        )
+
+    def _log_traceback(self, stage: str) -> None:
+        import traceback
+
+        try:
+            with open(self.root / LOG, "a") as f:
+                f.write(f"--- {time.strftime('%F %T')} stage {stage} failed\n")
+                f.write(traceback.format_exc())
+        except OSError:
+            pass
 
     # -- the stages
 
@@ -399,7 +567,7 @@ class Pipeline:
 
             return run_train(cfg, str(data.out_dir), out)
 
-        return self.run_stage("train", parts, fn, resumable=True)
+        return self.run_stage("train", parts, fn, resumable=True, vouch=_model_outputs)
 
     def tune(self) -> StageResult:
         from raydc.tune import check_space
@@ -425,7 +593,7 @@ class Pipeline:
 
             return run_tune(cfg, str(data.out_dir), out)
 
-        return self.run_stage("tune", parts, fn, resumable=True)
+        return self.run_stage("tune", parts, fn, resumable=True, vouch=_model_outputs)
 
     def model(self) -> StageResult:
         """Train, or tune when ``tune.enabled``: the stage that produces the model."""
@@ -453,8 +621,44 @@ class Pipeline:
 
         return self.run_stage("eval", parts, fn)
 
+    # -- checks before the first stage
+
+    def check(self, stages: tuple[str, ...] = ("prepare", "score", "select", "model", "eval")):
+        """What can fail late, checked before any stage runs: input files, model folders
+        (a missing folder would otherwise read as a bad hub repo id a minute in), a
+        teacher whose vocabulary is smaller than its tokenizer, the Tune space and the
+        eval prompts. Raises ConfigError naming the field."""
+        from raydc.config import ConfigError
+        from raydc.weights import needs_teacher
+
+        cfg = self.cfg
+        if "prepare" in stages:
+            _check_input("data.path", cfg.data.path)
+        models = [("score.student", cfg.score.student)]
+        if cfg.score.teacher and needs_teacher(cfg.weights):
+            models.append(("score.teacher", cfg.score.teacher))
+        if "model" in stages and cfg.train.student:
+            models.append(("train.student", cfg.train.student))
+        if cfg.data.tokenizer:
+            models.append(("data.tokenizer", cfg.data.tokenizer))
+        for field, value in models:
+            _check_model(field, value, tokenizer_only=field == "data.tokenizer")
+        if cfg.score.teacher and Path(cfg.score.teacher).is_dir() and "score" in stages:
+            _check_vocab("score.teacher", cfg.score.teacher)
+        if "model" in stages and cfg.tune.enabled:
+            from raydc.tune import check_space
+
+            check_space(cfg)
+        if ("eval" in stages and cfg.eval.enabled) or (
+            "model" in stages and cfg.tune.enabled and cfg.tune.metric != "val_nll"
+        ):
+            if not cfg.eval.path:
+                raise ConfigError("eval.path: not set; name the held-out prompts to evaluate on")
+            _check_input("eval.path", cfg.eval.path)
+
     def run_all(self) -> dict[str, StageResult]:
         """The whole job: prepare -> score -> [select] -> train or tune -> [eval]."""
+        self.check()
         self.prepare()
         self.score()
         if self.cfg.select.enabled:
@@ -468,7 +672,76 @@ class Pipeline:
         """Run ``stage`` and whatever it needs that is not done yet (``raydc <stage>``)."""
         if stage == "select" and not self.cfg.select.enabled:
             raise StageError("select: select.enabled is false; set select.enabled=true")
+        upstream = {
+            "prepare": ("prepare",),
+            "score": ("prepare", "score"),
+            "select": ("prepare", "score", "select"),
+            "train": ("prepare", "score", "select", "model"),
+            "tune": ("prepare", "score", "select", "model"),
+            "eval": ("prepare", "score", "select", "model", "eval"),
+        }[stage]
+        self.check(upstream)
         return getattr(self, stage)()
+
+
+def _check_input(field: str, value: str | None) -> None:
+    from raydc.config import ConfigError
+
+    if value and "://" not in value and not Path(value).exists():
+        raise ConfigError(f"{field}={value!r}: no such file or folder")
+
+
+def _check_model(field: str, value: str | None, tokenizer_only: bool = False) -> None:
+    """A model (or tokenizer) named by a config field must be a local folder holding it,
+    or a hub name that can be reached (or is cached when the hub is offline)."""
+    from raydc.config import ConfigError
+    from raydc.models import TOKENIZERS
+
+    if not value or (tokenizer_only and value in TOKENIZERS):
+        return
+    p = Path(value).expanduser()
+    need = "tokenizer_config.json" if tokenizer_only else "config.json"
+    if p.exists() or value.startswith((".", "/", "~")):
+        if not p.is_dir():
+            raise ConfigError(f"{field}={value!r}: no such model folder")
+        if not (p / need).is_file() and not (p / "config.json").is_file():
+            raise ConfigError(f"{field}={value!r}: not a model folder (no {need} inside)")
+        return
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(value, need), str):
+            raise ConfigError(
+                f"{field}={value!r}: not a local folder, and the hub is offline "
+                f"(HF_HUB_OFFLINE=1) with no cached copy; give the model's folder"
+            )
+
+
+def _check_vocab(field: str, path: str) -> None:
+    """vLLM fails on a model whose embedding is smaller than its tokenizer's ids, late and
+    with the cause only in a worker log."""
+    from raydc.config import ConfigError
+    from raydc.models import load_tokenizer
+
+    try:
+        vocab = json.loads((Path(path) / "config.json").read_text()).get("vocab_size")
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{field}={path!r}: unreadable config.json ({e})") from None
+    if not isinstance(vocab, int):
+        return
+    n = len(load_tokenizer(path))
+    if n > vocab:
+        raise ConfigError(
+            f"{field}={path!r}: its tokenizer has {n:,} tokens but the model's vocab_size is "
+            f"{vocab:,}; token ids >= {vocab:,} cannot be scored (is this the right tokenizer?)"
+        )
+
+
+def _model_outputs(out: Path, summary: dict) -> list[Path]:
+    """What train and tune vouch for: the exported model (eval and users read it), not the
+    checkpoints, which a user may prune once the run is done."""
+    model = summary.get("model_dir")
+    return [Path(model)] if model and Path(model).exists() else []
 
 
 # ----------------------------------------------------------------------------- Ray
@@ -537,7 +810,10 @@ def summarize(results: dict[str, StageResult], cfg: RaydcConfig) -> dict:
         m = model.summary.get("metrics") or {}
         s["training_tokens_per_s"] = m.get("tokens_per_s")
         s["train_metrics"] = {
-            k: v for k, v in m.items() if k in ("step", "loss", "val_nll", "tokens_per_s", "ess")
+            k: v
+            for k, v in m.items()
+            if k
+            in ("step", "loss", "val_nll", "tokens_per_s", "ess", "padding_share", "budget_fill")
         }
         s["model_dir"] = model.summary.get("model_dir")
         if "tune" in results:

@@ -277,7 +277,12 @@ def _export(checkpoint_path: str, dest: Path) -> str:
 
 
 def run_trial(
-    config: dict, base: RaydcConfig, data_dir: str, sweep_dir: str, student_fp: str | None = None
+    config: dict,
+    base: RaydcConfig,
+    data_dir: str,
+    sweep_dir: str,
+    student_fp: str | None = None,
+    after_step=None,
 ) -> None:
     """The per-trial driver: sampled values -> config -> TorchTrainer (reporting to Tune)
     -> fit -> optionally eval. Runs in a Tune trial actor with ``tune.driver_cpus``."""
@@ -303,6 +308,7 @@ def run_trial(
         # Same name and storage on a retry: Ray Train resumes from the latest checkpoint.
         run_config_overrides={"name": "train", "storage_path": str(trial_dir / "ray")},
         student_fingerprint=student_fp,  # checked once for the sweep, not per trial
+        after_step=after_step,
     )
     result = trainer.fit()
     if result.error is not None:
@@ -408,9 +414,13 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def run_tune(cfg: RaydcConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
+def run_tune(
+    cfg: RaydcConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike, after_step=None
+) -> dict:
     """Run (or resume) the sweep over ``cfg.tune.space`` on the scored rows in
-    ``data_dir``; write ``results.csv`` and the best trial's model to ``out_dir/model``."""
+    ``data_dir``; write ``results.csv`` and the best trial's model to ``out_dir/model``.
+    ``after_step(StepInfo)`` runs in every trial's workers after each step (tests inject
+    faults with it)."""
     import ray
     from ray import tune
 
@@ -437,6 +447,7 @@ def run_tune(cfg: RaydcConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
             data_dir=str(Path(data_dir).resolve()),
             sweep_dir=str(out),
             student_fp=student_fp,
+            after_step=after_step,
         ),
         {"cpu": tc.driver_cpus},
     )

@@ -41,11 +41,15 @@ class RowReject(Exception):
         return f"{self.code}: {self.detail}" if self.detail else self.code
 
 
+# The roles chat templates render; another role would be dropped or mis-rendered.
+ROLES = ("system", "user", "assistant", "tool")
+
 REASON_CODES = (
     "invalid_json",  # a JSONL line that does not parse to an object
     "undecodable",  # bytes that are not UTF-8, or lone surrogates
     "missing_key",
     "wrong_type",
+    "unknown_role",  # a chat turn whose role is not system, user, assistant or tool
     "empty_response",
     "too_long",  # over data.max_length with overlength=drop (or score.max_model_len)
     "no_loss_tokens",  # nothing left to learn after truncation
@@ -222,6 +226,10 @@ def _chat_messages(row: dict, dcfg) -> list[dict]:
             if _missing(m, k):
                 raise RowReject(f"{where}.{k}", "missing_key", f"{k!r} is missing or null")
         role = as_text(m["role"], f"{where}.role")
+        if role not in ROLES:
+            raise RowReject(
+                f"{where}.role", "unknown_role", f"{role!r} is not one of {list(ROLES)}"
+            )
         content = as_text(m["content"], f"{where}.content")
         out.append({"role": role, "content": content})
     assistants = [i for i, m in enumerate(out) if m["role"] == "assistant"]

@@ -69,6 +69,11 @@ def data_files(folder: str | os.PathLike) -> list[str]:
     return sorted(str(f) for f in p.glob("*.parquet") if f.name != REJECTS_FILE)
 
 
+# Written by the stage runner (raydc.pipeline) into every stage folder it creates: the
+# folder is raydc's to clear.
+OWNED = ".raydc_stage_dir"
+
+
 def count_rows(files: Iterable[str]) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
@@ -79,8 +84,9 @@ def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
     A non-empty folder that holds no stage summary/manifest is refused: it is not ours.
     """
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not any((out / f).exists() for f in STAGE_FILES) and not (out / PARTS_DIR).exists():
+    if out.exists() and any(p.name != OWNED for p in out.iterdir()):
+        ours = (out / OWNED).exists() or (out / PARTS_DIR).exists()
+        if not ours and not any((out / f).exists() for f in STAGE_FILES):
             raise FileExistsError(
                 f"{out} is not empty and holds no previous raydc stage output; "
                 "choose an empty or new folder"

@@ -10,11 +10,19 @@ Settings that make the numbers right rather than fast-but-wrong:
 - Prefix caching off: a cached prefix has no prompt log-probs to return.
 - ``max_num_batched_tokens`` bounded: prompt log-probs materialise a [tokens x vocab]
   float32 tensor per scheduler step.
+
+A dead engine fails its actor: vLLM runs the engine in a child process (``EngineCore``),
+and when that process dies (an OOM kill) the client waits on its output queue with no
+timeout, so the stage would hang with no error. ``EngineWatchdog`` polls the child and
+exits the actor's process when it is gone; Ray Data restarts the actor and retries its
+batch (its actors are restartable by default), or the stage fails naming the actor.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -66,6 +74,7 @@ class VLLMScorer:
 
         self.version = vllm.__version__
         self.llm = LLM(**engine_kwargs(model, scfg))
+        self.watchdog = EngineWatchdog.start(model)
         self.params = SamplingParams(
             max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False
         )
@@ -85,7 +94,62 @@ class VLLMScorer:
         ]
 
     def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
         self.llm = None
+
+
+class EngineWatchdog:
+    """Exits this process when one of its vLLM ``EngineCore`` children has died."""
+
+    POLL_S = 2.0
+
+    def __init__(self, engines: list, model: str):
+        self.engines, self.model = engines, model
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="raydc-engine-watchdog", daemon=True).start()
+
+    @classmethod
+    def start(cls, model: str) -> EngineWatchdog | None:
+        import psutil
+
+        kids = psutil.Process().children(recursive=True)
+        engines = [p for p in kids if "EngineCore" in _proc_name(p)]
+        return cls(engines, model) if engines else None  # in-process engine: nothing to watch
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def dead(self) -> list[int]:
+        import psutil
+
+        out = []
+        for p in self.engines:
+            try:
+                if not p.is_running() or p.status() == psutil.STATUS_ZOMBIE:
+                    out.append(p.pid)
+            except psutil.NoSuchProcess:
+                out.append(p.pid)
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.POLL_S):
+            gone = self.dead()
+            if gone and not self._stop.is_set():
+                print(
+                    f"raydc: the vLLM engine process {gone} of scoring actor pid {os.getpid()} "
+                    f"({self.model}) died; exiting the actor so Ray Data restarts it",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(1)
+
+
+def _proc_name(p) -> str:
+    try:
+        return p.name() + " " + " ".join(p.cmdline()[:2])
+    except Exception:
+        return ""
 
 
 def to_logprobs(i: int, sent: list[int], got_ids, prompt_logprobs) -> np.ndarray:

@@ -150,6 +150,7 @@ class _Worker:
         self.epoch = 0
         self.pos = 0  # micro-batches of this epoch already consumed
         self.resumed_from = 0  # the checkpoint step this attempt started from
+        self.restored_metrics: dict = {}  # reported with the checkpoint resumed from
         self.last_rows_fp = ""
         self.plan = None
         self.reader: WindowReader | None = None
@@ -291,6 +292,9 @@ class _Worker:
         from raydc.weights import weight_diagnostics
 
         win = self.window
+        if win["steps"] == 0 and self.restored_metrics:
+            # Nothing trained since the resume (the final checkpoint): its own figures.
+            return dict(self.restored_metrics, resumed_from_step=self.resumed_from)
         W = self.world
         mine = np.zeros(2 * W)
         mine[self.rank] = len(self.shard.train_rows)
@@ -420,13 +424,16 @@ class _Worker:
                     vals[1:] = lp_rows[k, : L - 1].numpy()
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, ckpt_dir: str) -> None:
+    def save(self, ckpt_dir: str, metrics: dict | None = None) -> None:
         state = dict(
             step=self.step,
             epoch=self.epoch,
             pos=self.pos,
             world=self.world,
             shard_rows=int(len(self.shard.lengths)),
+            # The figures reported with this checkpoint: a run resumed from its final
+            # checkpoint takes no step, and reports these instead of an empty window.
+            metrics=metrics or {},
         )
         self.engine.save_checkpoint(ckpt_dir, tag=DS_TAG, client_state={"raydc": state})
         if self.rescored is not None:
@@ -444,6 +451,7 @@ class _Worker:
         self.engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=True)
         self.step, self.epoch, self.pos = state["step"], state["epoch"], state["pos"]
         self.resumed_from = self.step
+        self.restored_metrics = state.get("metrics") or {}
         if (Path(ckpt_dir) / f"rescored_rank{self.rank}.npy").exists():
             self.rescored = RescoredLogprobs(self.shard, self.rank)
             self.rescored.load(ckpt_dir)
@@ -530,7 +538,7 @@ def train_loop_per_worker(config: dict) -> None:
             return
         tmp = tempfile.mkdtemp(prefix=f"raydc_ckpt_r{w.rank}_")
         try:
-            w.save(tmp)
+            w.save(tmp, metrics)
             if final:
                 w.export(os.path.join(tmp, "model"))
             metrics["final"] = final

@@ -25,6 +25,8 @@ def test_default_job_via_ray_job_submit_on_a_token_auth_cluster(tmp_path):
     out = tmp_path / "run"
     with LocalHead(num_cpus=2) as head:
         assert head.env["RAY_AUTH_MODE"] == "token"
+        token = Path(head.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+        assert len(token) >= 16
         # Without the token the cluster refuses the submission.
         no_token = {k: v for k, v in head.env.items() if not k.startswith("RAY_AUTH_TOKEN")}
         no_token["RAY_AUTH_TOKEN"] = "not-the-token"
@@ -69,3 +71,8 @@ def test_default_job_via_ray_job_submit_on_a_token_auth_cluster(tmp_path):
         assert (out / stage / "_raydc_stage.json").is_file(), stage
     assert (out / "score" / "manifest.json").is_file()
     assert (out / "prepare" / "rejects.parquet").is_file()
+    # The cluster's token is in no output, marker or log of the run.
+    for f in out.rglob("*"):
+        if f.is_file() and f.stat().st_size < 64 << 20:
+            assert token.encode() not in f.read_bytes(), f
+    assert token not in logs

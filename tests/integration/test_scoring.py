@@ -243,3 +243,34 @@ def test_select_on_scored_data_keeps_the_top_candidate(scored, tmp_path):
     assert kept == expect
     assert summary["rows_in"] == 12 == summary["rows_out"] + summary["rows_rejected"]
     assert not math.isnan(summary["mean_score_kept"])
+
+
+def test_training_reads_the_score_stage_output_with_real_sentence_ids(
+    scored, tiny_student, tmp_path
+):
+    """Training fed by the real score stage (not a hand-written fixture): rows with
+    several sentences, sentence granularity, one worker, two steps."""
+    from raydc.train import run_train
+
+    rows = list(scored["rows"].values())
+    assert max(max(r["sentence_ids"]) for r in rows) >= 2
+    cfg = from_dict(
+        {
+            "train": {
+                "student": tiny_student,
+                "num_workers": 1,
+                "zero_stage": 1,
+                "max_steps": 2,
+                "micro_batch_tokens": 512,
+                "log_every": 1,
+                "checkpoint_every": 2,
+                "val_share": 0.0,
+            },
+            "weights": {"preset": "discord", "granularity": "sentence"},
+        }
+    )
+    summary = run_train(cfg, str(scored["dir"]), tmp_path / "train")
+    m = summary["metrics"]
+    assert m["step"] == 2 and math.isfinite(m["loss"]) and m["loss"] > 0
+    assert math.isfinite(m["grad_norm"]) and m["grad_norm"] > 0
+    assert sum(summary["shards"]["rows_per_rank"]) == len(rows)

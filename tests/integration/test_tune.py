@@ -93,3 +93,52 @@ def test_two_trial_sweep_scores_once_and_resumes(ray_local, tmp_path):
     assert sorted((out / "tune" / "trials").iterdir()) == trial_dirs
     assert _history(out) == ["prepare", "score", "tune", "tune"]
     assert any("running (resuming)" in line for line in logs)
+
+
+def test_a_failed_trial_is_retried_from_its_checkpoint(ray_local, tiny_student, tmp_path):
+    """tune.max_failures: a trial whose training fails (a worker killed after step 3, with
+    Ray Train's own retries off) is retried by Tune, resumes from its step-2 checkpoint
+    and completes; the sweep reports it."""
+    from raydc.config import from_dict
+    from raydc.tune import run_tune
+    from tests.train_fixtures import KillOnce, make_scored
+
+    scored = make_scored(tiny_student, None, tmp_path / "scored", n_rows=24)
+    cfg = from_dict(
+        {
+            "train": {
+                "student": tiny_student,
+                "num_workers": 1,
+                "zero_stage": 1,
+                "max_steps": 4,
+                "micro_batch_tokens": 256,
+                "log_every": 1,
+                "checkpoint_every": 2,
+                "val_share": 0.25,
+                "max_failures": 0,  # the worker group is not restarted: the trial fails
+            },
+            "weights": {"preset": "sft"},
+            "tune": {
+                "enabled": True,
+                "num_samples": 1,
+                "max_failures": 1,
+                "space": {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-3}},
+                "scheduler": "none",
+                "search_alg": "random",
+            },
+        }
+    )
+    marker = tmp_path / "killed.txt"
+    s = run_tune(cfg, scored, tmp_path / "tune", after_step=KillOnce(3, str(marker)))
+    assert marker.exists(), "the fault never fired"
+    assert s["num_trials"] == 1 and s["num_completed"] == 1
+    rows = list(csv.DictReader(open(s["results_csv"])))
+    assert rows[0]["status"] == "completed" and int(float(rows[0]["step"])) == 4
+    metrics = [
+        json.loads(x)
+        for x in next((tmp_path / "tune" / "trials").iterdir())
+        .joinpath("metrics.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    assert metrics[-1]["step"] == 4 and metrics[-1]["resumed_from_step"] == 2

@@ -112,7 +112,15 @@ def test_the_run_summary_reports_rows_throughput_metrics_and_paths(tmp_path):
                 "num_trials": 2,
                 "results_csv": "/t/results.csv",
                 "model_dir": "/t/model",
-                "metrics": {"step": 16, "loss": 5.1, "tokens_per_s": 6000.0, "val_nll": 5.5},
+                "metrics": {
+                    "step": 16,
+                    "loss": 5.1,
+                    "tokens_per_s": 6000.0,
+                    "val_nll": 5.5,
+                    "padding_share": 0.0,
+                    "budget_fill": 0.97,
+                    "grad_norm": 0.3,
+                },
                 "seconds": 60.0,
             },
         ),
@@ -134,6 +142,9 @@ def test_the_run_summary_reports_rows_throughput_metrics_and_paths(tmp_path):
     assert s["rows"] == {"rows_in": 242, "rows_out": 240, "rows_rejected": 2}
     assert s["scoring_tokens_per_s"] == 4000.0 and s["training_tokens_per_s"] == 6000.0
     assert s["tune"]["best_config"] == {"weights.tau": 0.5}
+    # Packing's figures reach the run summary; the rest stays in the stage's metrics.
+    assert s["train_metrics"]["padding_share"] == 0.0 and s["train_metrics"]["budget_fill"] == 0.97
+    assert "grad_norm" not in s["train_metrics"]
     assert s["eval_metrics"] == {"pass@1": 0.25, "pass@1_stderr": 0.1, "prompts": 16}
     text = format_summary(s)
     assert "busy: student 8,000 tokens/s (start-up 40 s)" in text

@@ -292,3 +292,24 @@ def test_reject_field_names_follow_configured_keys(bpe):
             dcfg,
         )
     assert e.value.code == "logprobs_length"
+
+
+def test_an_unknown_chat_role_is_rejected_naming_the_turn():
+    dcfg = DataConfig()
+    msgs = [{"role": "wizard", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    with pytest.raises(RowReject) as e:
+        parse_row({"messages": msgs}, dcfg, "x:0")
+    assert (e.value.field, e.value.code) == ("messages[0].role", "unknown_role")
+    assert "'wizard'" in e.value.detail
+    for role in ("system", "user", "tool"):
+        ok = [{"role": role, "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+        assert len(parse_row({"messages": ok}, dcfg, "x:1")) == 1
+
+
+def test_a_list_response_is_a_list_of_candidates():
+    # Documented in docs/scoring.md: ["2"] is one candidate, the same as "2".
+    dcfg = DataConfig()
+    (one,) = parse_row({"prompt": "1+1?", "response": ["2"]}, dcfg, "x:0")
+    (plain,) = parse_row({"prompt": "1+1?", "response": "2"}, dcfg, "x:0")
+    assert one.messages == plain.messages and one.prompt_id == plain.prompt_id
+    assert one.row_id == "x:0"
