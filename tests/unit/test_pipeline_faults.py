@@ -259,3 +259,27 @@ def test_a_bad_tune_space_fails_the_whole_job_before_any_stage(tmp_path, capsys)
     assert rc == 2
     assert "tune.space: empty" in capsys.readouterr().err
     assert not (out / "prepare").exists()
+
+
+def test_a_full_disk_at_the_marker_never_marks_the_stage_done(tmp_path, monkeypatch):
+    import errno
+
+    import raydc.pipeline as pipeline_mod
+
+    pipe = Pipeline(_cfg(tmp_path / "run"), log=lambda m: None, connect_ray=False)
+    fn, calls = _writer()
+    real_replace = os.replace
+
+    def full(src, dst):
+        if str(dst).endswith(MARKER):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(pipeline_mod.Path, "replace", lambda self, dst: full(self, dst))
+    with pytest.raises(StageError, match="marker could not be written.*No space left"):
+        pipe.run_stage("score", {}, fn)
+    assert not (pipe.root / "score" / MARKER).exists()
+    assert (pipe.root / ".score.pending.json").exists()  # still unfinished: rerun runs it
+    monkeypatch.undo()
+    assert not pipe.run_stage("score", {}, fn).skipped and len(calls) == 2
+    assert pipe.run_stage("score", {}, fn).skipped
