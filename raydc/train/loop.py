@@ -567,7 +567,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def wait_for_checkpoint(run_dir: str, step: int, timeout: float = 120.0) -> bool:
-    """Block until Ray Train has recorded the checkpoint of ``step`` (``step_XXXXXXXX`` in
+    """Block until Ray Train has recorded the checkpoint of ``step`` (``step_<8-digit step>`` in
     its checkpoint snapshot). Ray Train registers a report when its controller next polls
     the workers, so a worker that dies right after reporting can take the report with it;
     fault-injection hooks wait on this before they kill a worker."""
