@@ -120,6 +120,8 @@ def arm_raydc(a) -> dict:
         "startup_s": eng["startup_s"],
         "score_s": wall - eng["startup_s"],
         "engine_busy_s": eng["busy_s"],
+        # What the stage wrote, per column and in all (the store's size on disk).
+        "store_bytes_per_token": s["store_bytes_per_token"],
     }
 
 
@@ -428,6 +430,11 @@ def format_table(report: dict) -> str:
                 f"{r['tokens_per_s_end_to_end']} | {r['peak_rss_mib']} | "
                 f"{r['foreign_cpu_share']:.0%} |"
             )
+    for name, m in report["models"].items():
+        per = (m["arms"].get("raydc") or {}).get("store_bytes_per_token")
+        if per:
+            cols = ", ".join(f"{k} {v:.2f}" for k, v in per.items() if k != "total")
+            lines.append(f"\n{name}: scored store {per['total']:.2f} bytes/token ({cols})")
     return "\n".join(lines)
 
 

@@ -86,9 +86,15 @@ class ScoreConfig:
     max_num_batched_tokens: int = 4096  # bounds the [tokens x vocab] prompt-logprob spike
     gpu_memory_utilization: float = 0.1  # on CPU: the share of RAM for the KV cache
     enforce_eager: bool = True
+    # The scored store: log-probs as float16 (2 B a token, error <= 2**-11 of the value) or
+    # float32; inspection also writes text, offsets, conversation and the configured
+    # weights to score/inspect/ (training never reads them).
+    logprobs: str = "float16"
+    inspection: bool = False
 
     def validate(self, path: str) -> None:
         _choice(f"{path}.backend", self.backend, ("vllm", "transformers"))
+        _choice(f"{path}.logprobs", self.logprobs, ("float16", "float32"))
         _choice(f"{path}.dtype", self.dtype, ("float32", "bfloat16", "float16", "auto"))
         for name in (
             "batch_size",

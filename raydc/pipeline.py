@@ -515,9 +515,9 @@ class Pipeline:
         prepared = self.results.get("prepare") or self.prepare()
         from raydc.weights import needs_teacher
 
-        # cfg.weights is left out on purpose: weights are computed again in the loss, so
-        # changing them (or a Tune trial) never re-scores; the `weights` column of the
-        # scored rows is for inspection and the manifest records the config it used.
+        # cfg.weights is left out on purpose: weights are computed in the loss from the
+        # stored log-probs, so changing them (or a Tune trial) never re-scores; the
+        # inspection side table (score.inspection) holds them for reading only.
         parts = {
             "score": dataclasses.asdict(cfg.score),
             "prepare": prepared.fingerprint,
@@ -781,6 +781,19 @@ def connect(cfg: RaydcConfig) -> None:
 # ----------------------------------------------------------------------------- summary
 
 
+# The training metrics the run summary keeps (names as raydc.train.loop emits them).
+TRAIN_HEADLINE = (
+    "step",
+    "loss",
+    "val_nll",
+    "tokens_per_s",
+    "weight_ess",
+    "weight_ess_fraction",
+    "padding_share",
+    "budget_fill",
+)
+
+
 def summarize(results: dict[str, StageResult], cfg: RaydcConfig) -> dict:
     """The end-of-job figures: rows, throughputs, metrics, best Tune config, paths."""
     s: dict[str, Any] = {"output_dir": cfg.run.output_dir, "stages": {}}
@@ -803,18 +816,16 @@ def summarize(results: dict[str, StageResult], cfg: RaydcConfig) -> dict:
             if isinstance(e, dict)
         }
         s["scored_rows"] = results["score"].summary.get("rows_out")
+        s["store_bytes_per_token"] = (
+            results["score"].summary.get("store_bytes_per_token") or {}
+        ).get("total")
     if "select" in results:
         s["selected_rows"] = results["select"].summary.get("rows_out")
     model = results.get("tune") or results.get("train")
     if model is not None:
         m = model.summary.get("metrics") or {}
         s["training_tokens_per_s"] = m.get("tokens_per_s")
-        s["train_metrics"] = {
-            k: v
-            for k, v in m.items()
-            if k
-            in ("step", "loss", "val_nll", "tokens_per_s", "ess", "padding_share", "budget_fill")
-        }
+        s["train_metrics"] = {k: v for k, v in m.items() if k in TRAIN_HEADLINE}
         s["model_dir"] = model.summary.get("model_dir")
         if "tune" in results:
             t = results["tune"].summary
@@ -849,6 +860,8 @@ def format_summary(s: dict) -> str:
     for key, label in (("scored_rows", "scored rows"), ("selected_rows", "selected rows")):
         if s.get(key) is not None:
             lines.append(f"{label:<18}{_fmt_int(s[key])}")
+    if isinstance(s.get("store_bytes_per_token"), (int, float)):
+        lines.append(f"{'scored store':<18}{s['store_bytes_per_token']:.2f} bytes/token on disk")
     for key, label in (("scoring_tokens_per_s", "scoring"), ("training_tokens_per_s", "training")):
         if key not in s:
             continue

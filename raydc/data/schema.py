@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 REJECTS_FILE = "rejects.parquet"
 PARTS_DIR = "_parts"
 # Files a stage owns in its output folder; anything else there is not ours to delete.
-STAGE_FILES = ("summary.json", "manifest.json", REJECTS_FILE)
+STAGE_FILES = ("summary.json", "manifest.json", REJECTS_FILE, "selection.parquet")
 
 PREPARED_SCHEMA = pa.schema(
     [
@@ -45,12 +45,62 @@ PREPARED_SCHEMA = pa.schema(
     ]
 )
 
-SCORED_SCHEMA = pa.schema(
+# The scored store (format 2): only what training and selection read. Log-probs are
+# float16 by default (score.logprobs; Parquet FLOAT16, byte-stream-split, zstd): ~2 B a token
+# each at most, round-to-nearest error <= 2**-11 of the value (docs/contracts.md). What only
+# a human inspects (text, offsets, spans, conversation, weights) goes to the side table
+# ``inspect/`` when score.inspection is on; training never reads it.
+STORE_FORMAT = 2
+SCORED_COLUMNS = (
+    "row_id",
+    "prompt_id",
+    "input_ids",
+    "loss_mask",
+    "sentence_ids",
+    "teacher_logprobs",
+    "num_tokens",
+    "num_loss_tokens",
+    "student_logprobs",
+)
+LOGPROB_COLUMNS = ("student_logprobs", "teacher_logprobs")
+LOGPROB_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
+INSPECT_DIR = "inspect"
+INSPECT_SCHEMA = pa.schema(
     [
-        *PREPARED_SCHEMA,
-        ("student_logprobs", pa.list_(pa.float32())),
-        ("weights", pa.list_(pa.float32())),
+        ("row_id", pa.string()),
+        ("text", pa.string()),
+        ("offsets", pa.list_(pa.int32())),
+        ("response_spans", pa.list_(pa.int32())),
+        ("conversation", pa.string()),
+        ("weights", pa.list_(pa.float32())),  # the configured weights, from fp32 log-probs
     ]
+)
+
+
+def scored_schema(logprobs: str = "float16") -> pa.Schema:
+    """The scored store's schema with log-probs as ``logprobs`` (float16 | float32)."""
+    fields = {f.name: f for f in PREPARED_SCHEMA}
+    lp = pa.list_(LOGPROB_TYPES[logprobs])
+    fields["student_logprobs"] = pa.field("student_logprobs", lp)
+    fields["teacher_logprobs"] = pa.field("teacher_logprobs", lp)
+    return pa.schema([fields[n] for n in SCORED_COLUMNS])
+
+
+SCORED_SCHEMA = scored_schema("float16")
+
+# Parquet writer settings of the scored store: zstd; dictionaries only on the id strings
+# (on token ids and floats they cost more than they save); float columns byte-stream-split.
+SCORED_WRITE_ARGS = {
+    "compression": "zstd",
+    "use_dictionary": ["row_id", "prompt_id"],
+    "use_byte_stream_split": [f"{c}.list.element" for c in LOGPROB_COLUMNS],
+}
+
+# What the select stage writes instead of a second copy of the rows: the kept row ids (with
+# their prompt and score, for people); training reads the scored store through it.
+SELECTION_FILE = "selection.parquet"
+SELECTION_SCHEMA = pa.schema(
+    [("row_id", pa.string()), ("prompt_id", pa.string()), ("score", pa.float64())]
 )
 
 REJECTS_SCHEMA = pa.schema(
@@ -64,9 +114,12 @@ REJECTS_SCHEMA = pa.schema(
 
 
 def data_files(folder: str | os.PathLike) -> list[str]:
-    """The data shards of a stage's output folder (every ``*.parquet`` but the rejects)."""
+    """The data shards of a stage's output folder (every ``*.parquet`` but the rejects and
+    a selection's row-id list)."""
     p = Path(folder)
-    return sorted(str(f) for f in p.glob("*.parquet") if f.name != REJECTS_FILE)
+    return sorted(
+        str(f) for f in p.glob("*.parquet") if f.name not in (REJECTS_FILE, SELECTION_FILE)
+    )
 
 
 # Written by the stage runner (raydc.pipeline) into every stage folder it creates: the
@@ -76,6 +129,20 @@ OWNED = ".raydc_stage_dir"
 
 def count_rows(files: Iterable[str]) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def column_bytes(files: Iterable[str]) -> dict[str, int]:
+    """Bytes on disk per top-level column (compressed column chunks, from the footers)."""
+    out: dict[str, int] = {}
+    for f in files:
+        md = pq.ParquetFile(f).metadata
+        for g in range(md.num_row_groups):
+            rg = md.row_group(g)
+            for c in range(rg.num_columns):
+                col = rg.column(c)
+                name = col.path_in_schema.split(".")[0]
+                out[name] = out.get(name, 0) + col.total_compressed_size
+    return out
 
 
 def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
@@ -97,6 +164,7 @@ def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
             if (out / name).exists():
                 os.remove(out / name)
         shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
+        shutil.rmtree(out / INSPECT_DIR, ignore_errors=True)
     (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     return out
 

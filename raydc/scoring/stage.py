@@ -35,15 +35,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydc.data.schema import (
+    INSPECT_DIR,
+    INSPECT_SCHEMA,
     PARTS_DIR,
     REJECTS_SCHEMA,
-    SCORED_SCHEMA,
+    SCORED_WRITE_ARGS,
+    SELECTION_FILE,
+    SELECTION_SCHEMA,
+    STORE_FORMAT,
     batch_key,
     collect_parts,
+    column_bytes,
     count_rows,
     data_files,
     prepare_out_dir,
     reason_counts,
+    scored_schema,
     tokenizer_fingerprint,
     write_json,
     write_parts,
@@ -287,17 +294,63 @@ def _vocab_size(model: str) -> int:
 # ----------------------------------------------------------------------------- finish
 
 
-def finish_batch(batch: pa.Table, weights_cfg: dict, parts_dir: str) -> pa.Table:
-    """Resolve unknown teacher log-probs, compute weights, cast to SCORED_SCHEMA."""
+def batch_weights(s_rows, t_rows, m_rows, sid_rows, wcfg) -> list[np.ndarray]:
+    """``compute_weights`` of ``wcfg`` for rows given as lists (ragged). Rows with and without
+    teacher log-probs are weighted apart: without, d = log p_S."""
     import torch
 
-    from raydc.weights import WeightConfig, compute_weights
+    from raydc.weights import compute_weights
 
-    wcfg = WeightConfig(**weights_cfg)
+    B, T = len(m_rows), max((len(m) for m in m_rows), default=0)
+    m_BT = torch.zeros(B, T, dtype=torch.bool)
+    s_BT = torch.zeros(B, T)
+    sid_BT = torch.zeros(B, T, dtype=torch.long)
+    t_BT = torch.zeros(B, T)
+    has_t = [t is not None for t in t_rows]
+    for b in range(B):
+        n = len(m_rows[b])
+        m_BT[b, :n] = torch.as_tensor(np.asarray(m_rows[b], bool))
+        s_BT[b, :n] = torch.as_tensor(np.asarray(s_rows[b], np.float32))
+        sid_BT[b, :n] = torch.as_tensor(np.asarray(sid_rows[b], np.int64))
+        if has_t[b]:
+            t_BT[b, :n] = torch.as_tensor(np.asarray(t_rows[b], np.float32))
+    w_BT = torch.zeros(B, T)
+    for group in (True, False):
+        rows = [b for b in range(B) if has_t[b] == group]
+        if rows:
+            w_BT[rows] = compute_weights(
+                s_BT[rows], t_BT[rows] if group else None, m_BT[rows], wcfg, sid_BT[rows]
+            )
+    return [w_BT[b, : len(m_rows[b])].numpy() for b in range(B)]
+
+
+def to_store(rows: list, logprobs: str) -> pa.Array:
+    """Log-prob rows as the store's list column: float16 rounds to nearest (values below
+    float16's range, never seen in practice, clamp to its lowest finite value)."""
+    if logprobs == "float32":
+        return pa.array(rows, pa.list_(pa.float32()))
+    lo = float(np.finfo(np.float16).min)
+    return pa.array(
+        [None if r is None else np.maximum(np.asarray(r, np.float32), lo) for r in rows],
+        pa.list_(pa.float32()),
+    ).cast(pa.list_(pa.float16()))
+
+
+def finish_batch(
+    batch: pa.Table,
+    weights_cfg: dict,
+    parts_dir: str,
+    logprobs: str = "float16",
+    inspect_dir: str | None = None,
+) -> pa.Table:
+    """Resolve unknown teacher log-probs and cast to the scored store's schema. With
+    ``inspect_dir``, also write the rows' text, offsets, conversation and configured weights
+    (from the fp32 log-probs) to a side-table part named by the batch's row ids."""
+    from raydc.weights import WeightConfig
+
     s_rows = batch.column("student_logprobs").to_pylist()
     t_rows = batch.column("teacher_logprobs").to_pylist()
     m_rows = batch.column("loss_mask").to_pylist()
-    sid_rows = batch.column("sentence_ids").to_pylist()
     filled = 0
     for k, (s, t, m) in enumerate(zip(s_rows, t_rows, m_rows)):
         if t is None:
@@ -310,39 +363,28 @@ def finish_batch(batch: pa.Table, weights_cfg: dict, parts_dir: str) -> pa.Table
             elif not on and math.isnan(t[i]):
                 t[i] = 0.0
         t_rows[k] = t
-    B, T = batch.num_rows, max((len(m) for m in m_rows), default=0)
-    m_BT = torch.zeros(B, T, dtype=torch.bool)
-    s_BT = torch.zeros(B, T)
-    sid_BT = torch.zeros(B, T, dtype=torch.long)
-    has_t = [t is not None for t in t_rows]
-    t_BT = torch.zeros(B, T)
-    for b in range(B):
-        n = len(m_rows[b])
-        m_BT[b, :n] = torch.tensor(m_rows[b])
-        s_BT[b, :n] = torch.tensor(s_rows[b])
-        sid_BT[b, :n] = torch.tensor(sid_rows[b])
-        if has_t[b]:
-            t_BT[b, :n] = torch.tensor(t_rows[b])
-    w_BT = torch.zeros(B, T)
-    # Rows with and without teacher log-probs are weighted apart: without, d = log p_S.
-    for group in (True, False):
-        rows = [b for b in range(B) if has_t[b] == group]
-        if rows:
-            w_BT[rows] = compute_weights(
-                s_BT[rows], t_BT[rows] if group else None, m_BT[rows], wcfg, sid_BT[rows]
-            )
-    weights = [w_BT[b, : len(m_rows[b])].tolist() for b in range(B)]
-    batch = _set_column(batch, "teacher_logprobs", pa.array(t_rows, pa.list_(pa.float32())))
-    batch = _set_column(batch, "weights", pa.array(weights, pa.list_(pa.float32())))
+    key = batch_key(batch.column("row_id").to_pylist())
+    if inspect_dir is not None:
+        sid_rows = batch.column("sentence_ids").to_pylist()
+        weights = batch_weights(s_rows, t_rows, m_rows, sid_rows, WeightConfig(**weights_cfg))
+        side = batch.select([n for n in INSPECT_SCHEMA.names if n != "weights"])
+        side = side.append_column("weights", pa.array(weights, pa.list_(pa.float32())))
+        os.makedirs(inspect_dir, exist_ok=True)
+        tmp = os.path.join(inspect_dir, f".{key}.parquet.tmp")
+        pq.write_table(side.cast(INSPECT_SCHEMA), tmp, compression="zstd")
+        os.replace(tmp, os.path.join(inspect_dir, f"{key}.parquet"))
+    batch = _set_column(batch, "teacher_logprobs", to_store(t_rows, logprobs))
+    batch = _set_column(batch, "student_logprobs", to_store(s_rows, logprobs))
     stats = {
-        "rows_out": B,
+        "rows_out": batch.num_rows,
         "tokens": int(sum(len(m) for m in m_rows)),
-        "loss_tokens": int(m_BT.sum()),
-        "teacher_rows": int(sum(has_t)),
+        "loss_tokens": int(sum(sum(m) for m in m_rows)),
+        "teacher_rows": int(sum(t is not None for t in t_rows)),
         "teacher_unknown_tokens": filled,
     }
-    write_parts(parts_dir, batch_key(batch.column("row_id").to_pylist()), "finish", [], stats)
-    return batch.select(SCORED_SCHEMA.names).cast(SCORED_SCHEMA)
+    write_parts(parts_dir, key, "finish", [], stats)
+    schema = scored_schema(logprobs)
+    return batch.select(schema.names).cast(schema)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -442,9 +484,14 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
         finish_batch,
         batch_format="pyarrow",
         num_cpus=LIGHT_CPUS,
-        fn_kwargs=dict(weights_cfg=cfg.weights.to_dict(), parts_dir=parts),
+        fn_kwargs=dict(
+            weights_cfg=cfg.weights.to_dict(),
+            parts_dir=parts,
+            logprobs=scfg.logprobs,
+            inspect_dir=str(out / INSPECT_DIR) if scfg.inspection else None,
+        ),
     )
-    ds.write_parquet(str(out), ray_remote_args={"num_cpus": LIGHT_CPUS})
+    ds.write_parquet(str(out), ray_remote_args={"num_cpus": LIGHT_CPUS}, **SCORED_WRITE_ARGS)
 
     totals_in, _ = _collect_stats(out, "finish")
     engines = {}
@@ -461,6 +508,7 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
             }
     totals, rejects = collect_parts(out, "score")
     rows_out = count_rows(data_files(out))
+    on_disk = column_bytes(data_files(out))
     summary = {
         "stage": "score",
         "rows_in": int(totals.get("rows_in", 0)),
@@ -472,6 +520,7 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
         "teacher_unknown_tokens": int(totals_in.get("teacher_unknown_tokens", 0)),
         "reasons": reason_counts(rejects),
         "engines": engines,  # start-up (mean per engine) apart from busy scoring time
+        "store_bytes_per_token": _per_token(on_disk, int(totals_in.get("tokens", 0))),
         "seconds": round(time.time() - t0, 3),
     }
     if summary["rows_in"] != rows_out + rejects.num_rows or totals_in.get("rows_out") != rows_out:
@@ -511,6 +560,7 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
         "config": {"score": score_cfg, "data": prep.get("config")},
         "weights": cfg.weights.to_dict(),
         "weight_diagnostics": diag,
+        "store": {**store_info(scfg), "column_bytes": on_disk},
         "input_fingerprint": _input_fingerprint(files),
         "prepared": str(prepared_dir),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -553,30 +603,57 @@ def _backend_version(backend: str) -> dict:
     return out
 
 
+def store_info(scfg) -> dict:
+    """The manifest's description of the scored store (training checks ``format``)."""
+    return {
+        "format": STORE_FORMAT,
+        "logprobs": scfg.logprobs,
+        "inspection": INSPECT_DIR if scfg.inspection else None,
+    }
+
+
+def _per_token(on_disk: dict[str, int], tokens: int) -> dict[str, float]:
+    """Bytes per scored token, per column and in all (``total``)."""
+    if not tokens:
+        return {}
+    per = {k: round(v / tokens, 3) for k, v in sorted(on_disk.items())}
+    return {**per, "total": round(sum(on_disk.values()) / tokens, 3)}
+
+
 def _weight_diagnostics(files: list[str], wcfg) -> dict:
-    """``raydc.weights.weight_diagnostics`` over the scored rows (the first
-    DIAGNOSTICS_MAX_TOKENS loss tokens; ``sampled`` says whether that cut anything)."""
+    """``raydc.weights.weight_diagnostics`` of the configured weights, recomputed from the
+    stored log-probs (what training sees), over the first DIAGNOSTICS_MAX_TOKENS loss
+    tokens; ``sampled`` says whether that cut anything."""
     import torch
 
     from raydc.weights import weight_diagnostics
 
+    columns = ["student_logprobs", "teacher_logprobs", "loss_mask", "sentence_ids"]
     ws, ms, n, sampled = [], [], 0, False
     for f in files:
-        for b in pq.ParquetFile(f).iter_batches(batch_size=256, columns=["weights", "loss_mask"]):
-            for w, m in zip(b.column("weights").to_pylist(), b.column("loss_mask").to_pylist()):
-                if n >= DIAGNOSTICS_MAX_TOKENS:
-                    sampled = True
-                    break
-                ws.append(w)
-                ms.append(m)
-                n += sum(m)
+        if sampled:
+            break
+        for b in pq.ParquetFile(f).iter_batches(batch_size=256, columns=columns):
+            if n >= DIAGNOSTICS_MAX_TOKENS:
+                sampled = True
+                break
+            m_rows = b.column("loss_mask").to_pylist()
+            ws += batch_weights(
+                b.column("student_logprobs").to_pylist(),
+                b.column("teacher_logprobs").to_pylist(),
+                m_rows,
+                b.column("sentence_ids").to_pylist(),
+                wcfg,
+            )
+            ms += m_rows
+            n += sum(sum(m) for m in m_rows)
     if not ws:
         return {"tokens": 0, "sampled": False}
     T = max(len(w) for w in ws)
     w_BT = torch.zeros(len(ws), T)
     m_BT = torch.zeros(len(ws), T, dtype=torch.bool)
     for b, (w, m) in enumerate(zip(ws, ms)):
-        w_BT[b, : len(w)] = torch.tensor(w)
+        w_BT[b, : len(w)] = torch.as_tensor(w)
         m_BT[b, : len(m)] = torch.tensor(m)
     diag = weight_diagnostics(w_BT, m_BT, wcfg)
     diag["sampled"] = sampled
@@ -628,22 +705,16 @@ def _natural_key(text: str) -> tuple:
     return tuple(int(x) if x.isdigit() else x for x in re.split(r"(\d+)", text))
 
 
-def keep_rows(batch: pa.Table, kept) -> pa.Table:
-    """The rows of ``batch`` whose row_id is in ``kept`` (a pyarrow string array)."""
-    import pyarrow.compute as pc
-
-    return batch.filter(pc.is_in(batch.column("row_id"), value_set=kept))
-
-
 def run_select(cfg, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
     """DASD divergence-aware selection on scored rows: per prompt, keep the top
     ``cfg.select.top_k`` candidates by the share of sentences with delta >
-    ``cfg.select.threshold``. Writes the kept rows (scored schema), ``rejects.parquet``
-    (the rows not selected, reason ``not_selected``) and a manifest; returns the summary.
+    ``cfg.select.threshold``. Writes the kept row ids (``selection.parquet``, no copy of the
+    rows: training reads the scored store through it), ``rejects.parquet`` (the rows not
+    selected, reason ``not_selected``) and a manifest; returns the summary.
 
-    No shuffle: a first pass scores every row where it lies and brings back only
-    (row_id, prompt_id, score); the top-k is taken on the driver (a few dozen bytes a row);
-    a second pass writes the kept rows. Ties go to the row id that sorts first.
+    No shuffle: one pass scores every row where it lies and brings back only
+    (row_id, prompt_id, score); the top-k is taken on the driver (a few dozen bytes a row).
+    Ties go to the row id that sorts first.
     """
     import ray
 
@@ -682,7 +753,6 @@ def run_select(cfg, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -
     keep = set(
         select_top_k([r["prompt_id"] for r in records], [r["score"] for r in records], top_k)
     )
-    kept_ids = pa.array([records[i]["row_id"] for i in sorted(keep)], pa.string())
     not_kept = [r for i, r in enumerate(records) if i not in keep]
     dropped = pa.Table.from_pylist(
         [
@@ -697,11 +767,16 @@ def run_select(cfg, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -
         ],
         schema=REJECTS_SCHEMA,
     )
-    ray.data.read_parquet(files, num_cpus=LIGHT_CPUS).map_batches(
-        keep_rows, batch_format="pyarrow", num_cpus=LIGHT_CPUS, fn_kwargs=dict(kept=kept_ids)
-    ).write_parquet(str(out), ray_remote_args={"num_cpus": LIGHT_CPUS})
+    kept = [records[i] for i in sorted(keep)]
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{k: r[k] for k in SELECTION_SCHEMA.names} for r in kept], schema=SELECTION_SCHEMA
+        ),
+        out / SELECTION_FILE,
+        compression="zstd",
+    )
     _, rejects = collect_parts(out, "select", extra_rejects=dropped)
-    rows_out = count_rows(data_files(out))
+    rows_out = count_rows([str(out / SELECTION_FILE)])
     score_kept = sum(records[i]["score"] for i in keep)
     summary = {
         "stage": "select",
@@ -728,7 +803,10 @@ def run_select(cfg, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -
     manifest["selection"] = {
         "threshold": sel.threshold,
         "top_k": sel.top_k,
-        "source": str(scored_dir),
+        # The scored store the kept ids point into, relative to this folder, and its files'
+        # sizes (training refuses a store that changed since).
+        "source": os.path.relpath(Path(scored_dir).resolve(), out.resolve()),
+        "source_files": {Path(f).name: os.path.getsize(f) for f in files},
         "mean_score_kept": summary["mean_score_kept"],
         "mean_score_all": summary["mean_score_all"],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -48,13 +48,74 @@ class ScoredDataError(ValueError):
 
 def scored_files(scored_dir: str | Path) -> list[str]:
     """The scored Parquet parts of a scoring output folder, sorted (rejects excluded)."""
+    from raydc.data.schema import data_files
+
     d = Path(scored_dir)
     if not d.is_dir():
         raise ScoredDataError(f"scored_dir {str(d)!r} is not a folder")
-    files = sorted(str(p) for p in d.glob("*.parquet") if p.name != "rejects.parquet")
+    files = data_files(d)
     if not files:
         raise ScoredDataError(f"scored_dir {str(d)!r} holds no scored *.parquet files")
     return files
+
+
+@dataclass(frozen=True)
+class ScoredStore:
+    """What training reads: the scored files, their manifest, and the row ids a selection
+    kept (None: every row)."""
+
+    folder: Path
+    files: list[str]
+    manifest: dict
+    keep: frozenset[str] | None = None
+
+
+def check_format(manifest: dict, folder: str | Path) -> int:
+    """The store's format; one newer than this raydc reads is refused. Format 1 (before the
+    compact store: float32 log-probs, text and weights in the rows) is read as it is."""
+    from raydc.data.schema import STORE_FORMAT
+
+    fmt = int((manifest.get("store") or {}).get("format", 1))
+    if fmt > STORE_FORMAT:
+        raise ScoredDataError(
+            f"{folder}: scored store format {fmt} is newer than this raydc reads "
+            f"(<= {STORE_FORMAT}); upgrade raydc, or re-score with this one "
+            "(`raydc score`, or delete the score folder and rerun the job)"
+        )
+    return fmt
+
+
+def open_store(folder: str | Path) -> ScoredStore:
+    """A score stage's folder, or a select stage's (its kept row ids over the scored store
+    it names; refused when that store changed since the selection)."""
+    import pyarrow.parquet as pq
+
+    from raydc.data.schema import SELECTION_FILE
+
+    d = Path(folder)
+    manifest = read_manifest(d)
+    check_format(manifest, d)
+    selection = d / SELECTION_FILE
+    if not selection.exists():
+        return ScoredStore(d, scored_files(d), manifest)
+    sel = manifest.get("selection") or {}
+    if not sel.get("source"):
+        raise ScoredDataError(f"{d / 'manifest.json'}: field selection.source is missing")
+    src = (d / sel["source"]).resolve()
+    files = scored_files(src)
+    now = {Path(f).name: Path(f).stat().st_size for f in files}
+    then = sel.get("source_files") or {}
+    changed = sorted(n for n in now.keys() | then.keys() if now.get(n) != then.get(n))
+    if changed:
+        shown = ", ".join(
+            f"{n} ({then.get(n, 'absent')} -> {now.get(n, 'absent')} bytes)" for n in changed[:5]
+        )
+        raise ScoredDataError(
+            f"the scored store {str(src)!r} changed since {str(d)!r} selected from it: "
+            f"{len(changed)} file(s) differ, {shown}; run the select stage again"
+        )
+    kept = pq.read_table(selection, columns=["row_id"]).column(0).to_pylist()
+    return ScoredStore(d, files, manifest, frozenset(kept))
 
 
 def read_manifest(scored_dir: str | Path) -> dict:

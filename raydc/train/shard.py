@@ -43,22 +43,32 @@ class Piece:
     stop: int
     tokens: int
     bytes: int  # compressed bytes of the row group's columns (what reading it costs)
+    # A selection: the group's row indices of rows [start, stop) of its kept rows.
+    take: tuple[int, ...] | None = None
+
+    def rows(self, table):
+        """This piece's rows of its row group ``table``."""
+        if self.take is not None:
+            return table.take(list(self.take))
+        return table.slice(self.start, self.stop - self.start)
 
 
 @dataclass(frozen=True)
 class RowGroup:
     file: str
     row_group: int
-    lengths: np.ndarray  # [rows] tokens of each row
+    lengths: np.ndarray  # [rows] tokens of each (kept) row
     bytes: int
+    take: np.ndarray | None = None  # [rows] a selection's kept row indices in the group
 
 
-def build_index(files: list[str]) -> list[RowGroup]:
+def build_index(files: list[str], keep: frozenset[str] | None = None) -> list[RowGroup]:
     """The row groups of ``files`` with their rows' lengths, in file and row-group order.
-    Reads footers and the ``num_tokens`` column only."""
+    Reads footers and the ``num_tokens`` column only, and with ``keep`` (a selection's row
+    ids) the ``row_id`` column too: only the kept rows are indexed."""
     import pyarrow.parquet as pq
 
-    groups = []
+    groups, found = [], 0
     for f in files:
         pf = pq.ParquetFile(f)
         if INDEX_COLUMN not in pf.schema_arrow.names:
@@ -66,8 +76,24 @@ def build_index(files: list[str]) -> list[RowGroup]:
         for g in range(pf.metadata.num_row_groups):
             if pf.metadata.row_group(g).num_rows == 0:
                 continue
-            lens = pf.read_row_group(g, columns=[INDEX_COLUMN]).column(0).to_numpy()
-            groups.append(RowGroup(f, g, lens.astype(np.int64), _columns_bytes(pf, g, None)))
+            cols = [INDEX_COLUMN] + (["row_id"] if keep is not None else [])
+            t = pf.read_row_group(g, columns=cols)
+            lens = t.column(INDEX_COLUMN).to_numpy().astype(np.int64)
+            take = None
+            if keep is not None:
+                ids = t.column("row_id").to_pylist()
+                hit = np.fromiter((r in keep for r in ids), bool, len(ids))
+                take = np.nonzero(hit)[0]
+                lens = lens[take]
+                found += len(take)
+                if not len(take):
+                    continue
+            groups.append(RowGroup(f, g, lens, _columns_bytes(pf, g, None), take))
+    if keep is not None and found != len(keep):
+        raise ScoredDataError(
+            f"the selection keeps {len(keep)} row ids but the scored store holds {found} of "
+            "them; run the select stage again"
+        )
     return groups
 
 
@@ -88,9 +114,9 @@ def assign_pieces(groups: list[RowGroup], world: int) -> list[list[Piece]]:
             a, b = max(lo, bases[g]), min(hi, bases[g + 1])
             if a < b:
                 s, e = int(a - bases[g]), int(b - bases[g])
-                pieces.append(
-                    Piece(grp.file, grp.row_group, s, e, int(grp.lengths[s:e].sum()), grp.bytes)
-                )
+                take = None if grp.take is None else tuple(grp.take[s:e].tolist())
+                tokens = int(grp.lengths[s:e].sum())
+                pieces.append(Piece(grp.file, grp.row_group, s, e, tokens, grp.bytes, take))
         out.append(pieces)
     return out
 
@@ -161,7 +187,7 @@ class RankShard:
         for p in pieces:
             pf = files.get(p.file) or files.setdefault(p.file, pq.ParquetFile(p.file))
             cols = [INDEX_COLUMN] + ([key] if val_share > 0 else [])
-            t = pf.read_row_group(p.row_group, columns=cols).slice(p.start, p.stop - p.start)
+            t = p.rows(pf.read_row_group(p.row_group, columns=cols))
             nbytes += _columns_bytes(pf, p.row_group, cols)
             lengths.append(t.column(INDEX_COLUMN).to_numpy().astype(np.int64))
             if val_share > 0:
@@ -193,7 +219,7 @@ class RankShard:
         for p_id in piece_ids:
             p = self.pieces[p_id]
             pf = self._open(p.file)
-            t = pf.read_row_group(p.row_group, columns=cols).slice(p.start, p.stop - p.start)
+            t = p.rows(pf.read_row_group(p.row_group, columns=cols))
             self.bytes_read += _columns_bytes(pf, p.row_group, cols)
             block = RowBlock.from_table(t)
             want = self.lengths[self.piece_rows[p_id] : self.piece_rows[p_id + 1]]

@@ -29,8 +29,8 @@ from raydc.train.data import (
     ScoredDataError,
     check_schema,
     check_student,
+    open_store,
     read_manifest,
-    scored_files,
 )
 from raydc.train.shard import assign_pieces, build_index
 
@@ -130,13 +130,12 @@ def build_trainer(
 
     tc = cfg.train
     student = student_path(cfg)
-    manifest = read_manifest(scored_dir)
-    check_student(manifest, student, scored_dir, fp=student_fingerprint)
-    files = scored_files(scored_dir)
-    columns = check_schema(files)
+    store = open_store(scored_dir)
+    check_student(store.manifest, student, scored_dir, fp=student_fingerprint)
+    columns = check_schema(store.files)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    groups = build_index(files)
+    groups = build_index(store.files, store.keep)
     loop_config = {
         "cfg": cfg,
         "student": student,

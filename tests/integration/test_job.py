@@ -64,12 +64,28 @@ def test_default_job_via_ray_job_submit_on_a_token_auth_cluster(tmp_path):
     assert summary["selected_rows"] == 120  # top 1 of the 2 candidates of each problem
     assert summary["scoring_tokens_per_s"] > 0 and summary["training_tokens_per_s"] > 0
     assert summary["train_metrics"]["step"] == 4
+    assert summary["train_metrics"]["weight_ess"] > 0  # the weights' ESS reaches the summary
     assert (Path(summary["model_dir"]) / "config.json").is_file()
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert metrics["prompts"] == 8 and 0.0 <= metrics["pass@1"] <= 1.0
     for stage in summary["stages"]:
         assert (out / stage / "_raydc_stage.json").is_file(), stage
     assert (out / "score" / "manifest.json").is_file()
+    # The scored store is compact (fp16 log-probs, no text or weights; the format-1 store
+    # of this job took 18.8 B a token) and the selection holds ids, not a copy of the rows.
+    import pyarrow.parquet as pq
+
+    from raydc.data.schema import data_files
+
+    shards = data_files(out / "score")
+    tokens = sum(
+        sum(pq.read_table(f, columns=["num_tokens"]).column(0).to_pylist()) for f in shards
+    )
+    on_disk = sum(Path(f).stat().st_size for f in shards)
+    assert on_disk / tokens <= 6.0, on_disk / tokens
+    reported = summary["store_bytes_per_token"]
+    assert abs(reported - on_disk / tokens) <= 0.1 * on_disk / tokens
+    assert data_files(out / "select") == []
     assert (out / "prepare" / "rejects.parquet").is_file()
     # The cluster's token is in no output, marker or log of the run.
     for f in out.rglob("*"):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from raydc.config import from_dict
-from raydc.data.schema import SCORED_SCHEMA, data_files
+from raydc.data.schema import INSPECT_DIR, INSPECT_SCHEMA, SELECTION_FILE, data_files, scored_schema
 from raydc.models import fingerprint
 from raydc.scoring.stage import load_teacher_tokenizer
 from raydc.text import align_by_char_spans
@@ -62,6 +62,11 @@ def scored(tmp_path_factory, tiny_student, tiny_teacher_other_tokenizer, ray_loc
                 "max_num_batched_tokens": 1024,
                 "cpus_per_engine": 0.5,
                 "batch_size": 4,
+                # fp32 log-probs, to compare with transformers at 1e-4 (the float16 default
+                # rounds to 2**-11 of the value: test_the_float16_store_round_trips); the
+                # side table holds what only people read (text, offsets, weights).
+                "logprobs": "float32",
+                "inspection": True,
             },
             "weights": {"preset": "discord", "granularity": "sentence"},
         }
@@ -69,13 +74,19 @@ def scored(tmp_path_factory, tiny_student, tiny_teacher_other_tokenizer, ray_loc
     prep = run_prepare(cfg, tmp / "prepared")
     summary = run_score(cfg, tmp / "prepared", tmp / "scored")
     table = pq.read_table(data_files(tmp / "scored"))
+    side = pq.read_table(tmp / "scored" / INSPECT_DIR)
+    rows = {r["row_id"]: r for r in table.to_pylist()}
+    for r in side.to_pylist():
+        rows[r["row_id"]].update(r)
     return {
         "cfg": cfg,
         "prep": prep,
         "summary": summary,
         "dir": tmp / "scored",
-        "rows": {r["row_id"]: r for r in table.to_pylist()},
+        "rows": rows,
         "schema": table.schema,
+        "side_schema": side.schema,
+        "side_rows": side.num_rows,
     }
 
 
@@ -95,9 +106,13 @@ def test_counts_and_rejects(scored):
 
 def test_schema_is_the_contract(scored):
     schema = scored["schema"]
-    assert schema.equals(SCORED_SCHEMA)
-    for name in ("student_logprobs", "teacher_logprobs", "weights"):
-        assert str(schema.field(name).type) == "list<element: float>"  # 4 bytes a token
+    assert schema.equals(scored_schema("float32"))
+    for name in ("student_logprobs", "teacher_logprobs"):
+        assert str(schema.field(name).type) == "list<element: float>"  # score.logprobs
+    # Text, offsets, conversation and weights live in the side table only, one row each.
+    assert not {"text", "offsets", "conversation", "weights"} & set(schema.names)
+    assert scored["side_schema"].equals(INSPECT_SCHEMA)
+    assert scored["side_rows"] == len(scored["rows"])
     for r in scored["rows"].values():
         n = len(r["input_ids"])
         assert len(r["student_logprobs"]) == len(r["teacher_logprobs"]) == len(r["weights"]) == n
@@ -224,7 +239,9 @@ def test_select_on_scored_data_keeps_the_top_candidate(scored, tmp_path):
     cfg = scored["cfg"]
     cfg.select.top_k = 1
     summary = run_select(cfg, scored["dir"], tmp_path / "selected")
-    kept = {r["row_id"] for r in pq.read_table(data_files(tmp_path / "selected")).to_pylist()}
+    # No second copy of the rows: the kept ids only.
+    assert data_files(tmp_path / "selected") == []
+    kept = set(pq.read_table(tmp_path / "selected" / SELECTION_FILE).column("row_id").to_pylist())
     expect = set()
     for i in range(6):
         pair = [scored["rows"][f"g{i}#{k}"] for k in range(2)]
@@ -248,12 +265,18 @@ def test_select_on_scored_data_keeps_the_top_candidate(scored, tmp_path):
 def test_training_reads_the_score_stage_output_with_real_sentence_ids(
     scored, tiny_student, tmp_path
 ):
-    """Training fed by the real score stage (not a hand-written fixture): rows with
-    several sentences, sentence granularity, one worker, two steps."""
+    """Training fed by the real score and select stages (not a hand-written fixture): rows
+    with several sentences, sentence granularity, one worker, two steps, through the
+    selection's row-id list: exactly the kept rows."""
+    from raydc.scoring.stage import run_select
     from raydc.train import run_train
 
-    rows = list(scored["rows"].values())
-    assert max(max(r["sentence_ids"]) for r in rows) >= 2
+    assert max(max(r["sentence_ids"]) for r in scored["rows"].values()) >= 2
+    scored["cfg"].select.top_k = 1
+    run_select(scored["cfg"], scored["dir"], tmp_path / "selected")
+    kept = pq.read_table(tmp_path / "selected" / SELECTION_FILE).column("row_id").to_pylist()
+    rows = [scored["rows"][k] for k in kept]
+    assert 0 < len(rows) < len(scored["rows"])
     cfg = from_dict(
         {
             "train": {
@@ -269,8 +292,72 @@ def test_training_reads_the_score_stage_output_with_real_sentence_ids(
             "weights": {"preset": "discord", "granularity": "sentence"},
         }
     )
-    summary = run_train(cfg, str(scored["dir"]), tmp_path / "train")
+    summary = run_train(cfg, str(tmp_path / "selected"), tmp_path / "train")
     m = summary["metrics"]
     assert m["step"] == 2 and math.isfinite(m["loss"]) and m["loss"] > 0
     assert math.isfinite(m["grad_norm"]) and m["grad_norm"] > 0
     assert sum(summary["shards"]["rows_per_rank"]) == len(rows)
+    assert sum(summary["shards"]["tokens_per_rank"]) == sum(len(r["input_ids"]) for r in rows)
+
+
+def test_the_float16_store_round_trips_within_its_bound(scored, tmp_path):
+    """The default store (float16 log-probs) against the fp32 one, on the real traces: the
+    store's own finish step and writer, read back by training's reader. Every preset's
+    weights and the training loss they give agree within the tolerance docs/contracts.md
+    states; the log-probs within round-to-nearest (2**-11 of the value)."""
+    import pyarrow as pa
+
+    from raydc.data.schema import SCORED_WRITE_ARGS
+    from raydc.loss import weighted_token_loss
+    from raydc.scoring.stage import finish_batch
+    from raydc.train.data import RowBlock
+    from raydc.weights import PRESETS, compute_weights, preset
+
+    names = scored_schema("float32").names
+    rows = sorted(scored["rows"].values(), key=lambda r: r["row_id"])
+    fp32 = pa.Table.from_pylist([{k: r[k] for k in names} for r in rows], scored_schema("float32"))
+    (tmp_path / "parts").mkdir()
+    fp16 = finish_batch(fp32, {}, str(tmp_path / "parts"), logprobs="float16")
+    assert fp16.schema.field("student_logprobs").type == pa.list_(pa.float16())
+    pq.write_table(fp16, tmp_path / "fp16.parquet", **SCORED_WRITE_ARGS)
+    a = RowBlock.from_table(fp32)
+    b = RowBlock.from_table(pq.read_table(tmp_path / "fp16.parquet"))
+    assert a.row_ids == b.row_ids and (a.input_ids == b.input_ids).all()
+    for x, y in (
+        (a.student_logprobs, b.student_logprobs),
+        (a.teacher_logprobs, b.teacher_logprobs),
+    ):
+        assert (abs(x - y) <= abs(x) * 2.0**-11 + 2.0**-24).all()
+
+    def padded(block, name):
+        out = torch.zeros(len(block), int(block.lengths().max()))
+        dtype = {"loss_mask": torch.bool, "sentence_ids": torch.long}.get(name, torch.float32)
+        out = out.to(dtype)
+        for r in range(len(block)):
+            v = getattr(block, name)[block.span(r)]
+            out[r, : len(v)] = torch.as_tensor(v.astype("float32") if dtype == torch.float32 else v)
+        return out
+
+    m, sid = padded(a, "loss_mask"), padded(a, "sentence_ids")
+    s32, t32 = padded(a, "student_logprobs"), padded(a, "teacher_logprobs")
+    s16, t16 = padded(b, "student_logprobs"), padded(b, "teacher_logprobs")
+    nll = -s32  # the student's own loss at step 0, in fp32
+    # The stated bound (docs/contracts.md): a weight's relative error is at most
+    # 2 * 2**-11 * L / tau, L the largest |log p_S| + |log p_T| on a loss token (self-norm
+    # and sequence means included: each moves log w by at most 2**-11 * L / tau per side).
+    L = float(((s32.abs() + t32.abs()) * m).max())
+    bound = 2 * 2.0**-11 * L
+    worst = {}
+    for name in PRESETS:
+        for gran in ("token", "sentence"):
+            cfg = preset(name, granularity=gran)
+            w32 = compute_weights(s32, t32, m, cfg, sid)
+            w16 = compute_weights(s16, t16, m, cfg, sid)
+            rel = float(((w32 - w16).abs() / w32.abs().clamp(min=1e-6) * m).max())
+            l32 = weighted_token_loss(nll, w32, m, cfg.normalization)
+            l16 = weighted_token_loss(nll, w16, m, cfg.normalization)
+            dl = float((l32 - l16).abs() / l32.abs())
+            worst[(name, gran)] = (round(rel, 6), round(dl, 7))
+            tau = getattr(cfg, "tau", 1.0) or 1.0
+            assert rel <= bound / tau and dl <= bound / tau, (name, gran, rel, dl, bound)
+    print(f"L={L:.2f} bound={bound:.5f}; worst relative dw, dloss:", worst)

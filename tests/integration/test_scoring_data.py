@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raydc.config import from_dict
-from raydc.data.schema import PREPARED_SCHEMA, data_files
+from raydc.data.schema import PREPARED_SCHEMA, SELECTION_FILE, data_files
 
 pytestmark = pytest.mark.integration
 
@@ -165,7 +165,7 @@ def test_dasd_selection_keeps_the_expected_candidates(tmp_path, tiny_student, ra
         cfg0.select.top_k = top_k
         out = tmp_path / f"sel{top_k}"
         summary = run_select(cfg0, tmp_path / "s", out)
-        kept = set(pq.read_table(data_files(out)).column("row_id").to_pylist())
+        kept = set(pq.read_table(out / SELECTION_FILE).column("row_id").to_pylist())
         if want is not None:
             assert kept == want
         else:

@@ -97,6 +97,7 @@ def test_the_run_summary_reports_rows_throughput_metrics_and_paths(tmp_path):
                 "rows_out": 240,
                 "rows_rejected": 0,
                 "tokens": 48000,
+                "store_bytes_per_token": {"input_ids": 0.7, "total": 2.91},
                 "seconds": 12.0,
                 "engines": {"student": {"tokens_per_s_busy": 8000.0, "startup_s": 40.0}},
             },
@@ -119,6 +120,7 @@ def test_the_run_summary_reports_rows_throughput_metrics_and_paths(tmp_path):
                     "val_nll": 5.5,
                     "padding_share": 0.0,
                     "budget_fill": 0.97,
+                    "weight_ess": 812.5,
                     "grad_norm": 0.3,
                 },
                 "seconds": 60.0,
@@ -145,6 +147,9 @@ def test_the_run_summary_reports_rows_throughput_metrics_and_paths(tmp_path):
     # Packing's figures reach the run summary; the rest stays in the stage's metrics.
     assert s["train_metrics"]["padding_share"] == 0.0 and s["train_metrics"]["budget_fill"] == 0.97
     assert "grad_norm" not in s["train_metrics"]
+    # The weights' effective sample size, as the training loop names it, reaches it too.
+    assert s["train_metrics"]["weight_ess"] == 812.5
+    assert s["store_bytes_per_token"] == 2.91
     assert s["eval_metrics"] == {"pass@1": 0.25, "pass@1_stderr": 0.1, "prompts": 16}
     text = format_summary(s)
     assert "busy: student 8,000 tokens/s (start-up 40 s)" in text
@@ -156,6 +161,8 @@ def test_the_run_summary_reports_rows_throughput_metrics_and_paths(tmp_path):
         "pass@1 0.25",
         "[reused]",
         "/t/model",
+        "weight_ess 812.5",
+        "scored store      2.91 bytes/token",
     ):
         assert piece in text, piece
     assert stage_line("prepare", results["prepare"].summary) == "rows 242 -> 240 (2 rejected)"

@@ -196,3 +196,63 @@ def test_the_teacher_mask_travels_into_micro_batches_and_neutralises_weights():
         assert rows[0, 1] == 1.0  # token 2 of row a: the teacher said nothing
         assert rows[0, 0] != 1.0 and rows[2, 2] != 1.0
     assert RowBlock.from_table(_table()).teacher_mask is None
+
+
+def _store(folder, manifest, rows=("a", "b", "c")):
+    import pyarrow.parquet as pq
+
+    folder.mkdir()
+    pq.write_table(_table(row_id=list(rows)), folder / "part-0.parquet")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_store_newer_than_this_raydc_is_refused_and_format_1_is_read(tmp_path):
+    from raydc.data.schema import STORE_FORMAT
+    from raydc.train.data import open_store
+
+    _store(tmp_path / "new", {"store": {"format": STORE_FORMAT + 1}})
+    with pytest.raises(ScoredDataError, match=f"format {STORE_FORMAT + 1} is newer.*re-score"):
+        open_store(tmp_path / "new")
+    _store(tmp_path / "old", {"student": {}})  # no `store` entry: written before format 2
+    store = open_store(tmp_path / "old")
+    assert store.keep is None and [f.rsplit("/", 1)[1] for f in store.files] == ["part-0.parquet"]
+
+
+def test_a_selection_reads_its_source_and_refuses_a_changed_one(tmp_path):
+    import os
+
+    import pyarrow.parquet as pq
+
+    from raydc.data.schema import SELECTION_FILE, SELECTION_SCHEMA
+    from raydc.train.data import open_store
+
+    _store(tmp_path / "score", {"store": {"format": 2}})
+    sel = tmp_path / "select"
+    sel.mkdir()
+    pq.write_table(
+        pa.table({"row_id": ["c", "a"], "prompt_id": ["p", "q"], "score": [0.5, 0.25]}).cast(
+            SELECTION_SCHEMA
+        ),
+        sel / SELECTION_FILE,
+    )
+    size = os.path.getsize(tmp_path / "score" / "part-0.parquet")
+    manifest = {
+        "store": {"format": 2},
+        "selection": {"source": "../score", "source_files": {"part-0.parquet": size}},
+    }
+    (sel / "manifest.json").write_text(json.dumps(manifest))
+    store = open_store(sel)
+    assert store.keep == frozenset({"a", "c"})
+    assert store.files == [str((tmp_path / "score" / "part-0.parquet").resolve())]
+    # The store was scored again with other rows after the selection: refused.
+    pq.write_table(
+        _table(row_id=["a", "b", "c"], input_ids=[[1] * 9, [4, 5], [6]]),
+        tmp_path / "score" / "part-0.parquet",
+    )
+    assert os.path.getsize(tmp_path / "score" / "part-0.parquet") != size
+    with pytest.raises(ScoredDataError, match=r"changed since .* 1 file\(s\) differ, part-0"):
+        open_store(sel)
+    del manifest["selection"]["source"]
+    (sel / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ScoredDataError, match="selection.source is missing"):
+        open_store(sel)

@@ -147,3 +147,26 @@ def test_an_inconsistent_length_column_is_refused(tmp_path):
     shard = RankShard.open(pieces, ["row_id", "input_ids", "loss_mask", "student_logprobs"])
     with pytest.raises(ScoredDataError, match="num_tokens does not match"):
         shard.read_pieces([0])
+
+
+def test_a_selection_indexes_only_its_kept_rows(tmp_path):
+    files = _write_store(tmp_path)
+    rng = np.random.default_rng(3)
+    keep = frozenset(f"r{i}" for i in sorted(rng.choice(600, size=137, replace=False)))
+    lengths = {
+        r: n
+        for f in files
+        for r, n in zip(*pq.read_table(f, columns=["row_id", "num_tokens"]).to_pydict().values())
+    }
+    for world in (1, 3):
+        shards = [
+            RankShard.open(p, COLUMNS) for p in assign_pieces(build_index(files, keep), world)
+        ]
+        got = [r for s in shards for r in _rows_of(s)]
+        assert sorted(got) == sorted(keep)  # the kept rows, once each, no others
+        assert sum(int(s.lengths.sum()) for s in shards) == sum(lengths[r] for r in keep)
+        for s in shards:  # the block read through the selection holds those rows' tokens
+            block = s.read_pieces(list(range(len(s.pieces))))
+            assert block.lengths().tolist() == [lengths[r] for r in block.row_ids]
+    with pytest.raises(ScoredDataError, match="keeps 2 row ids but the scored store holds 1"):
+        build_index(files, frozenset({"r1", "nope"}))
