@@ -345,8 +345,9 @@ def compute_weights(
             if cfg.transform == "sigmoid":
                 w = cfg.c * torch.sigmoid((u - cfg.b) / cfg.tau)
             elif cfg.transform == "exp_clip":
-                log_lo = math.log(cfg.w_min) if cfg.w_min > 0 else -math.inf
-                w = torch.exp((u / cfg.tau).clamp(min=log_lo, max=math.log(cfg.w_max)))
+                # clamp in weight space: exp(log w_min) in fp32 misses w_min by up to
+                # |log w_min| * 2^-24 relative; exp over/underflow lands on a bound anyway
+                w = torch.exp(u / cfg.tau).clamp(min=cfg.w_min, max=cfg.w_max)
             else:  # mask
                 log_lo = math.log(cfg.lo) if cfg.lo > 0 else -math.inf
                 log_hi = math.log(cfg.hi) if cfg.hi > 0 else -math.inf
