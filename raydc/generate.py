@@ -46,7 +46,6 @@ from raydc.eval.generation import (
     Request,
     Sampling,
     char_spans,
-    ensure_ray,
     iter_samples,
     now,
     pick_key,
@@ -57,6 +56,7 @@ from raydc.eval.generation import (
     token_pieces,
     write_rejects,
 )
+from raydc.runtime import connect_ray
 
 PROMPT_KEYS = ("prompt", "question", "problem")
 
@@ -175,7 +175,7 @@ def run_generate(
     sampling = Sampling(gcfg.temperature, gcfg.top_p, gcfg.max_new_tokens, logprobs=True)
     backend = resolve_backend(gcfg.engine.backend, cfg.run.ray_address)
     if backend == "ray" and requests:
-        ensure_ray(cfg.run.ray_address)
+        connect_ray(cfg.run.ray_address)
     sink = ParquetSink(out / "traces.parquet", trace_schema(dcfg, extra))
     truncated = returned = tokens = 0
     t_gen = now()

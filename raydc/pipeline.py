@@ -38,6 +38,7 @@ from typing import Any
 
 from raydc.config import RaydcConfig
 from raydc.data.schema import OWNED  # in every stage folder raydc creates: it may clear it
+from raydc.runtime import connect_ray
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PACKAGE_DIR / "configs"
@@ -418,7 +419,7 @@ class Pipeline:
         (out / OWNED).touch()
         pending.write_text(json.dumps({"fingerprint": fp, "started": time.time()}))
         if self._connect:
-            connect(self.cfg)
+            connect_ray(self.cfg.run.ray_address)
         self.log(f"[raydc] {name:<8} running{' (resuming)' if keep else ''} -> {out}")
         t0 = time.time()
         try:
@@ -742,40 +743,6 @@ def _model_outputs(out: Path, summary: dict) -> list[Path]:
     checkpoints, which a user may prune once the run is done."""
     model = summary.get("model_dir")
     return [Path(model)] if model and Path(model).exists() else []
-
-
-# ----------------------------------------------------------------------------- Ray
-
-
-RUNTIME_ENV_VARS = (
-    "HF_HUB_OFFLINE",
-    "TRANSFORMERS_OFFLINE",
-    "HF_DATASETS_OFFLINE",
-    "HF_HUB_DISABLE_TELEMETRY",
-    "VLLM_NO_USAGE_STATS",
-    "TOKENIZERS_PARALLELISM",
-    "DS_ACCELERATOR",
-)
-
-
-def connect(cfg: RaydcConfig) -> None:
-    """Join ``run.ray_address`` (or RAY_ADDRESS, as inside ``ray job submit``), else start a
-    local Ray. Idempotent. Offline/hub settings of this process travel to the workers."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    from raydc.models import offline_env
-
-    offline_env()
-    env = {k: os.environ[k] for k in RUNTIME_ENV_VARS if k in os.environ}
-    ray.init(
-        address=cfg.run.ray_address,
-        runtime_env={"env_vars": env},
-        log_to_driver=False,
-        configure_logging=True,
-        logging_level="WARNING",
-    )
 
 
 # ----------------------------------------------------------------------------- summary

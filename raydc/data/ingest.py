@@ -37,6 +37,7 @@ from raydc.data.schema import (
     write_json,
     write_parts,
 )
+from raydc.runtime import connect_ray
 
 READ_CHUNK_ROWS = 1024
 
@@ -222,29 +223,6 @@ def prepare_batch(batch: pa.Table, tokenizer: str, data_cfg: dict, parts_dir: st
 # ----------------------------------------------------------------------------- the stage
 
 
-def ensure_ray(cfg) -> None:
-    """Start (or join, with run.ray_address) Ray unless the caller already did."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    from raydc.models import offline_env
-
-    offline_env()
-    env = {
-        k: os.environ[k]
-        for k in (
-            "HF_HUB_OFFLINE",
-            "TRANSFORMERS_OFFLINE",
-            "HF_DATASETS_OFFLINE",
-            "VLLM_NO_USAGE_STATS",
-            "TOKENIZERS_PARALLELISM",
-        )
-        if k in os.environ
-    }
-    ray.init(address=cfg.run.ray_address, runtime_env={"env_vars": env}, log_to_driver=False)
-
-
 def check_reject_share(stage: str, summary: dict, max_share: float, rejects_path: Path) -> None:
     n_in, n_rej = summary["rows_in"], summary["rows_rejected"]
     if n_in and n_rej / n_in > max_share:
@@ -271,7 +249,7 @@ def run_prepare(cfg, out_dir: str | os.PathLike) -> dict:
     from raydc.models import tokenizer_path
 
     tokenizer = tokenizer_path(tokenizer)
-    ensure_ray(cfg)
+    connect_ray(cfg.run.ray_address)
     out = prepare_out_dir(out_dir)
     ds = read_traces(dcfg).map_batches(
         prepare_batch,

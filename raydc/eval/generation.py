@@ -333,26 +333,6 @@ def _ray_samples(model_dir, requests, s: Sampling, ecfg, stop_ids) -> Iterator[l
         ]
 
 
-def ensure_ray(ray_address: str | None) -> None:
-    """Join ``ray_address`` (or RAY_ADDRESS) or start a local Ray, unless Ray is up."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    from raydc.models import offline_env
-
-    offline_env()
-    keep = (
-        "HF_HUB_OFFLINE",
-        "TRANSFORMERS_OFFLINE",
-        "HF_DATASETS_OFFLINE",
-        "VLLM_NO_USAGE_STATS",
-        "TOKENIZERS_PARALLELISM",
-    )
-    env = {k: os.environ[k] for k in keep if k in os.environ}
-    ray.init(address=ray_address, runtime_env={"env_vars": env}, log_to_driver=False)
-
-
 # ----------------------------------------------------------------------------- decoding
 
 

@@ -33,7 +33,6 @@ from raydc.eval.generation import (
     ParquetSink,
     Request,
     Sampling,
-    ensure_ray,
     iter_samples,
     now,
     pick_key,
@@ -44,6 +43,7 @@ from raydc.eval.generation import (
     write_rejects,
 )
 from raydc.eval.graders import GoldAnswerError, gold_answer, grade
+from raydc.runtime import connect_ray
 
 PROMPT_KEYS = ("question", "problem", "prompt")
 ANSWER_KEYS = ("answer", "solution")
@@ -169,7 +169,7 @@ def run_eval(cfg, model_dir: str, out_dir: str | Path, engine: LocalEngine | Non
     sampling = Sampling(ecfg.temperature, ecfg.top_p, ecfg.max_new_tokens, logprobs=False)
     backend = resolve_backend(ecfg.engine.backend, cfg.run.ray_address)
     if backend == "ray":
-        ensure_ray(cfg.run.ray_address)
+        connect_ray(cfg.run.ray_address)
     t_gen = now()
     gen_rows: list[dict] = []
     for batch in iter_samples(

@@ -427,8 +427,9 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
     ``rejects.parquet`` and ``manifest.json`` to ``out_dir``; return the summary."""
     import ray
 
-    from raydc.data.ingest import check_reject_share, ensure_ray
+    from raydc.data.ingest import check_reject_share
     from raydc.models import fingerprint, offline_env
+    from raydc.runtime import connect_ray
 
     t0 = time.time()
     offline_env()
@@ -454,7 +455,7 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
     )
     same = _same_tokenizer(student, teacher) if needs_teacher_scoring else None
 
-    ensure_ray(cfg)
+    connect_ray(cfg.run.ray_address)
     out = prepare_out_dir(out_dir)
     parts = str(out / PARTS_DIR)
     score_cfg = dataclasses.asdict(scfg)
@@ -718,7 +719,7 @@ def run_select(cfg, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -
     """
     import ray
 
-    from raydc.data.ingest import ensure_ray
+    from raydc.runtime import connect_ray
     from raydc.select import select_top_k
 
     t0 = time.time()
@@ -726,7 +727,7 @@ def run_select(cfg, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -
     src_manifest = Path(scored_dir) / "manifest.json"
     if not files or not src_manifest.exists():
         raise ScoreError(f"{scored_dir}: no scored data (run the score stage first)")
-    ensure_ray(cfg)
+    connect_ray(cfg.run.ray_address)
     out = prepare_out_dir(out_dir)
     sel = cfg.select
     top_k = int(sel.top_k)

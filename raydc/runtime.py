@@ -1,0 +1,127 @@
+"""The one home of the Ray connection: which environment travels to workers, and who
+cleans up a local cluster whose driver was killed.
+
+``connect_ray`` joins ``address`` (or ``RAY_ADDRESS``, as inside ``ray job submit``) or
+starts a local Ray. A local Ray started here shares the driver's fate: Ray stops its GCS
+and raylet when the driver dies, but not always their children (the dashboard and
+runtime-env agents were seen alive ~7 minutes after a SIGKILL of the driver). A small
+reaper process, one per driver, waits for the driver to go and then ends every process
+that inherited this driver's reap token (see :func:`reap`). A cluster raydc joined is
+never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+# Settings of this process that every Ray worker needs as well (offline hub, no telemetry,
+# the DeepSpeed accelerator on CPU machines).
+RUNTIME_ENV_VARS = (
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "HF_HUB_DISABLE_TELEMETRY",
+    "VLLM_NO_USAGE_STATS",
+    "TOKENIZERS_PARALLELISM",
+    "DS_ACCELERATOR",
+)
+
+# Inherited by every process a local Ray started from this driver (GCS, raylet, agents,
+# workers); the reaper finds them by it in /proc/<pid>/environ.
+REAP_TOKEN_VAR = "RAYDC_REAP_TOKEN"
+
+_reaper: subprocess.Popen | None = None
+
+
+def connect_ray(address: str | None) -> None:
+    """Join ``address`` (or RAY_ADDRESS) or start a local Ray. Idempotent."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    from raydc.models import offline_env
+
+    offline_env()
+    starts_local = not address and not os.environ.get("RAY_ADDRESS")
+    if starts_local:
+        _start_reaper()
+    env = {k: os.environ[k] for k in RUNTIME_ENV_VARS if k in os.environ}
+    ray.init(
+        address=address,
+        runtime_env={"env_vars": env},
+        log_to_driver=False,
+        configure_logging=True,
+        logging_level="WARNING",
+    )
+
+
+def _start_reaper() -> None:
+    """One reaper per driver, started before the first local Ray so that every Ray
+    process inherits the token. Linux only (it reads /proc); elsewhere a no-op."""
+    global _reaper
+    if _reaper is not None and _reaper.poll() is None:
+        return
+    if not Path("/proc/self/environ").exists():
+        return
+    # always a fresh token: one inherited from a parent driver names the parent's processes
+    token = os.environ[REAP_TOKEN_VAR] = uuid.uuid4().hex
+    _reaper = subprocess.Popen(
+        [sys.executable, "-m", "raydc.runtime", "reap", token, str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # a Ctrl-C to the driver's group must not end it first
+    )
+
+
+def processes_with_token(token: str) -> list[int]:
+    """PIDs (other than this one) whose initial environment holds the reap token."""
+    needle = f"{REAP_TOKEN_VAR}={token}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone, or not ours
+            continue
+        if needle in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+def reap(token: str, driver_pid: int, poll_s: float = 1.0, grace_s: float = 5.0) -> int:
+    """Wait until ``driver_pid`` (this process's parent) is gone, then SIGTERM every
+    process holding ``token``, and SIGKILL what is left after ``grace_s``. Returns how many
+    outlived both (0 when all went). Re-parenting is the death signal, so a reused PID
+    cannot fool it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while os.getppid() == driver_pid:
+        time.sleep(poll_s)
+    left = processes_with_token(token)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in left:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = processes_with_token(token)
+        if not left:
+            break
+    return len(left)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "reap":
+        reap(sys.argv[2], int(sys.argv[3]))
+    else:
+        sys.exit("usage: python -m raydc.runtime reap <token> <driver pid>")
