@@ -101,7 +101,7 @@ def _ids(a):
 def arm_raydc(a) -> dict:
 
     from raydc.config import from_dict
-    from raydc.scoring.stage import run_score
+    from raydc.scoring.score_stage import run_score
 
     ray_init()
     cfg = from_dict(
@@ -129,21 +129,17 @@ def arm_raydc_actor(a) -> dict:
     import ray
 
     from raydc.config import ScoreConfig
-    from raydc.scoring.stage import StudentScorer, _engine_args
+    from raydc.scoring.score_stage import StudentScorer, _engine_args
 
     ray_init()
     scfg = ScoreConfig(student=a.model, backend="vllm", **engine_settings(a.max_len))
-    import dataclasses
-
     t0 = time.perf_counter()
     parts = Path(a.work) / "actor_parts"
     parts.mkdir(exist_ok=True)
     ds = ray.data.read_parquet(str(Path(a.work) / "ids.parquet"))
     ds = ds.map_batches(
         StudentScorer,
-        fn_constructor_kwargs=dict(
-            model=a.model, score_cfg=dataclasses.asdict(scfg), parts_dir=str(parts)
-        ),
+        fn_constructor_kwargs=dict(model=a.model, score_cfg=scfg, parts_dir=str(parts)),
         **_engine_args(scfg),
     )
     n = sum(

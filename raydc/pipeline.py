@@ -528,7 +528,7 @@ class Pipeline:
         }
 
         def fn(out: Path) -> dict:
-            from raydc.scoring.stage import run_score
+            from raydc.scoring.score_stage import run_score
 
             return run_score(cfg, str(prepared.out_dir), out)
 
@@ -540,7 +540,7 @@ class Pipeline:
         parts = {"select": dataclasses.asdict(cfg.select), "score": scored.fingerprint}
 
         def fn(out: Path) -> dict:
-            from raydc.scoring.stage import run_select
+            from raydc.scoring.select_stage import run_select
 
             return run_select(cfg, str(scored.out_dir), out)
 

@@ -32,6 +32,10 @@ RUNTIME_ENV_VARS = (
     "DS_ACCELERATOR",
 )
 
+# What a light Ray task (check, finish, read, write) asks for, so that it runs beside the
+# engine actors on a small machine.
+LIGHT_CPUS = 0.25
+
 # Inherited by every process a local Ray started from this driver (GCS, raylet, agents,
 # workers); the reaper finds them by it in /proc/<pid>/environ.
 REAP_TOKEN_VAR = "RAYDC_REAP_TOKEN"

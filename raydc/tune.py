@@ -170,7 +170,7 @@ def reverse_kl(cfg: RaydcConfig, model_dir: str, out_dir: str | os.PathLike, eng
     )
     from raydc.eval.report import PROMPT_KEYS
     from raydc.models import load_tokenizer
-    from raydc.scoring.base import make_scorer
+    from raydc.scoring import make_scorer
 
     t0 = time.time()
     teacher = cfg.score.teacher
@@ -215,12 +215,7 @@ def reverse_kl(cfg: RaydcConfig, model_dir: str, out_dir: str | os.PathLike, eng
         for smp in batch
     ]
     samples = [smp for smp in samples if smp.token_ids]
-    settings = {
-        k: v
-        for k, v in dataclasses.asdict(cfg.score).items()
-        if k not in ("backend", "student", "teacher")
-    }
-    scorer = make_scorer(cfg.score.backend, teacher, **settings)
+    scorer = make_scorer(cfg.score, teacher)
     try:
         seqs = [ids[smp.key] + list(smp.token_ids) for smp in samples]
         logp_T = scorer.score(seqs)

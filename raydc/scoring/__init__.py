@@ -2,20 +2,46 @@
 
 Backends: ``vllm`` (engines as a Ray Data actor pool; the default) and ``transformers``
 (a padded forward; the cross-check in tests and the fallback where vLLM cannot run).
-``raydc.scoring.stage`` holds the score and select stages. Importing this package imports
-neither vLLM nor Ray.
+``raydc.scoring.score_stage`` and ``raydc.scoring.select_stage`` hold the two stages.
+Importing this package imports neither vLLM nor Ray.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from raydc.config import ScoreConfig
+    from raydc.scoring.base import Scorer
+
+
+def make_scorer(cfg: ScoreConfig, model: str) -> Scorer:
+    """A scorer of ``model`` with the engine settings of ``cfg`` (its backend decides)."""
+    if cfg.backend == "transformers":
+        from raydc.scoring.hf import TransformersScorer
+
+        return TransformersScorer(model, cfg)
+    if cfg.backend == "vllm":
+        from raydc.scoring.vllm_backend import VLLMScorer
+
+        return VLLMScorer(model, cfg)
+    raise ValueError(f"score.backend={cfg.backend!r}: must be 'vllm' or 'transformers'")
 
 
 def score_rows(model: str, token_ids, backend: str = "transformers", **settings):
     """Log-probs [T] (float32, position 0 = 0.0) of each row of ``token_ids`` under
     ``model``, scored in this process. ``settings`` are ScoreConfig fields (dtype,
-    max_model_len...). See ``raydc.scoring.base.make_scorer``."""
-    from raydc.scoring.base import make_scorer
+    max_model_len...); unknown ones are refused."""
+    from raydc.config import ScoreConfig
 
-    scorer = make_scorer(backend, model, **settings)
+    known = {f.name for f in dataclasses.fields(ScoreConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TypeError(f"unknown scorer settings {unknown}; known: {sorted(known)}")
+    cfg = ScoreConfig(**{**settings, "backend": backend})
+    cfg.validate("score")
+    scorer = make_scorer(cfg, model)
     try:
         return scorer.score(token_ids)
     finally:

@@ -9,11 +9,14 @@ checked against what was sent: same length, same token ids. A mismatch raises
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
+
+
+class ScoreError(RuntimeError):
+    """A score or select stage cannot go on (bad input, lost rows); the message says why."""
 
 
 class ScoreMismatchError(RuntimeError):
@@ -48,24 +51,3 @@ def check_result(
     if len(logp) and not np.isfinite(logp[1:]).all():
         bad = int(np.nonzero(~np.isfinite(logp[1:]))[0][0]) + 1
         raise ScoreMismatchError(f"row {i}: non-finite log-prob {logp[bad]} at position {bad}")
-
-
-def make_scorer(backend: str, model: str, **settings) -> Scorer:
-    """A scorer for ``model``; ``settings`` are ScoreConfig fields (unknown ones rejected)."""
-    from raydc.config import ScoreConfig
-
-    known = {f.name for f in dataclasses.fields(ScoreConfig)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise TypeError(f"unknown scorer settings {unknown}; known: {sorted(known)}")
-    scfg = ScoreConfig(**{**settings, "backend": backend})
-    scfg.validate("score")
-    if backend == "transformers":
-        from raydc.scoring.hf import TransformersScorer
-
-        return TransformersScorer(model, scfg)
-    if backend == "vllm":
-        from raydc.scoring.vllm_backend import VLLMScorer
-
-        return VLLMScorer(model, scfg)
-    raise ValueError(f"score.backend={backend!r}: must be 'vllm' or 'transformers'")

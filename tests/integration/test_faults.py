@@ -156,7 +156,7 @@ def test_a_killed_vllm_engine_fails_its_actor_and_the_stage_still_finishes(
     from raydc.config import from_dict
     from raydc.data.ingest import run_prepare
     from raydc.data.schema import PARTS_DIR
-    from raydc.scoring.stage import run_score
+    from raydc.scoring.score_stage import run_score
 
     rows = []
     with open("raydc/assets/gsm8k/train.jsonl") as fh:

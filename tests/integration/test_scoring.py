@@ -14,7 +14,7 @@ import torch
 from raydc.config import from_dict
 from raydc.data.schema import INSPECT_DIR, INSPECT_SCHEMA, SELECTION_FILE, data_files, scored_schema
 from raydc.models import fingerprint
-from raydc.scoring.stage import load_teacher_tokenizer
+from raydc.scoring.score_stage import load_teacher_tokenizer
 from raydc.text import align_by_char_spans
 
 pytestmark = pytest.mark.integration
@@ -47,7 +47,7 @@ def _traces(path, n=6):
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory, tiny_student, tiny_teacher_other_tokenizer, ray_local):
     from raydc.data.ingest import run_prepare
-    from raydc.scoring.stage import run_score
+    from raydc.scoring.score_stage import run_score
 
     tmp = tmp_path_factory.mktemp("score")
     _traces(tmp / "traces.jsonl")
@@ -233,7 +233,7 @@ def test_manifest(scored, tiny_student, tiny_teacher_other_tokenizer):
 
 
 def test_select_on_scored_data_keeps_the_top_candidate(scored, tmp_path):
-    from raydc.scoring.stage import run_select
+    from raydc.scoring.select_stage import run_select
     from raydc.select import divergence_scores
 
     cfg = scored["cfg"]
@@ -268,7 +268,7 @@ def test_training_reads_the_score_stage_output_with_real_sentence_ids(
     """Training fed by the real score and select stages (not a hand-written fixture): rows
     with several sentences, sentence granularity, one worker, two steps, through the
     selection's row-id list: exactly the kept rows."""
-    from raydc.scoring.stage import run_select
+    from raydc.scoring.select_stage import run_select
     from raydc.train import run_train
 
     assert max(max(r["sentence_ids"]) for r in scored["rows"].values()) >= 2
@@ -309,7 +309,7 @@ def test_the_float16_store_round_trips_within_its_bound(scored, tmp_path):
 
     from raydc.data.schema import SCORED_WRITE_ARGS
     from raydc.loss import weighted_token_loss
-    from raydc.scoring.stage import finish_batch
+    from raydc.scoring.score_stage import finish_batch
     from raydc.train.data import RowBlock
     from raydc.weights import PRESETS, compute_weights, preset
 
@@ -317,7 +317,7 @@ def test_the_float16_store_round_trips_within_its_bound(scored, tmp_path):
     rows = sorted(scored["rows"].values(), key=lambda r: r["row_id"])
     fp32 = pa.Table.from_pylist([{k: r[k] for k in names} for r in rows], scored_schema("float32"))
     (tmp_path / "parts").mkdir()
-    fp16 = finish_batch(fp32, {}, str(tmp_path / "parts"), logprobs="float16")
+    fp16 = finish_batch(fp32, preset("discord"), str(tmp_path / "parts"), logprobs="float16")
     assert fp16.schema.field("student_logprobs").type == pa.list_(pa.float16())
     pq.write_table(fp16, tmp_path / "fp16.parquet", **SCORED_WRITE_ARGS)
     a = RowBlock.from_table(fp32)

@@ -120,7 +120,8 @@ def test_prepare_fails_when_rejects_exceed_the_share(tmp_path, tiny_student, ray
 
 def test_score_refuses_data_of_another_tokenizer(tmp_path, tiny_student, ray_local):
     from raydc.data.ingest import run_prepare
-    from raydc.scoring.stage import ScoreError, run_score
+    from raydc.scoring.base import ScoreError
+    from raydc.scoring.score_stage import run_score
 
     with open(tmp_path / "t.jsonl", "w") as fh:
         fh.write(json.dumps(ROWS[0]) + "\n")
@@ -136,7 +137,8 @@ def test_dasd_selection_keeps_the_expected_candidates(tmp_path, tiny_student, ra
     from raydc.data.ingest import run_prepare
     from raydc.data.render import parse_row, prepare_candidate
     from raydc.models import load_tokenizer
-    from raydc.scoring.stage import run_score, run_select
+    from raydc.scoring.score_stage import run_score
+    from raydc.scoring.select_stage import run_select
 
     tok = load_tokenizer(tiny_student)
     cfg0 = _cfg(tmp_path / "t.jsonl", tiny_student)

@@ -86,7 +86,8 @@ def test_stage_batch_scores_match_the_padded_computation_on_ragged_rows():
     divergence_scores on hand-padded tensors, row by row, whatever the batch holds."""
     import pyarrow as pa
 
-    from raydc.scoring.stage import ScoreError, dasd_batch_scores
+    from raydc.scoring.base import ScoreError
+    from raydc.scoring.select_stage import dasd_batch_scores
 
     rows = [
         dict(
@@ -119,7 +120,7 @@ def test_stage_batch_scores_match_the_padded_computation_on_ragged_rows():
 
 
 def test_stage_orders_ids_naturally():
-    from raydc.scoring.stage import _natural_key
+    from raydc.scoring.select_stage import _natural_key
 
     ids = ["t.jsonl:10#1", "t.jsonl:2#0", "t.jsonl:2#1", "t.jsonl:10#0"]
     assert sorted(ids, key=_natural_key) == [

@@ -1,4 +1,4 @@
-"""The score and select stages: prepared rows -> scored Parquet + manifest (Ray Data).
+"""The score stage: prepared rows -> scored Parquet + manifest (Ray Data).
 
 Scoring is one streaming Ray Data pipeline::
 
@@ -25,10 +25,10 @@ import dataclasses
 import json
 import math
 import os
-import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -38,10 +38,7 @@ from raydc.data.schema import (
     INSPECT_DIR,
     INSPECT_SCHEMA,
     PARTS_DIR,
-    REJECTS_SCHEMA,
     SCORED_WRITE_ARGS,
-    SELECTION_FILE,
-    SELECTION_SCHEMA,
     STORE_FORMAT,
     batch_key,
     collect_parts,
@@ -55,14 +52,16 @@ from raydc.data.schema import (
     write_json,
     write_parts,
 )
+from raydc.runtime import LIGHT_CPUS
+from raydc.scoring import make_scorer
+from raydc.scoring.base import ScoreError
 from raydc.scoring.vllm_backend import max_prompt_len
 
-LIGHT_CPUS = 0.25
+if TYPE_CHECKING:
+    from raydc.config import ScoreConfig
+    from raydc.weights import WeightConfig
+
 DIAGNOSTICS_MAX_TOKENS = 2_000_000  # weight diagnostics over at most this many loss tokens
-
-
-class ScoreError(RuntimeError):
-    """The score or select stage refused its input; the message says why and what to do."""
 
 
 def _pairs(flat) -> list[tuple[int, int]]:
@@ -132,11 +131,9 @@ class StudentScorer(_Timed):
 
     role = "student"
 
-    def __init__(self, model: str, score_cfg: dict, parts_dir: str | None = None):
-        from raydc.scoring.base import make_scorer
-
+    def __init__(self, model: str, score_cfg: ScoreConfig, parts_dir: str | None = None):
         t0 = self._start(parts_dir)
-        self.scorer = make_scorer(score_cfg["backend"], model, **_settings(score_cfg))
+        self.scorer = make_scorer(score_cfg, model)
         self._started(t0)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -162,14 +159,16 @@ class TeacherScorer(_Timed):
     role = "teacher"
 
     def __init__(
-        self, model: str, score_cfg: dict, same_tokenizer: bool, parts_dir: str | None = None
+        self,
+        model: str,
+        score_cfg: ScoreConfig,
+        same_tokenizer: bool,
+        parts_dir: str | None = None,
     ):
-        from raydc.scoring.base import make_scorer
-
         t0 = self._start(parts_dir)
         self.same = same_tokenizer
-        self.max_len = max_prompt_len(model, int(score_cfg["max_model_len"]))
-        self.scorer = make_scorer(score_cfg["backend"], model, **_settings(score_cfg))
+        self.max_len = max_prompt_len(model, score_cfg.max_model_len)
+        self.scorer = make_scorer(score_cfg, model)
         if not self.same:
             from raydc.data.render import special_ids
 
@@ -270,10 +269,6 @@ def load_teacher_tokenizer(path: str):
     return load_tokenizer(path)
 
 
-def _settings(score_cfg: dict) -> dict:
-    return {k: v for k, v in score_cfg.items() if k not in ("backend", "student", "teacher")}
-
-
 def _set_column(batch: pa.Table, name: str, col: pa.Array) -> pa.Table:
     if name in batch.column_names:
         return batch.set_column(batch.column_names.index(name), name, col)
@@ -338,16 +333,15 @@ def to_store(rows: list, logprobs: str) -> pa.Array:
 
 def finish_batch(
     batch: pa.Table,
-    weights_cfg: dict,
+    weights: WeightConfig,
     parts_dir: str,
     logprobs: str = "float16",
     inspect_dir: str | None = None,
 ) -> pa.Table:
     """Resolve unknown teacher log-probs and cast to the scored store's schema. With
     ``inspect_dir``, also write the rows' text, offsets, conversation and configured weights
-    (from the fp32 log-probs) to a side-table part named by the batch's row ids."""
-    from raydc.weights import WeightConfig
-
+    (from the fp32 log-probs, under ``weights``) to a side-table part named by the batch's
+    row ids."""
     s_rows = batch.column("student_logprobs").to_pylist()
     t_rows = batch.column("teacher_logprobs").to_pylist()
     m_rows = batch.column("loss_mask").to_pylist()
@@ -366,9 +360,9 @@ def finish_batch(
     key = batch_key(batch.column("row_id").to_pylist())
     if inspect_dir is not None:
         sid_rows = batch.column("sentence_ids").to_pylist()
-        weights = batch_weights(s_rows, t_rows, m_rows, sid_rows, WeightConfig(**weights_cfg))
+        w_rows = batch_weights(s_rows, t_rows, m_rows, sid_rows, weights)
         side = batch.select([n for n in INSPECT_SCHEMA.names if n != "weights"])
-        side = side.append_column("weights", pa.array(weights, pa.list_(pa.float32())))
+        side = side.append_column("weights", pa.array(w_rows, pa.list_(pa.float32())))
         os.makedirs(inspect_dir, exist_ok=True)
         tmp = os.path.join(inspect_dir, f".{key}.parquet.tmp")
         pq.write_table(side.cast(INSPECT_SCHEMA), tmp, compression="zstd")
@@ -458,7 +452,6 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
     connect_ray(cfg.run.ray_address)
     out = prepare_out_dir(out_dir)
     parts = str(out / PARTS_DIR)
-    score_cfg = dataclasses.asdict(scfg)
     vocab = _vocab_size(student)
     max_len = max_prompt_len(student, int(scfg.max_model_len))
     ds = ray.data.read_parquet(files, num_cpus=LIGHT_CPUS)
@@ -470,14 +463,14 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
     )
     ds = ds.map_batches(
         StudentScorer,
-        fn_constructor_kwargs=dict(model=student, score_cfg=score_cfg, parts_dir=parts),
+        fn_constructor_kwargs=dict(model=student, score_cfg=scfg, parts_dir=parts),
         **_engine_args(scfg),
     )
     if needs_teacher_scoring:
         ds = ds.map_batches(
             TeacherScorer,
             fn_constructor_kwargs=dict(
-                model=teacher, score_cfg=score_cfg, same_tokenizer=same, parts_dir=parts
+                model=teacher, score_cfg=scfg, same_tokenizer=same, parts_dir=parts
             ),
             **_engine_args(scfg),
         )
@@ -486,7 +479,7 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
         batch_format="pyarrow",
         num_cpus=LIGHT_CPUS,
         fn_kwargs=dict(
-            weights_cfg=cfg.weights.to_dict(),
+            weights=cfg.weights,
             parts_dir=parts,
             logprobs=scfg.logprobs,
             inspect_dir=str(out / INSPECT_DIR) if scfg.inspection else None,
@@ -494,10 +487,10 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
     )
     ds.write_parquet(str(out), ray_remote_args={"num_cpus": LIGHT_CPUS}, **SCORED_WRITE_ARGS)
 
-    totals_in, _ = _collect_stats(out, "finish")
+    totals_in = _collect_stats(out, "finish")
     engines = {}
     for role in ("student", "teacher"):
-        eng, _ = _collect_stats(out, f"eng{role}")
+        eng = _collect_stats(out, f"eng{role}")
         if eng:
             busy = eng.get("busy_s", 0.0)
             engines[role] = {
@@ -558,7 +551,7 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
                 "teacher_unknown_tokens",
             )
         },
-        "config": {"score": score_cfg, "data": prep.get("config")},
+        "config": {"score": dataclasses.asdict(scfg), "data": prep.get("config")},
         "weights": cfg.weights.to_dict(),
         "weight_diagnostics": diag,
         "store": {**store_info(scfg), "column_bytes": on_disk},
@@ -578,13 +571,13 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
     return summary
 
 
-def _collect_stats(out: Path, stage: str) -> tuple[dict, None]:
+def _collect_stats(out: Path, stage: str) -> dict:
     totals: dict = {}
     for f in sorted((out / PARTS_DIR).glob(f"stats-{stage}-*.json")):
         for k, v in json.loads(f.read_text()).items():
             totals[k] = totals.get(k, 0) + v
         f.unlink()
-    return totals, None
+    return totals
 
 
 def _backend_version(backend: str) -> dict:
@@ -661,161 +654,3 @@ def _weight_diagnostics(files: list[str], wcfg) -> dict:
     if isinstance(diag.get("corr_weight_length"), float) and math.isnan(diag["corr_weight_length"]):
         diag["corr_weight_length"] = None  # JSON has no NaN
     return diag
-
-
-# ----------------------------------------------------------------------------- select
-
-
-def dasd_batch_scores(batch: pa.Table, threshold: float) -> pa.Table:
-    """(row_id, prompt_id, score) for a batch of scored rows: each row's DASD score, the
-    share of its sentences with delta > ``threshold``. Rows are scored independently."""
-    import torch
-
-    from raydc.select import divergence_scores
-
-    rows = batch.select(
-        ["row_id", "prompt_id", "student_logprobs", "teacher_logprobs", "sentence_ids", "loss_mask"]
-    ).to_pylist()
-    missing = [r["row_id"] for r in rows if r["teacher_logprobs"] is None]
-    if missing:
-        raise ScoreError(
-            f"selection needs teacher log-probs; rows {missing[:5]} have none (set "
-            "score.teacher or give them in the data)"
-        )
-    B, T = len(rows), max((len(r["loss_mask"]) for r in rows), default=0)
-    s, t = torch.zeros(B, T, dtype=torch.float64), torch.zeros(B, T, dtype=torch.float64)
-    sid, m = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.bool)
-    for b, r in enumerate(rows):
-        n = len(r["loss_mask"])
-        s[b, :n] = torch.tensor(r["student_logprobs"], dtype=torch.float64)
-        t[b, :n] = torch.tensor(r["teacher_logprobs"], dtype=torch.float64)
-        sid[b, :n] = torch.tensor(r["sentence_ids"])
-        m[b, :n] = torch.tensor(r["loss_mask"])
-    scores = divergence_scores(s, t, sid, m, threshold).tolist() if B else []
-    return pa.table(
-        {
-            "row_id": pa.array([r["row_id"] for r in rows], pa.string()),
-            "prompt_id": pa.array([r["prompt_id"] for r in rows], pa.string()),
-            "score": pa.array(scores, pa.float64()),
-        }
-    )
-
-
-def _natural_key(text: str) -> tuple:
-    """Sort key that orders "p-2" before "p-10" (row ids carry line numbers)."""
-    return tuple(int(x) if x.isdigit() else x for x in re.split(r"(\d+)", text))
-
-
-def run_select(cfg, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
-    """DASD divergence-aware selection on scored rows: per prompt, keep the top
-    ``cfg.select.top_k`` candidates by the share of sentences with delta >
-    ``cfg.select.threshold``. Writes the kept row ids (``selection.parquet``, no copy of the
-    rows: training reads the scored store through it), ``rejects.parquet`` (the rows not
-    selected, reason ``not_selected``) and a manifest; returns the summary.
-
-    No shuffle: one pass scores every row where it lies and brings back only
-    (row_id, prompt_id, score); the top-k is taken on the driver (a few dozen bytes a row).
-    Ties go to the row id that sorts first.
-    """
-    import ray
-
-    from raydc.runtime import connect_ray
-    from raydc.select import select_top_k
-
-    t0 = time.time()
-    files = data_files(scored_dir)
-    src_manifest = Path(scored_dir) / "manifest.json"
-    if not files or not src_manifest.exists():
-        raise ScoreError(f"{scored_dir}: no scored data (run the score stage first)")
-    connect_ray(cfg.run.ray_address)
-    out = prepare_out_dir(out_dir)
-    sel = cfg.select
-    top_k = int(sel.top_k)
-    columns = ["row_id", "prompt_id", "student_logprobs", "teacher_logprobs"]
-    columns += ["sentence_ids", "loss_mask"]
-    scored = ray.data.read_parquet(files, columns=columns, num_cpus=LIGHT_CPUS).map_batches(
-        dasd_batch_scores,
-        batch_format="pyarrow",
-        num_cpus=LIGHT_CPUS,
-        fn_kwargs=dict(threshold=float(sel.threshold)),
-    )
-    tables = [t for t in ray.get(scored.to_arrow_refs()) if t.num_rows]
-    table = pa.concat_tables(tables) if tables else None
-    records = table.to_pylist() if table is not None else []
-    seen: set = set()
-    for r in records:
-        if r["row_id"] in seen:
-            raise ScoreError(
-                f"selection needs unique row ids; row_id {r['row_id']!r} appears more than once "
-                "(check data.id_key)"
-            )
-        seen.add(r["row_id"])
-    records.sort(key=lambda r: (str(r["prompt_id"]), _natural_key(r["row_id"])))
-    keep = set(
-        select_top_k([r["prompt_id"] for r in records], [r["score"] for r in records], top_k)
-    )
-    not_kept = [r for i, r in enumerate(records) if i not in keep]
-    dropped = pa.Table.from_pylist(
-        [
-            {
-                "row_id": r["row_id"],
-                "stage": "select",
-                "field": "teacher_logprobs",
-                "reason": f"not_selected: DASD score {r['score']:.4f} outside the top {top_k} "
-                f"of prompt {r['prompt_id']}",
-            }
-            for r in not_kept
-        ],
-        schema=REJECTS_SCHEMA,
-    )
-    kept = [records[i] for i in sorted(keep)]
-    pq.write_table(
-        pa.Table.from_pylist(
-            [{k: r[k] for k in SELECTION_SCHEMA.names} for r in kept], schema=SELECTION_SCHEMA
-        ),
-        out / SELECTION_FILE,
-        compression="zstd",
-    )
-    _, rejects = collect_parts(out, "select", extra_rejects=dropped)
-    rows_out = count_rows([str(out / SELECTION_FILE)])
-    score_kept = sum(records[i]["score"] for i in keep)
-    summary = {
-        "stage": "select",
-        "rows_in": len(records),
-        "rows_out": rows_out,
-        "rows_rejected": rejects.num_rows,
-        "mean_score_kept": score_kept / max(1, rows_out),
-        "mean_score_all": sum(r["score"] for r in records) / max(1, len(records)),
-        "seconds": round(time.time() - t0, 3),
-    }
-    n_scored = count_rows(files)
-    if len(records) != n_scored or n_scored != rows_out + rejects.num_rows:
-        raise ScoreError(
-            f"select lost rows: {n_scored} scored, {len(records)} seen, {rows_out} kept "
-            f"+ {rejects.num_rows} not selected (a bug; please report)"
-        )
-    manifest = json.loads(src_manifest.read_text())
-    manifest["counts"] = {
-        **manifest.get("counts", {}),
-        "rows_in": summary["rows_in"],
-        "rows_out": rows_out,
-        "rows_rejected": rejects.num_rows,
-    }
-    manifest["selection"] = {
-        "threshold": sel.threshold,
-        "top_k": sel.top_k,
-        # The scored store the kept ids point into, relative to this folder, and its files'
-        # sizes (training refuses a store that changed since).
-        "source": os.path.relpath(Path(scored_dir).resolve(), out.resolve()),
-        "source_files": {Path(f).name: os.path.getsize(f) for f in files},
-        "mean_score_kept": summary["mean_score_kept"],
-        "mean_score_all": summary["mean_score_all"],
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    write_json(out / "manifest.json", manifest)
-    summary["paths"] = {
-        "data": str(out),
-        "manifest": str(out / "manifest.json"),
-        "rejects": str(out / "rejects.parquet"),
-    }
-    return summary

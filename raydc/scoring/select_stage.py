@@ -1,0 +1,187 @@
+"""The select stage: DASD divergence-aware selection over the scored store (Ray Data).
+
+One streaming pass scores every scored row where it lies (the share of its sentences whose
+student/teacher divergence passes ``select.threshold``) and brings back only
+(row_id, prompt_id, score); the per-prompt top-k is taken on the driver. The stage writes
+the kept row ids, never a copy of the rows: training reads the scored store through them
+(docs/contracts.md, "The selection").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raydc.data.schema import (
+    REJECTS_SCHEMA,
+    SELECTION_FILE,
+    SELECTION_SCHEMA,
+    collect_parts,
+    count_rows,
+    data_files,
+    prepare_out_dir,
+    write_json,
+)
+from raydc.runtime import LIGHT_CPUS, connect_ray
+from raydc.scoring.base import ScoreError
+
+
+def dasd_batch_scores(batch: pa.Table, threshold: float) -> pa.Table:
+    """(row_id, prompt_id, score) for a batch of scored rows: each row's DASD score, the
+    share of its sentences with delta > ``threshold``. Rows are scored independently."""
+    import torch
+
+    from raydc.select import divergence_scores
+
+    rows = batch.select(
+        ["row_id", "prompt_id", "student_logprobs", "teacher_logprobs", "sentence_ids", "loss_mask"]
+    ).to_pylist()
+    missing = [r["row_id"] for r in rows if r["teacher_logprobs"] is None]
+    if missing:
+        raise ScoreError(
+            f"selection needs teacher log-probs; rows {missing[:5]} have none (set "
+            "score.teacher or give them in the data)"
+        )
+    B, T = len(rows), max((len(r["loss_mask"]) for r in rows), default=0)
+    s, t = torch.zeros(B, T, dtype=torch.float64), torch.zeros(B, T, dtype=torch.float64)
+    sid, m = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        n = len(r["loss_mask"])
+        s[b, :n] = torch.tensor(r["student_logprobs"], dtype=torch.float64)
+        t[b, :n] = torch.tensor(r["teacher_logprobs"], dtype=torch.float64)
+        sid[b, :n] = torch.tensor(r["sentence_ids"])
+        m[b, :n] = torch.tensor(r["loss_mask"])
+    scores = divergence_scores(s, t, sid, m, threshold).tolist() if B else []
+    return pa.table(
+        {
+            "row_id": pa.array([r["row_id"] for r in rows], pa.string()),
+            "prompt_id": pa.array([r["prompt_id"] for r in rows], pa.string()),
+            "score": pa.array(scores, pa.float64()),
+        }
+    )
+
+
+def _natural_key(text: str) -> tuple:
+    """Sort key that orders "p-2" before "p-10" (row ids carry line numbers)."""
+    return tuple(int(x) if x.isdigit() else x for x in re.split(r"(\d+)", text))
+
+
+def run_select(cfg, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
+    """DASD divergence-aware selection on scored rows: per prompt, keep the top
+    ``cfg.select.top_k`` candidates by the share of sentences with delta >
+    ``cfg.select.threshold``. Writes the kept row ids (``selection.parquet``, no copy of the
+    rows: training reads the scored store through it), ``rejects.parquet`` (the rows not
+    selected, reason ``not_selected``) and a manifest; returns the summary.
+
+    No shuffle: one pass scores every row where it lies and brings back only
+    (row_id, prompt_id, score); the top-k is taken on the driver (a few dozen bytes a row).
+    Ties go to the row id that sorts first.
+    """
+    import ray
+
+    from raydc.select import select_top_k
+
+    t0 = time.time()
+    files = data_files(scored_dir)
+    src_manifest = Path(scored_dir) / "manifest.json"
+    if not files or not src_manifest.exists():
+        raise ScoreError(f"{scored_dir}: no scored data (run the score stage first)")
+    connect_ray(cfg.run.ray_address)
+    out = prepare_out_dir(out_dir)
+    sel = cfg.select
+    top_k = int(sel.top_k)
+    columns = ["row_id", "prompt_id", "student_logprobs", "teacher_logprobs"]
+    columns += ["sentence_ids", "loss_mask"]
+    scored = ray.data.read_parquet(files, columns=columns, num_cpus=LIGHT_CPUS).map_batches(
+        dasd_batch_scores,
+        batch_format="pyarrow",
+        num_cpus=LIGHT_CPUS,
+        fn_kwargs=dict(threshold=float(sel.threshold)),
+    )
+    tables = [t for t in ray.get(scored.to_arrow_refs()) if t.num_rows]
+    table = pa.concat_tables(tables) if tables else None
+    records = table.to_pylist() if table is not None else []
+    seen: set = set()
+    for r in records:
+        if r["row_id"] in seen:
+            raise ScoreError(
+                f"selection needs unique row ids; row_id {r['row_id']!r} appears more than once "
+                "(check data.id_key)"
+            )
+        seen.add(r["row_id"])
+    records.sort(key=lambda r: (str(r["prompt_id"]), _natural_key(r["row_id"])))
+    keep = set(
+        select_top_k([r["prompt_id"] for r in records], [r["score"] for r in records], top_k)
+    )
+    not_kept = [r for i, r in enumerate(records) if i not in keep]
+    dropped = pa.Table.from_pylist(
+        [
+            {
+                "row_id": r["row_id"],
+                "stage": "select",
+                "field": "teacher_logprobs",
+                "reason": f"not_selected: DASD score {r['score']:.4f} outside the top {top_k} "
+                f"of prompt {r['prompt_id']}",
+            }
+            for r in not_kept
+        ],
+        schema=REJECTS_SCHEMA,
+    )
+    kept = [records[i] for i in sorted(keep)]
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{k: r[k] for k in SELECTION_SCHEMA.names} for r in kept], schema=SELECTION_SCHEMA
+        ),
+        out / SELECTION_FILE,
+        compression="zstd",
+    )
+    _, rejects = collect_parts(out, "select", extra_rejects=dropped)
+    rows_out = count_rows([str(out / SELECTION_FILE)])
+    score_kept = sum(records[i]["score"] for i in keep)
+    summary = {
+        "stage": "select",
+        "rows_in": len(records),
+        "rows_out": rows_out,
+        "rows_rejected": rejects.num_rows,
+        "mean_score_kept": score_kept / max(1, rows_out),
+        "mean_score_all": sum(r["score"] for r in records) / max(1, len(records)),
+        "seconds": round(time.time() - t0, 3),
+    }
+    n_scored = count_rows(files)
+    if len(records) != n_scored or n_scored != rows_out + rejects.num_rows:
+        raise ScoreError(
+            f"select lost rows: {n_scored} scored, {len(records)} seen, {rows_out} kept "
+            f"+ {rejects.num_rows} not selected (a bug; please report)"
+        )
+    manifest = json.loads(src_manifest.read_text())
+    manifest["counts"] = {
+        **manifest.get("counts", {}),
+        "rows_in": summary["rows_in"],
+        "rows_out": rows_out,
+        "rows_rejected": rejects.num_rows,
+    }
+    manifest["selection"] = {
+        "threshold": sel.threshold,
+        "top_k": sel.top_k,
+        # The scored store the kept ids point into, relative to this folder, and its files'
+        # sizes (training refuses a store that changed since).
+        "source": os.path.relpath(Path(scored_dir).resolve(), out.resolve()),
+        "source_files": {Path(f).name: os.path.getsize(f) for f in files},
+        "mean_score_kept": summary["mean_score_kept"],
+        "mean_score_all": summary["mean_score_all"],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(out / "manifest.json", manifest)
+    summary["paths"] = {
+        "data": str(out),
+        "manifest": str(out / "manifest.json"),
+        "rejects": str(out / "rejects.parquet"),
+    }
+    return summary
