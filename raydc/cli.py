@@ -95,7 +95,8 @@ def execute(command: str, args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         return 0
 
-    from raydc.pipeline import Pipeline, StageError, format_summary, summarize
+    from raydc.pipeline import Pipeline, StageError
+    from raydc.summary import format_summary, summarize_run
 
     try:
         pipe = Pipeline(cfg)
@@ -112,7 +113,7 @@ def execute(command: str, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("raydc: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    summary = summarize(pipe.results, pipe.cfg)
+    summary = summarize_run(pipe.results, pipe.cfg)
     print(format_summary(summary), flush=True)
     if command == "run":
         out = Path(pipe.cfg.run.output_dir) / "summary.json"

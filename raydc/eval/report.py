@@ -58,6 +58,19 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+# The eval figures the run summary keeps (raydc.summary reads this list).
+HEADLINE = (
+    "pass@1",
+    "pass@1_stderr",
+    "prompts",
+    "n_samples",
+    "mean_response_tokens",
+    "no_answer_share",
+    "truncated_share",
+    "tokens_per_second",
+)
+
+
 def summarize(
     correct: Sequence[Sequence[bool]],
     num_tokens: Sequence[int],

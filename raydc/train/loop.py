@@ -39,6 +39,19 @@ from raydc.train.step import Learner, StepStats
 STATE_FILE = "raydc_state.json"
 DS_TAG = "ds"
 
+# The training figures the run summary keeps, as this module emits them (raydc.summary
+# reads this list; tests/unit/test_cli.py checks that weight_ess arrives).
+HEADLINE = (
+    "step",
+    "loss",
+    "val_nll",
+    "tokens_per_s",
+    "weight_ess",
+    "weight_ess_fraction",
+    "padding_share",
+    "budget_fill",
+)
+
 
 @dataclass(frozen=True)
 class StepInfo:

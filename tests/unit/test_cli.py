@@ -74,7 +74,8 @@ def test_tune_with_an_empty_space_exits_2_before_any_stage_runs(tmp_path, capsys
 def test_the_run_summary_reports_rows_throughput_metrics_and_paths(tmp_path):
     from pathlib import Path
 
-    from raydc.pipeline import StageResult, format_summary, stage_line, summarize
+    from raydc.pipeline import StageResult
+    from raydc.summary import format_summary, stage_line, summarize_run
 
     def res(name, summary, skipped=False):
         return StageResult(name, Path(tmp_path / name), "fp", summary, skipped)
@@ -140,7 +141,7 @@ def test_the_run_summary_reports_rows_throughput_metrics_and_paths(tmp_path):
     }
     from raydc.config import from_dict
 
-    s = summarize(results, from_dict({"run": {"output_dir": str(tmp_path)}}))
+    s = summarize_run(results, from_dict({"run": {"output_dir": str(tmp_path)}}))
     assert s["rows"] == {"rows_in": 242, "rows_out": 240, "rows_rejected": 2}
     assert s["scoring_tokens_per_s"] == 4000.0 and s["training_tokens_per_s"] == 6000.0
     assert s["tune"]["best_config"] == {"weights.tau": 0.5}
