@@ -85,7 +85,7 @@ def arm_prepare(a) -> dict:
     s = run_prepare(cfg, Path(a.work) / "prepared")
     import pyarrow.parquet as pq
 
-    from raydc.data.schema import data_files
+    from raydc.artifacts import data_files
 
     t = pq.read_table(data_files(Path(a.work) / "prepared"), columns=["row_id", "input_ids"])
     pq.write_table(t, Path(a.work) / "ids.parquet")

@@ -36,8 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raydc.artifacts import (
+    OWNED,  # in every stage folder raydc creates: it may clear it
+    TOKENIZER_FILES,
+)
 from raydc.config import RaydcConfig
-from raydc.data.schema import OWNED  # in every stage folder raydc creates: it may clear it
 from raydc.runtime import connect_ray
 from raydc.summary import stage_line
 
@@ -54,16 +57,6 @@ TINY_MODELS = {"tiny:student": ("student", 0), "tiny:teacher": ("teacher", 1)}
 # Files above this size are fingerprinted by (name, size, mtime) instead of content: a
 # 15 GB checkpoint must not be re-read on every rerun.
 HASH_CONTENT_LIMIT = 64 << 20
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "tokenizer.model",
-    "vocab.txt",
-)
 
 
 class StageError(RuntimeError):

@@ -157,7 +157,7 @@ def reverse_kl(cfg: RaydcConfig, model_dir: str, out_dir: str | os.PathLike, eng
     """
     import numpy as np
 
-    from raydc.data.schema import tokenizer_fingerprint
+    from raydc.artifacts import tokenizer_fingerprint
     from raydc.eval.generation import (
         Request,
         Sampling,

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from raydc.data.render import RowReject, parse_row, prepare_candidate, special_ids
-from raydc.data.schema import (
+from raydc.artifacts import (
     PARTS_DIR,
-    PREPARED_SCHEMA,
+    REJECTS_FILE,
     batch_key,
+    check_reject_share,
     collect_parts,
     count_rows,
     data_files,
@@ -37,6 +37,8 @@ from raydc.data.schema import (
     write_json,
     write_parts,
 )
+from raydc.data.render import RowReject, parse_row, prepare_candidate, special_ids
+from raydc.data.schema import PREPARED_SCHEMA
 from raydc.runtime import connect_ray
 
 READ_CHUNK_ROWS = 1024
@@ -223,20 +225,6 @@ def prepare_batch(batch: pa.Table, tokenizer: str, data_cfg: dict, parts_dir: st
 # ----------------------------------------------------------------------------- the stage
 
 
-def check_reject_share(stage: str, summary: dict, max_share: float, rejects_path: Path) -> None:
-    n_in, n_rej = summary["rows_in"], summary["rows_rejected"]
-    if n_in and n_rej / n_in > max_share:
-        raise PrepareError(
-            f"{stage}: {n_rej} of {n_in} rows rejected ({n_rej / n_in:.1%}) > "
-            f"data.max_reject_share={max_share:.1%}; reasons {summary.get('reasons')}; "
-            f"see {rejects_path}"
-        )
-    if n_in and n_rej == n_in:
-        raise PrepareError(
-            f"{stage}: every row was rejected; reasons {summary.get('reasons')}; see {rejects_path}"
-        )
-
-
 def run_prepare(cfg, out_dir: str | os.PathLike) -> dict:
     """Read ``cfg.data.path``, write prepared Parquet, ``rejects.parquet`` and
     ``summary.json`` to ``out_dir``; return the summary (rows_in == rows_out +
@@ -283,7 +271,9 @@ def run_prepare(cfg, out_dir: str | os.PathLike) -> dict:
             f"{rejects.num_rows} rejected (a bug; please report)"
         )
     write_json(out / "summary.json", summary)
-    check_reject_share("prepare", summary, dcfg.max_reject_share, out / "rejects.parquet")
+    check_reject_share(
+        "prepare", summary, dcfg.max_reject_share, out / REJECTS_FILE, error=PrepareError
+    )
     return summary
 
 

@@ -34,23 +34,27 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydc.data.schema import (
-    INSPECT_DIR,
-    INSPECT_SCHEMA,
+from raydc.artifacts import (
     PARTS_DIR,
-    SCORED_WRITE_ARGS,
-    STORE_FORMAT,
+    REJECTS_FILE,
     batch_key,
+    check_reject_share,
     collect_parts,
     column_bytes,
     count_rows,
     data_files,
     prepare_out_dir,
     reason_counts,
-    scored_schema,
     tokenizer_fingerprint,
     write_json,
     write_parts,
+)
+from raydc.data.schema import (
+    INSPECT_DIR,
+    INSPECT_SCHEMA,
+    SCORED_WRITE_ARGS,
+    STORE_FORMAT,
+    scored_schema,
 )
 from raydc.runtime import LIGHT_CPUS
 from raydc.scoring import make_scorer
@@ -421,7 +425,6 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
     ``rejects.parquet`` and ``manifest.json`` to ``out_dir``; return the summary."""
     import ray
 
-    from raydc.data.ingest import check_reject_share
     from raydc.models import fingerprint, offline_env
     from raydc.runtime import connect_ray
 
@@ -562,7 +565,9 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
         "engines": engines,
     }
     write_json(out / "manifest.json", manifest)
-    check_reject_share("score", summary, cfg.data.max_reject_share, out / "rejects.parquet")
+    check_reject_share(
+        "score", summary, cfg.data.max_reject_share, out / REJECTS_FILE, error=ScoreError
+    )
     summary["paths"] = {
         "data": str(out),
         "manifest": str(out / "manifest.json"),

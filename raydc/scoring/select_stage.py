@@ -19,16 +19,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydc.data.schema import (
+from raydc.artifacts import (
     REJECTS_SCHEMA,
-    SELECTION_FILE,
-    SELECTION_SCHEMA,
     collect_parts,
     count_rows,
     data_files,
     prepare_out_dir,
     write_json,
 )
+from raydc.data.schema import SELECTION_FILE, SELECTION_SCHEMA
 from raydc.runtime import LIGHT_CPUS, connect_ray
 from raydc.scoring.base import ScoreError
 

@@ -48,7 +48,7 @@ class ScoredDataError(ValueError):
 
 def scored_files(scored_dir: str | Path) -> list[str]:
     """The scored Parquet parts of a scoring output folder, sorted (rejects excluded)."""
-    from raydc.data.schema import data_files
+    from raydc.artifacts import data_files
 
     d = Path(scored_dir)
     if not d.is_dir():

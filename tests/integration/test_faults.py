@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from raydc.artifacts import count_rows, data_files
 from raydc.config import load_config
-from raydc.data.schema import count_rows, data_files
 from raydc.pipeline import DEFAULT_CONFIG, HISTORY, MARKER, Pipeline, release_output_dir
 
 pytestmark = pytest.mark.integration
@@ -153,9 +153,9 @@ def test_a_killed_vllm_engine_fails_its_actor_and_the_stage_still_finishes(
 
     import psutil
 
+    from raydc.artifacts import PARTS_DIR
     from raydc.config import from_dict
     from raydc.data.ingest import run_prepare
-    from raydc.data.schema import PARTS_DIR
     from raydc.scoring.score_stage import run_score
 
     rows = []

@@ -116,8 +116,8 @@ def test_logprobs_are_at_the_sampling_temperature(generated, tiny_teacher):
 
 
 def test_traces_flow_through_prepare(generated, tiny_student):
+    from raydc.artifacts import data_files
     from raydc.data.ingest import run_prepare
-    from raydc.data.schema import data_files
 
     cfg, _, traces, tmp, _ = generated
     pcfg = from_dict(

@@ -88,7 +88,7 @@ def test_recipe_prepare_stage_runs_on_tiny_models(tiny_student, ray_local, tmp_p
     assert summary["rows_out"] == n
     assert summary["given_teacher_rows"] == n  # the teacher log-probs were carried over
     assert summary["loss_tokens"] > 0
-    from raydc.data.schema import data_files
+    from raydc.artifacts import data_files
 
     out = [r for f in data_files(summary["paths"]["data"]) for r in pq.read_table(f).to_pylist()]
     assert len(out) == n

@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from raydc.artifacts import data_files
 from raydc.config import from_dict
-from raydc.data.schema import INSPECT_DIR, INSPECT_SCHEMA, SELECTION_FILE, data_files, scored_schema
+from raydc.data.schema import INSPECT_DIR, INSPECT_SCHEMA, SELECTION_FILE, scored_schema
 from raydc.models import fingerprint
 from raydc.scoring.score_stage import load_teacher_tokenizer
 from raydc.text import align_by_char_spans

@@ -10,8 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from raydc.artifacts import data_files
 from raydc.config import from_dict
-from raydc.data.schema import PREPARED_SCHEMA, SELECTION_FILE, data_files
+from raydc.data.schema import PREPARED_SCHEMA, SELECTION_FILE
 
 pytestmark = pytest.mark.integration
 

@@ -11,10 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from raydc.artifacts import collect_parts, prepare_out_dir
 from raydc.config import DataConfig
 from raydc.data.ingest import prepare_batch
 from raydc.data.render import Candidate, RowReject, parse_row, prepare_candidate
-from raydc.data.schema import PREPARED_SCHEMA, collect_parts, prepare_out_dir
+from raydc.data.schema import PREPARED_SCHEMA
 from raydc.models import load_tokenizer
 
 QWEN2 = os.path.join(os.path.dirname(__file__), "..", "assets", "qwen2-tokenizer")
