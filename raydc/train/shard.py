@@ -63,12 +63,14 @@ class RowGroup:
 
 
 def build_index(files: list[str], keep: frozenset[str] | None = None) -> list[RowGroup]:
-    """The row groups of ``files`` with their rows' lengths, in file and row-group order.
-    Reads footers and the ``num_tokens`` column only, and with ``keep`` (a selection's row
-    ids) the ``row_id`` column too: only the kept rows are indexed."""
+    """The row groups of ``files`` with their rows' lengths, in a canonical order: by each
+    group's smallest row id. Ray Data writes blocks in the order they finish, so two
+    scorings of the same rows can lay the same groups out in another file and group order;
+    the epoch plan must not follow that. Reads footers and the ``num_tokens`` and ``row_id``
+    columns only; with ``keep`` (a selection's row ids) only the kept rows are indexed."""
     import pyarrow.parquet as pq
 
-    groups, found = [], 0
+    keyed, found = [], 0
     for f in files:
         pf = pq.ParquetFile(f)
         if INDEX_COLUMN not in pf.schema_arrow.names:
@@ -76,30 +78,31 @@ def build_index(files: list[str], keep: frozenset[str] | None = None) -> list[Ro
         for g in range(pf.metadata.num_row_groups):
             if pf.metadata.row_group(g).num_rows == 0:
                 continue
-            cols = [INDEX_COLUMN] + (["row_id"] if keep is not None else [])
-            t = pf.read_row_group(g, columns=cols)
+            t = pf.read_row_group(g, columns=[INDEX_COLUMN, "row_id"])
             lens = t.column(INDEX_COLUMN).to_numpy().astype(np.int64)
+            ids = t.column("row_id").to_pylist()
             take = None
             if keep is not None:
-                ids = t.column("row_id").to_pylist()
                 hit = np.fromiter((r in keep for r in ids), bool, len(ids))
                 take = np.nonzero(hit)[0]
                 lens = lens[take]
+                ids = [ids[i] for i in take]
                 found += len(take)
                 if not len(take):
                     continue
-            groups.append(RowGroup(f, g, lens, _columns_bytes(pf, g, None), take))
+            group = RowGroup(f, g, lens, _columns_bytes(pf, g, None), take)
+            keyed.append(((min(ids), f, g), group))
     if keep is not None and found != len(keep):
         raise ScoredDataError(
             f"the selection keeps {len(keep)} row ids but the scored store holds {found} of "
             "them; run the select stage again"
         )
-    return groups
+    return [group for _, group in sorted(keyed, key=lambda kg: kg[0])]
 
 
 def assign_pieces(groups: list[RowGroup], world: int) -> list[list[Piece]]:
     """Rank r's pieces: the rows whose first token falls in the r-th of ``world`` equal
-    token ranges of all rows in file order. Deterministic; disjoint; together all rows."""
+    token ranges of all rows in index order. Deterministic; disjoint; together all rows."""
     lens = np.concatenate([g.lengths for g in groups]) if groups else np.zeros(0, np.int64)
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
     total = int(lens.sum())

@@ -170,3 +170,33 @@ def test_a_selection_indexes_only_its_kept_rows(tmp_path):
             assert block.lengths().tolist() == [lengths[r] for r in block.row_ids]
     with pytest.raises(ScoredDataError, match="keeps 2 row ids but the scored store holds 1"):
         build_index(files, frozenset({"r1", "nope"}))
+
+
+def test_the_plan_does_not_follow_how_ray_data_laid_the_store_out(tmp_path):
+    """The same rows in the same groups, written in another file and group order (as two
+    scorings of one data set can be): every rank gets the same rows and the same plan."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    files = _write_store(a, n_rows=300, n_files=1, row_group_size=50)
+    t = pq.read_table(files[0])
+    groups = [t.slice(i, 50) for i in range(0, 300, 50)]
+    # b: groups reversed, split over two files whose names sort the other way round
+    pq.write_table(pa.concat_tables(groups[3:][::-1]), str(b / "part-0.parquet"), row_group_size=50)
+    pq.write_table(pa.concat_tables(groups[:3][::-1]), str(b / "part-1.parquet"), row_group_size=50)
+    plans = []
+    for folder in (a, b):
+        shards = [
+            RankShard.open(p, COLUMNS, val_share=0.2, seed=3)
+            for p in assign_pieces(build_index(sorted(map(str, folder.glob("*.parquet")))), 2)
+        ]
+        rows = [_rows_of(s) for s in shards]
+        windows = [
+            [
+                [[_rows_of(s)[i] for i in mb] for mb in w.micro_batches]
+                for w in plan_epoch(s, 0, r, 1, 300, 3_000, packing=True).windows
+            ]
+            for r, s in enumerate(shards)
+        ]
+        plans.append((rows, windows))
+    assert plans[0] == plans[1]
+    assert sorted(plans[0][0][0] + plans[0][0][1]) == sorted(t.column("row_id").to_pylist())
