@@ -41,7 +41,7 @@ from raydc.artifacts import (
     TOKENIZER_FILES,
 )
 from raydc.config import RaydcConfig
-from raydc.runtime import connect_ray
+from raydc.runtime import RAY_LOG, connect_ray, route_ray_logs
 from raydc.summary import stage_line
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -353,6 +353,7 @@ class Pipeline:
         pending.write_text(json.dumps({"fingerprint": fp, "started": time.time()}))
         if self._connect:
             connect_ray(self.cfg.run.ray_address)
+            route_ray_logs(self.root / RAY_LOG)
         self.log(f"[raydc] {name:<8} running{' (resuming)' if keep else ''} -> {out}")
         t0 = time.time()
         try:

@@ -12,6 +12,8 @@ never touched.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import signal
 import subprocess
@@ -40,6 +42,13 @@ LIGHT_CPUS = 0.25
 # workers); the reaper finds them by it in /proc/<pid>/environ.
 REAP_TOKEN_VAR = "RAYDC_REAP_TOKEN"
 
+# On a console (not a terminal) Ray Data logs a multi-line progress dump every 10 s; raydc
+# lets through warnings and one "Total Progress" line a minute, and sends everything to
+# the run folder's log file instead. A terminal keeps Ray Data's progress bars.
+PROGRESS_EVERY_S = 60.0
+RAY_LOG = "ray.log"  # in the run folder
+RAY_LOGGERS = ("ray.data", "ray.train", "ray.tune")
+
 _reaper: subprocess.Popen | None = None
 
 
@@ -63,6 +72,46 @@ def connect_ray(address: str | None) -> None:
         configure_logging=True,
         logging_level="WARNING",
     )
+
+
+class ConsoleQuiet(logging.Filter):
+    """For Ray's console handlers: warnings and errors, and a progress line a minute."""
+
+    def __init__(self, every_s: float = PROGRESS_EVERY_S):
+        super().__init__()
+        self.every_s, self.last = every_s, -math.inf
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        if record.getMessage().startswith("Total Progress"):
+            now = time.monotonic()
+            if now - self.last >= self.every_s:
+                self.last = now
+                return True
+        return False
+
+
+def route_ray_logs(log_file: str | os.PathLike) -> None:
+    """Send the INFO logs of Ray Data, Train and Tune in this process to ``log_file`` and
+    quiet their console handlers (:class:`ConsoleQuiet`). Idempotent; called at each stage
+    start, since Ray may rebuild its handlers."""
+    import ray.data  # noqa: F401  (importing it configures the "ray.data" logger)
+
+    target = str(Path(log_file).resolve())
+    for name in RAY_LOGGERS:
+        logger = logging.getLogger(name)
+        for h in logger.handlers:
+            console = isinstance(h, logging.StreamHandler) and not isinstance(
+                h, logging.FileHandler
+            )
+            if console and not any(isinstance(f, ConsoleQuiet) for f in h.filters):
+                h.addFilter(ConsoleQuiet())
+        if not any(getattr(h, "baseFilename", None) == target for h in logger.handlers):
+            fh = logging.FileHandler(target)
+            fh.setLevel(logging.INFO)
+            fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logger.addHandler(fh)
 
 
 def _start_reaper() -> None:

@@ -8,6 +8,7 @@ cannot silently drop out of the summary.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ def stage_line(name: str, summary: dict) -> str:
 def summarize_run(results: dict[str, StageResult], cfg: RaydcConfig) -> dict:
     """The end-of-job figures: rows, throughputs, metrics, best Tune config, paths."""
     from raydc.eval.report import HEADLINE as EVAL_HEADLINE
+    from raydc.runtime import RAY_LOG
     from raydc.train.loop import HEADLINE as TRAIN_HEADLINE
 
     s: dict[str, Any] = {"output_dir": cfg.run.output_dir, "stages": {}}
@@ -120,6 +122,9 @@ def summarize_run(results: dict[str, StageResult], cfg: RaydcConfig) -> dict:
         e = results["eval"].summary
         s["eval_metrics"] = {k: e[k] for k in EVAL_HEADLINE if e.get(k) is not None}
         s["eval_dir"] = str(results["eval"].out_dir)
+    ray_log = Path(cfg.run.output_dir) / RAY_LOG
+    if ray_log.exists():
+        s["ray_log"] = str(ray_log)
     return s
 
 
@@ -177,6 +182,8 @@ def format_summary(s: dict) -> str:
         )
     lines.append("-" * 72)
     lines.append(f"output dir        {s['output_dir']}")
+    if s.get("ray_log"):
+        lines.append(f"ray logs          {s['ray_log']}")
     for name, st in s["stages"].items():
         sec = st.get("seconds")
         tag = (

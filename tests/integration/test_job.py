@@ -55,6 +55,14 @@ def test_default_job_via_ray_job_submit_on_a_token_auth_cluster(tmp_path):
     assert r.returncode == 0, logs[-6000:]
     assert "succeeded" in logs.lower()
     assert "raydc run summary" in logs
+    # Ray Data's INFO logs (its plan, a progress dump every 10 s off a terminal) go to the
+    # run's ray.log, named in the summary; the console keeps raydc's lines and warnings.
+    assert "Starting execution of Dataset" not in logs
+    dumps = [x for x in logs.splitlines() if "logging_progress" in x]
+    assert all("Total Progress" in x for x in dumps), dumps[:5]  # the heartbeat only
+    assert "Starting execution of Dataset" in (out / "ray.log").read_text()
+    assert f"ray logs          {out / 'ray.log'}" in logs
+    print(f"the default job printed {len(logs.splitlines())} lines")
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rows"] == {"rows_in": 242, "rows_out": 240, "rows_rejected": 2}

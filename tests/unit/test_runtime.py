@@ -71,3 +71,34 @@ def test_the_reaper_starts_only_for_a_local_ray(monkeypatch, address, env_addres
     sent = calls["init"]["runtime_env"]["env_vars"]
     assert sent["DS_ACCELERATOR"] == "cpu" and "RAYDC_NOT_A_RUNTIME_VAR" not in sent
     assert set(sent) <= set(runtime.RUNTIME_ENV_VARS)
+
+
+def test_ray_logs_go_to_the_run_file_and_the_console_keeps_warnings_and_a_heartbeat(tmp_path):
+    import io
+    import logging
+
+    import ray.data  # noqa: F401  (configures the "ray.data" logger as in a run)
+
+    logger = logging.getLogger("ray.data")
+    console = io.StringIO()
+    mine = logging.StreamHandler(console)
+    logger.addHandler(mine)
+    try:
+        runtime.route_ray_logs(tmp_path / "ray.log")
+        runtime.route_ray_logs(tmp_path / "ray.log")  # idempotent: one file handler
+        logger.info("Starting execution of Dataset d_0")
+        for _ in range(3):  # within a minute: one progress line reaches the console
+            logger.info("Total Progress: 1/4")
+        logger.warning("a block failed; retrying")
+        for h in logger.handlers:
+            h.flush()
+        shown = console.getvalue().splitlines()
+        assert shown == ["Total Progress: 1/4", "a block failed; retrying"]
+        logged = (tmp_path / "ray.log").read_text().splitlines()
+        assert len(logged) == 5 and "Starting execution of Dataset d_0" in logged[0]
+    finally:
+        logger.removeHandler(mine)
+        for h in list(logger.handlers):
+            if getattr(h, "baseFilename", "").startswith(str(tmp_path)):
+                logger.removeHandler(h)
+                h.close()
