@@ -128,6 +128,12 @@ def summarize_run(results: dict[str, StageResult], cfg: RaydcConfig) -> dict:
     return s
 
 
+def _figures(metrics: dict) -> str:
+    return ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+    )
+
+
 def format_summary(s: dict) -> str:
     lines = ["", "=" * 72, "raydc run summary", "-" * 72]
     rows = s.get("rows")
@@ -157,13 +163,7 @@ def format_summary(s: dict) -> str:
             )
         lines.append(f"{label:<18}{text}")
     if s.get("train_metrics"):
-        lines.append(
-            "final train       "
-            + ", ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                for k, v in s["train_metrics"].items()
-            )
-        )
+        lines.append("final train       " + _figures(s["train_metrics"]))
     if s.get("tune"):
         t = s["tune"]
         lines.append(
@@ -173,13 +173,7 @@ def format_summary(s: dict) -> str:
         lines.append(f"best config       {json.dumps(t.get('best_config'), default=str)}")
         lines.append(f"tune results      {t.get('results_csv')}")
     if s.get("eval_metrics"):
-        lines.append(
-            "eval              "
-            + ", ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                for k, v in s["eval_metrics"].items()
-            )
-        )
+        lines.append("eval              " + _figures(s["eval_metrics"]))
     lines.append("-" * 72)
     lines.append(f"output dir        {s['output_dir']}")
     if s.get("ray_log"):
