@@ -1,5 +1,5 @@
 """The built-in quality benchmark: does distribution-corrected weighting give a better
-student than SFT on the same offline teacher traces? (issue 7; task in raydc/quality.py)
+student than SFT on the same offline teacher traces? (issue 7; task in raydc/quality/)
 
 Stages, top to bottom:
   1. the task: problems for the teacher, the student's prior, the traces, eval/val/side sets;
