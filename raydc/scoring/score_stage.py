@@ -420,6 +420,16 @@ def _input_fingerprint(files: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _first_row_without_teacher(files: list[str]) -> str | None:
+    """The first prepared row with no teacher log-probs, reading one batch at a time."""
+    for f in files:
+        for batch in pq.ParquetFile(f).iter_batches(columns=["row_id", "teacher_logprobs"]):
+            nulls = batch.column("teacher_logprobs").is_null()
+            if nulls.true_count:
+                return batch.column("row_id")[nulls.to_pylist().index(True)].as_py()
+    return None
+
+
 def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
     """Score prepared rows under the student (and teacher); write scored Parquet,
     ``rejects.parquet`` and ``manifest.json`` to ``out_dir``; return the summary."""
@@ -447,6 +457,14 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
             f"({tok_fp}); prepare again with data.tokenizer unset or set to the student"
         )
     teacher = str(scfg.teacher) if scfg.teacher else None
+    given = int(prep.get("given_teacher_rows", 0))
+    if teacher is None and 0 < given < prep["rows_out"]:
+        # Training needs every row of a micro-batch to have teacher log-probs or none.
+        row = _first_row_without_teacher(files)
+        raise ScoreError(
+            f"row {row!r}: no teacher_logprobs, but {given} of {prep['rows_out']} rows give "
+            "them; give them for every row or for none, or set score.teacher to score the rest"
+        )
     needs_teacher_scoring = (
         teacher is not None and prep.get("given_teacher_rows", 0) < prep["rows_out"]
     )

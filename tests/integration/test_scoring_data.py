@@ -132,6 +132,34 @@ def test_score_refuses_data_of_another_tokenizer(tmp_path, tiny_student, ray_loc
         run_score(cfg, tmp_path / "p", tmp_path / "s")
 
 
+def test_score_refuses_a_mix_of_rows_with_and_without_teacher_logprobs(
+    tmp_path, tiny_student, ray_local
+):
+    """Without score.teacher to fill the gaps, a data set where some rows give teacher
+    log-probs and others do not is refused before any engine starts, naming a row."""
+    from raydc.data.ingest import run_prepare
+    from raydc.data.render import parse_row, prepare_candidate
+    from raydc.models import load_tokenizer
+    from raydc.scoring.base import ScoreError
+    from raydc.scoring.score_stage import run_score
+
+    tok = load_tokenizer(tiny_student)
+    cfg = _cfg(tmp_path / "t.jsonl", tiny_student)
+    with open(tmp_path / "t.jsonl", "w") as fh:
+        for k in range(3):
+            row = {"id": f"r{k}", "prompt": f"Say {k}", "response": "One. Two."}
+            if k != 1:
+                (cand,) = parse_row(row, cfg.data, "x")
+                row["teacher_logprobs"] = [-1.0] * sum(
+                    prepare_candidate(tok, cand, cfg.data).loss_mask
+                )
+            fh.write(json.dumps(row) + "\n")
+    assert run_prepare(cfg, tmp_path / "p")["given_teacher_rows"] == 2
+    with pytest.raises(ScoreError, match=r"row 'r1': no teacher_logprobs, but 2 of 3 rows"):
+        run_score(cfg, tmp_path / "p", tmp_path / "s")
+    assert not (tmp_path / "s").exists()  # refused before the stage wrote anything
+
+
 def test_dasd_selection_keeps_the_expected_candidates(tmp_path, tiny_student, ray_local):
     """Per prompt three candidates; the teacher's given log-probs make one of them
     far likelier under the teacher than under the student in most sentences."""
