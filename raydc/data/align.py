@@ -22,7 +22,6 @@ log-probs of the teacher tokens that *end* inside it. The rules this module adds
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from raydc.text import align_by_char_spans
@@ -95,7 +94,3 @@ def offsets_from_strings(tokens: Sequence[str]) -> list[tuple[int, int]]:
         spans.append((pos, pos + len(t)))
         pos += len(t)
     return spans
-
-
-def is_finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

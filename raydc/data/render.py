@@ -21,7 +21,7 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from raydc.data.align import NAN, align_turn, offsets_from_strings
 from raydc.text import token_sentence_ids
@@ -43,23 +43,6 @@ class RowReject(Exception):
 
 # The roles chat templates render; another role would be dropped or mis-rendered.
 ROLES = ("system", "user", "assistant", "tool")
-
-REASON_CODES = (
-    "invalid_json",  # a JSONL line that does not parse to an object
-    "undecodable",  # bytes that are not UTF-8, or lone surrogates
-    "missing_key",
-    "wrong_type",
-    "unknown_role",  # a chat turn whose role is not system, user, assistant or tool
-    "empty_response",
-    "too_long",  # over data.max_length with overlength=drop (or score.max_model_len)
-    "no_loss_tokens",  # nothing left to learn after truncation
-    "template",  # the chat template altered or dropped the assistant content
-    "logprobs_length",
-    "logprobs_not_finite",
-    "logprobs_positive",
-    "teacher_tokens_mismatch",
-    "vocab",  # a token id outside the model's vocabulary (scoring)
-)
 
 
 @dataclass
@@ -86,7 +69,6 @@ class Prepared:
     response_spans: list[int]  # interleaved (start, end) of each assistant content: [2K]
     conversation: str  # the messages as JSON, for re-rendering with a teacher's template
     truncated: bool = False
-    extra: dict = field(default_factory=dict)
 
     def to_row(self) -> dict:
         return {

@@ -24,8 +24,6 @@ class ScoreMismatchError(RuntimeError):
 
 
 class Scorer(Protocol):
-    backend: str
-
     def score(self, token_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Per row, float32 log-probs [T]; position 0 is 0.0."""
         ...

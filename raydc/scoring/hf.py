@@ -17,8 +17,6 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "a
 
 
 class TransformersScorer:
-    backend = "transformers"
-
     def __init__(self, model: str, scfg):
         import torch
         from transformers import AutoModelForCausalLM

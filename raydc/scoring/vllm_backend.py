@@ -62,8 +62,6 @@ def engine_kwargs(model: str, scfg) -> dict:
 
 
 class VLLMScorer:
-    backend = "vllm"
-
     def __init__(self, model: str, scfg):
         from raydc.models import offline_env
 
