@@ -530,7 +530,7 @@ class Pipeline:
 
         return self.run_stage("tune", parts, fn, resumable=True, vouch=_model_outputs)
 
-    def model(self) -> StageResult:
+    def model_stage(self) -> StageResult:
         """Train, or tune when ``tune.enabled``: the stage that produces the model."""
         if self.cfg.tune.enabled:
             return self.results.get("tune") or self.tune()
@@ -538,7 +538,7 @@ class Pipeline:
 
     def eval(self) -> StageResult:
         cfg = self.cfg
-        upstream = self.model()
+        upstream = self.model_stage()
         model_dir = upstream.summary.get("model_dir")
         if not model_dir:
             raise StageError(f"stage {upstream.name!r} reported no model_dir to evaluate")
@@ -598,7 +598,7 @@ class Pipeline:
         self.score()
         if self.cfg.select.enabled:
             self.select()
-        self.model()
+        self.model_stage()
         if self.cfg.eval.enabled:
             self.eval()
         return self.results

@@ -71,8 +71,8 @@ from raydc.quality.task import (  # noqa: F401
     STYLES,
     VOCAB,
     VOCAB_SIZE,
-    Grade,
     Problem,
+    TraceGrade,
     decode,
     encode,
     grade,
@@ -85,6 +85,6 @@ from raydc.quality.traces import (  # noqa: F401
     TraceSet,
     build_trace_set,
     examples_to_trace_set,
+    model_token_logprobs,
     score_traces,
-    token_logprobs,
 )

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from raydc.loss import weighted_token_loss
-from raydc.quality.traces import TraceSet, token_logprobs
+from raydc.quality.traces import TraceSet, model_token_logprobs
 from raydc.weights import WeightConfig, compute_weights, preset, weight_diagnostics
 
 
@@ -61,7 +61,7 @@ def train(
         L = int(ts.lengths[idx].max())
         ids = ts.ids_BL[idx, :L]
         m = ts.loss_mask[idx, : L - 1]
-        logp = token_logprobs(model, ids)  # [B, L - 1], carries gradient
+        logp = model_token_logprobs(model, ids)  # [B, L - 1], carries gradient
         if cfg.transform == "none":
             w = None
         else:

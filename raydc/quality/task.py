@@ -108,7 +108,7 @@ _STEP = re.compile(r"([a-n])(\d)=(\d)")
 
 
 @dataclass
-class Grade:
+class TraceGrade:
     """What a response did. ``valid``: every step names an item not yet consumed, with
     its digit and the right running sum; every item is consumed once; the answer is
     right."""
@@ -120,11 +120,11 @@ class Grade:
     style: str  # forward | backward | other
 
 
-def grade(problem: Problem, response: str) -> Grade:
+def grade(problem: Problem, response: str) -> TraceGrade:
     """Grade a decoded response (text up to EOS) for ``problem``."""
     if problem.kind == "D":
         ok = response == problem.answer
-        return Grade(ok, ok, True, 0, "other")
+        return TraceGrade(ok, ok, True, 0, "other")
     body, sep, ans = response.partition("#")
     finished = bool(sep) and len(ans) == 1 and ans.isdigit()
     lines = body.split("\n")
@@ -151,7 +151,7 @@ def grade(problem: Problem, response: str) -> Grade:
         style = "backward"
     else:
         style = "other"
-    return Grade(correct, valid, finished, len(lines), style)
+    return TraceGrade(correct, valid, finished, len(lines), style)
 
 
 def valid_next_tokens(problem: Problem, response: str) -> list[set[int]]:

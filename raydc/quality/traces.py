@@ -101,7 +101,7 @@ def examples_to_trace_set(problems: Sequence[Problem], styles: Sequence[str]) ->
     return build_trace_set(prompts, responses)
 
 
-def token_logprobs(model, ids_BL: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+def model_token_logprobs(model, ids_BL: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
     """log p(ids[:, t + 1] | ids[:, :t + 1]) [B, L - 1] via the library's chunked CE.
 
     Rows are right-padded, so no attention mask is needed: causal attention never lets a
@@ -121,7 +121,7 @@ def score_traces(model, ts: TraceSet, batch: int = 256) -> torch.Tensor:
     for i in range(0, len(ts), batch):
         ids = ts.ids_BL[i : i + batch]
         L = int(ts.lengths[i : i + batch].max())
-        lp = token_logprobs(model, ids[:, :L])
+        lp = model_token_logprobs(model, ids[:, :L])
         m = ts.loss_mask[i : i + batch, : L - 1]
         out[i : i + batch, : L - 1] = torch.where(m, lp, torch.zeros_like(lp))
     return out
