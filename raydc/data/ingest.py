@@ -14,12 +14,14 @@ one per response; a source row rejected before it is split counts once).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -40,6 +42,9 @@ from raydc.artifacts import (
 from raydc.data.render import RowReject, parse_row, prepare_candidate, special_ids
 from raydc.data.schema import PREPARED_SCHEMA
 from raydc.runtime import connect_ray
+
+if TYPE_CHECKING:
+    from raydc.config import DataConfig
 
 READ_CHUNK_ROWS = 1024
 
@@ -173,11 +178,8 @@ def _decode_raw(raw: bytes) -> dict:
     return row
 
 
-def prepare_batch(batch: pa.Table, tokenizer: str, data_cfg: dict, parts_dir: str) -> pa.Table:
+def prepare_batch(batch: pa.Table, tokenizer: str, dcfg: DataConfig, parts_dir: str) -> pa.Table:
     """Raw rows -> prepared rows (PREPARED_SCHEMA); rejects and counts go to parts_dir."""
-    from raydc.config import DataConfig
-
-    dcfg = DataConfig(**data_cfg)
     tok, specials = _tokenizer(tokenizer)
     good: list[dict] = []
     rejects: list[dict] = []
@@ -243,7 +245,7 @@ def run_prepare(cfg, out_dir: str | os.PathLike) -> dict:
         prepare_batch,
         batch_format="pyarrow",
         batch_size=256,
-        fn_kwargs=dict(tokenizer=tokenizer, data_cfg=_asdict(dcfg), parts_dir=str(out / PARTS_DIR)),
+        fn_kwargs=dict(tokenizer=tokenizer, dcfg=dcfg, parts_dir=str(out / PARTS_DIR)),
     )
     ds.write_parquet(str(out))
     totals, rejects = collect_parts(out, "prepare")
@@ -261,7 +263,7 @@ def run_prepare(cfg, out_dir: str | os.PathLike) -> dict:
         "source": str(dcfg.path),
         "tokenizer": tokenizer,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "config": _asdict(dcfg),
+        "config": dataclasses.asdict(dcfg),
         "paths": {"data": str(out), "rejects": str(out / "rejects.parquet")},
         "seconds": round(time.time() - t0, 3),
     }
@@ -275,9 +277,3 @@ def run_prepare(cfg, out_dir: str | os.PathLike) -> dict:
         "prepare", summary, dcfg.max_reject_share, out / REJECTS_FILE, error=PrepareError
     )
     return summary
-
-
-def _asdict(section) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(section)

@@ -254,7 +254,7 @@ def test_malformed_corpus_each_rejected_with_its_reason(tmp_path):
     lines = good + [two] + [m[0] for m in MALFORMED]
     out = prepare_out_dir(tmp_path / "prep")
     dcfg = DataConfig(max_length=64)
-    table = prepare_batch(_raw_table(lines), "tiny-bpe", dcfg.__dict__, str(out / "_parts"))
+    table = prepare_batch(_raw_table(lines), "tiny-bpe", dcfg, str(out / "_parts"))
     assert table.schema.equals(PREPARED_SCHEMA)
     assert table.column("row_id").to_pylist() == ["good0", "good1", "good2", "cands#0"]
     totals, rejects = collect_parts(out, "prepare")
