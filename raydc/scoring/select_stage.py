@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydc.artifacts import (
+    REJECTS_FILE,
     REJECTS_SCHEMA,
     collect_parts,
     count_rows,
@@ -72,6 +73,49 @@ def _natural_key(text: str) -> tuple:
     return tuple(int(x) if x.isdigit() else x for x in re.split(r"(\d+)", text))
 
 
+def scored_records(files: list[str], threshold: float) -> list[dict]:
+    """One Ray Data pass: (row_id, prompt_id, score) of every scored row, sorted by prompt
+    and then row id (natural order). Row ids must be unique."""
+    import ray
+
+    columns = ["row_id", "prompt_id", "student_logprobs", "teacher_logprobs"]
+    columns += ["sentence_ids", "loss_mask"]
+    scored = ray.data.read_parquet(files, columns=columns, num_cpus=LIGHT_CPUS).map_batches(
+        dasd_batch_scores,
+        batch_format="pyarrow",
+        num_cpus=LIGHT_CPUS,
+        fn_kwargs=dict(threshold=threshold),
+    )
+    tables = [t for t in ray.get(scored.to_arrow_refs()) if t.num_rows]
+    records = pa.concat_tables(tables).to_pylist() if tables else []
+    seen: set = set()
+    for r in records:
+        if r["row_id"] in seen:
+            raise ScoreError(
+                f"selection needs unique row ids; row_id {r['row_id']!r} appears more than once "
+                "(check data.id_key)"
+            )
+        seen.add(r["row_id"])
+    records.sort(key=lambda r: (str(r["prompt_id"]), _natural_key(r["row_id"])))
+    return records
+
+
+def _not_selected(records: list[dict], top_k: int) -> pa.Table:
+    return pa.Table.from_pylist(
+        [
+            {
+                "row_id": r["row_id"],
+                "stage": "select",
+                "field": "teacher_logprobs",
+                "reason": f"not_selected: DASD score {r['score']:.4f} outside the top {top_k} "
+                f"of prompt {r['prompt_id']}",
+            }
+            for r in records
+        ],
+        schema=REJECTS_SCHEMA,
+    )
+
+
 def run_select(cfg, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
     """DASD divergence-aware selection on scored rows: per prompt, keep the top
     ``cfg.select.top_k`` candidates by the share of sentences with delta >
@@ -83,8 +127,6 @@ def run_select(cfg, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -
     (row_id, prompt_id, score); the top-k is taken on the driver (a few dozen bytes a row).
     Ties go to the row id that sorts first.
     """
-    import ray
-
     from raydc.select import select_top_k
 
     t0 = time.time()
@@ -96,43 +138,11 @@ def run_select(cfg, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -
     out = prepare_out_dir(out_dir)
     sel = cfg.select
     top_k = int(sel.top_k)
-    columns = ["row_id", "prompt_id", "student_logprobs", "teacher_logprobs"]
-    columns += ["sentence_ids", "loss_mask"]
-    scored = ray.data.read_parquet(files, columns=columns, num_cpus=LIGHT_CPUS).map_batches(
-        dasd_batch_scores,
-        batch_format="pyarrow",
-        num_cpus=LIGHT_CPUS,
-        fn_kwargs=dict(threshold=float(sel.threshold)),
-    )
-    tables = [t for t in ray.get(scored.to_arrow_refs()) if t.num_rows]
-    table = pa.concat_tables(tables) if tables else None
-    records = table.to_pylist() if table is not None else []
-    seen: set = set()
-    for r in records:
-        if r["row_id"] in seen:
-            raise ScoreError(
-                f"selection needs unique row ids; row_id {r['row_id']!r} appears more than once "
-                "(check data.id_key)"
-            )
-        seen.add(r["row_id"])
-    records.sort(key=lambda r: (str(r["prompt_id"]), _natural_key(r["row_id"])))
+    records = scored_records(files, float(sel.threshold))
     keep = set(
         select_top_k([r["prompt_id"] for r in records], [r["score"] for r in records], top_k)
     )
-    not_kept = [r for i, r in enumerate(records) if i not in keep]
-    dropped = pa.Table.from_pylist(
-        [
-            {
-                "row_id": r["row_id"],
-                "stage": "select",
-                "field": "teacher_logprobs",
-                "reason": f"not_selected: DASD score {r['score']:.4f} outside the top {top_k} "
-                f"of prompt {r['prompt_id']}",
-            }
-            for r in not_kept
-        ],
-        schema=REJECTS_SCHEMA,
-    )
+    dropped = _not_selected([r for i, r in enumerate(records) if i not in keep], top_k)
     kept = [records[i] for i in sorted(keep)]
     pq.write_table(
         pa.Table.from_pylist(
@@ -143,22 +153,21 @@ def run_select(cfg, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -
     )
     _, rejects = collect_parts(out, "select", extra_rejects=dropped)
     rows_out = count_rows([str(out / SELECTION_FILE)])
-    score_kept = sum(records[i]["score"] for i in keep)
-    summary = {
-        "stage": "select",
-        "rows_in": len(records),
-        "rows_out": rows_out,
-        "rows_rejected": rejects.num_rows,
-        "mean_score_kept": score_kept / max(1, rows_out),
-        "mean_score_all": sum(r["score"] for r in records) / max(1, len(records)),
-        "seconds": round(time.time() - t0, 3),
-    }
     n_scored = count_rows(files)
     if len(records) != n_scored or n_scored != rows_out + rejects.num_rows:
         raise ScoreError(
             f"select lost rows: {n_scored} scored, {len(records)} seen, {rows_out} kept "
             f"+ {rejects.num_rows} not selected (a bug; please report)"
         )
+    summary = {
+        "stage": "select",
+        "rows_in": len(records),
+        "rows_out": rows_out,
+        "rows_rejected": rejects.num_rows,
+        "mean_score_kept": sum(r["score"] for r in kept) / max(1, rows_out),
+        "mean_score_all": sum(r["score"] for r in records) / max(1, len(records)),
+        "seconds": round(time.time() - t0, 3),
+    }
     manifest = json.loads(src_manifest.read_text())
     manifest["counts"] = {
         **manifest.get("counts", {}),
@@ -181,6 +190,6 @@ def run_select(cfg, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -
     summary["paths"] = {
         "data": str(out),
         "manifest": str(out / "manifest.json"),
-        "rejects": str(out / "rejects.parquet"),
+        "rejects": str(out / REJECTS_FILE),
     }
     return summary
