@@ -65,6 +65,16 @@ if TYPE_CHECKING:
     from raydc.config import ScoreConfig
     from raydc.weights import WeightConfig
 
+# The summary's counts the manifest keeps.
+MANIFEST_COUNTS = (
+    "rows_in",
+    "rows_out",
+    "rows_rejected",
+    "tokens",
+    "loss_tokens",
+    "teacher_rows",
+    "teacher_unknown_tokens",
+)
 DIAGNOSTICS_MAX_TOKENS = 2_000_000  # weight diagnostics over at most this many loss tokens
 
 
@@ -430,16 +440,10 @@ def _first_row_without_teacher(files: list[str]) -> str | None:
     return None
 
 
-def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
-    """Score prepared rows under the student (and teacher); write scored Parquet,
-    ``rejects.parquet`` and ``manifest.json`` to ``out_dir``; return the summary."""
-    import ray
-
-    from raydc.models import fingerprint, offline_env
-    from raydc.runtime import connect_ray
-
-    t0 = time.time()
-    offline_env()
+def _check_prepared(cfg, prepared_dir: str | os.PathLike) -> tuple[list[str], dict]:
+    """The prepared shards and their summary, refused before any engine starts when they
+    do not fit the student (another tokenizer) or mix rows with and without teacher
+    log-probs that no teacher will fill."""
     scfg = cfg.score
     if not scfg.student:
         raise ScoreError("score.student is empty: set it to the student model folder")
@@ -456,38 +460,41 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
             f"{prep.get('tokenizer_fingerprint')}), not the student's tokenizer {student!r} "
             f"({tok_fp}); prepare again with data.tokenizer unset or set to the student"
         )
-    teacher = str(scfg.teacher) if scfg.teacher else None
     given = int(prep.get("given_teacher_rows", 0))
-    if teacher is None and 0 < given < prep["rows_out"]:
+    if not scfg.teacher and 0 < given < prep["rows_out"]:
         # Training needs every row of a micro-batch to have teacher log-probs or none.
         row = _first_row_without_teacher(files)
         raise ScoreError(
             f"row {row!r}: no teacher_logprobs, but {given} of {prep['rows_out']} rows give "
             "them; give them for every row or for none, or set score.teacher to score the rest"
         )
-    needs_teacher_scoring = (
-        teacher is not None and prep.get("given_teacher_rows", 0) < prep["rows_out"]
-    )
-    same = _same_tokenizer(student, teacher) if needs_teacher_scoring else None
+    return files, prep
 
-    connect_ray(cfg.run.ray_address)
-    out = prepare_out_dir(out_dir)
+
+def _write_scored(cfg, files: list[str], out: Path, teacher: str | None, same: bool | None) -> None:
+    """The streaming pipeline: check -> student -> (teacher) -> finish -> Parquet."""
+    import ray
+
+    scfg = cfg.score
+    student = str(scfg.student)
     parts = str(out / PARTS_DIR)
-    vocab = _vocab_size(student)
-    max_len = max_prompt_len(student, int(scfg.max_model_len))
     ds = ray.data.read_parquet(files, num_cpus=LIGHT_CPUS)
     ds = ds.map_batches(
         check_batch,
         batch_format="pyarrow",
         num_cpus=LIGHT_CPUS,
-        fn_kwargs=dict(max_len=max_len, vocab=vocab, parts_dir=parts),
+        fn_kwargs=dict(
+            max_len=max_prompt_len(student, int(scfg.max_model_len)),
+            vocab=_vocab_size(student),
+            parts_dir=parts,
+        ),
     )
     ds = ds.map_batches(
         StudentScorer,
         fn_constructor_kwargs=dict(model=student, score_cfg=scfg, parts_dir=parts),
         **_engine_args(scfg),
     )
-    if needs_teacher_scoring:
+    if teacher is not None:
         ds = ds.map_batches(
             TeacherScorer,
             fn_constructor_kwargs=dict(
@@ -508,7 +515,9 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
     )
     ds.write_parquet(str(out), ray_remote_args={"num_cpus": LIGHT_CPUS}, **SCORED_WRITE_ARGS)
 
-    totals_in = _collect_stats(out, "finish")
+
+def _engine_stats(out: Path) -> dict:
+    """Per role: engines, mean start-up, busy time and tokens, tokens/s while busy."""
     engines = {}
     for role in ("student", "teacher"):
         eng = _collect_stats(out, f"eng{role}")
@@ -521,6 +530,32 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
                 "tokens": int(eng.get("tokens", 0)),
                 "tokens_per_s_busy": round(eng.get("tokens", 0) / busy, 1) if busy else None,
             }
+    return engines
+
+
+def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
+    """Score prepared rows under the student (and teacher); write scored Parquet,
+    ``rejects.parquet`` and ``manifest.json`` to ``out_dir``; return the summary."""
+    from raydc.models import fingerprint, offline_env
+    from raydc.runtime import connect_ray
+
+    t0 = time.time()
+    offline_env()
+    scfg = cfg.score
+    files, prep = _check_prepared(cfg, prepared_dir)
+    student = str(scfg.student)
+    teacher = str(scfg.teacher) if scfg.teacher else None
+    needs_teacher_scoring = (
+        teacher is not None and prep.get("given_teacher_rows", 0) < prep["rows_out"]
+    )
+    same = _same_tokenizer(student, teacher) if needs_teacher_scoring else None
+
+    connect_ray(cfg.run.ray_address)
+    out = prepare_out_dir(out_dir)
+    _write_scored(cfg, files, out, teacher if needs_teacher_scoring else None, same)
+
+    totals_in = _collect_stats(out, "finish")
+    engines = _engine_stats(out)
     totals, rejects = collect_parts(out, "score")
     rows_out = count_rows(data_files(out))
     on_disk = column_bytes(data_files(out))
@@ -544,10 +579,9 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
             f"{rejects.num_rows} rejected (a bug; please report)"
         )
     backend_version = _backend_version(scfg.backend)
-    diag = _weight_diagnostics(data_files(out), cfg.weights)
     manifest = {
         "student": {"path": student, "fingerprint": fingerprint(student)},
-        "tokenizer_fingerprint": tok_fp,
+        "tokenizer_fingerprint": prep["tokenizer_fingerprint"],
         "teacher": None
         if teacher is None
         else {
@@ -560,21 +594,10 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
         "backend": scfg.backend,
         "vllm_version": backend_version.get("vllm"),
         "versions": backend_version,
-        "counts": {
-            k: summary[k]
-            for k in (
-                "rows_in",
-                "rows_out",
-                "rows_rejected",
-                "tokens",
-                "loss_tokens",
-                "teacher_rows",
-                "teacher_unknown_tokens",
-            )
-        },
+        "counts": {k: summary[k] for k in MANIFEST_COUNTS},
         "config": {"score": dataclasses.asdict(scfg), "data": prep.get("config")},
         "weights": cfg.weights.to_dict(),
-        "weight_diagnostics": diag,
+        "weight_diagnostics": _weight_diagnostics(data_files(out), cfg.weights),
         "store": {**store_info(scfg), "column_bytes": on_disk},
         "input_fingerprint": _input_fingerprint(files),
         "prepared": str(prepared_dir),
@@ -589,7 +612,7 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
     summary["paths"] = {
         "data": str(out),
         "manifest": str(out / "manifest.json"),
-        "rejects": str(out / "rejects.parquet"),
+        "rejects": str(out / REJECTS_FILE),
     }
     return summary
 
