@@ -92,10 +92,15 @@ class ConsoleQuiet(logging.Filter):
         return False
 
 
+class _RunLogHandler(logging.FileHandler):
+    """The run folder's ray.log (a type of its own, so raydc finds the handlers it added)."""
+
+
 def route_ray_logs(log_file: str | os.PathLike) -> None:
     """Send the INFO logs of Ray Data, Train and Tune in this process to ``log_file`` and
     quiet their console handlers (:class:`ConsoleQuiet`). Idempotent; called at each stage
-    start, since Ray may rebuild its handlers."""
+    start, since Ray may rebuild its handlers. A file handler raydc added for another run
+    folder is removed: one process running two runs writes each run's logs to its own file."""
     import ray.data  # noqa: F401  (importing it configures the "ray.data" logger)
 
     target = str(Path(log_file).resolve())
@@ -107,8 +112,12 @@ def route_ray_logs(log_file: str | os.PathLike) -> None:
             )
             if console and not any(isinstance(f, ConsoleQuiet) for f in h.filters):
                 h.addFilter(ConsoleQuiet())
-        if not any(getattr(h, "baseFilename", None) == target for h in logger.handlers):
-            fh = logging.FileHandler(target)
+        for h in [h for h in logger.handlers if isinstance(h, _RunLogHandler)]:
+            if h.baseFilename != target:
+                logger.removeHandler(h)
+                h.close()
+        if not any(isinstance(h, _RunLogHandler) for h in logger.handlers):
+            fh = _RunLogHandler(target)
             fh.setLevel(logging.INFO)
             fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             logger.addHandler(fh)

@@ -96,6 +96,14 @@ def test_ray_logs_go_to_the_run_file_and_the_console_keeps_warnings_and_a_heartb
         assert shown == ["Total Progress: 1/4", "a block failed; retrying"]
         logged = (tmp_path / "ray.log").read_text().splitlines()
         assert len(logged) == 5 and "Starting execution of Dataset d_0" in logged[0]
+        # A second run in the same process: its logs go to its own file only.
+        (tmp_path / "run2").mkdir()
+        runtime.route_ray_logs(tmp_path / "run2" / "ray.log")
+        logger.info("Starting execution of Dataset d_1")
+        for h in logger.handlers:
+            h.flush()
+        assert "d_1" not in (tmp_path / "ray.log").read_text()
+        assert "d_1" in (tmp_path / "run2" / "ray.log").read_text()
     finally:
         logger.removeHandler(mine)
         for h in list(logger.handlers):
