@@ -361,6 +361,9 @@ class EvalConfig:
     top_p: float = 1.0
     max_new_tokens: int = 256
     seed: int = 0  # sample k of prompt i uses seed + i * n_samples + k
+    # Also evaluate the student before training (same prompts and settings), reported as
+    # initial_pass@1 beside pass@1: the gain is the run's result, not the final figure alone.
+    baseline: bool = True
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self, path: str) -> None:

@@ -172,10 +172,13 @@ def resolve_path(value: str | None) -> str | None:
 
 
 def resolve_model(value: str | None, models_dir: Path, tokenizer: str = "tiny-bpe") -> str | None:
-    """``tiny:student`` / ``tiny:teacher`` -> a built tiny model folder (built if missing);
-    a local folder -> its absolute path; anything else (a hub name) unchanged."""
+    """``tiny:student`` / ``tiny:teacher`` -> a built random tiny model folder (built if
+    missing); ``pkg:<rel>`` -> a model shipped in the package (the default job's trained
+    tiny pair); a local folder -> its absolute path; anything else (a hub name) unchanged."""
     if not value:
         return value
+    if value.startswith("pkg:"):
+        return resolve_path(value)
     if value in TINY_MODELS:
         role, seed = TINY_MODELS[value]
         path = models_dir / role
@@ -549,10 +552,12 @@ class Pipeline:
             "teacher": path_fingerprint(cfg.score.teacher),
         }
 
-        def fn(out: Path) -> dict:
-            from raydc.eval import run_eval
+        initial = (cfg.train.student or cfg.score.student) if cfg.eval.baseline else None
 
-            return run_eval(cfg, model_dir, out)
+        def fn(out: Path) -> dict:
+            from raydc.eval import run_eval_stage
+
+            return run_eval_stage(cfg, model_dir, out, initial)
 
         return self.run_stage("eval", parts, fn)
 

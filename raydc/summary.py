@@ -173,7 +173,10 @@ def format_summary(s: dict) -> str:
         lines.append(f"best config       {json.dumps(t.get('best_config'), default=str)}")
         lines.append(f"tune results      {t.get('results_csv')}")
     if s.get("eval_metrics"):
-        lines.append("eval              " + _figures(s["eval_metrics"]))
+        e = s["eval_metrics"]
+        if e.get("initial_pass@1") is not None and e.get("pass@1") is not None:
+            lines.append(f"student pass@1: {e['initial_pass@1']:.3f} -> {e['pass@1']:.3f}")
+        lines.append("eval              " + _figures(e))
     lines.append("-" * 72)
     lines.append(f"output dir        {s['output_dir']}")
     if s.get("ray_log"):

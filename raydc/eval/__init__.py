@@ -14,4 +14,11 @@ def run_eval(cfg, model_dir, out_dir, engine=None) -> dict:
     return _run_eval(cfg, model_dir, out_dir, engine=engine)
 
 
-__all__ = ["run_eval"]
+def run_eval_stage(cfg, model_dir, out_dir, initial_dir=None) -> dict:
+    """See :func:`raydc.eval.report.run_eval_stage`."""
+    from raydc.eval.report import run_eval_stage as _run_eval_stage
+
+    return _run_eval_stage(cfg, model_dir, out_dir, initial_dir)
+
+
+__all__ = ["run_eval", "run_eval_stage"]

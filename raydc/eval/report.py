@@ -60,6 +60,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 # The eval figures the run summary keeps (raydc.summary reads this list).
 HEADLINE = (
+    "initial_pass@1",
     "pass@1",
     "pass@1_stderr",
     "prompts",
@@ -254,6 +255,33 @@ def run_eval(cfg, model_dir: str, out_dir: str | Path, engine: LocalEngine | Non
         }
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def run_eval_stage(cfg, model_dir: str, out_dir: str | Path, initial_dir: str | None) -> dict:
+    """The pipeline's eval stage: ``model_dir`` on the held-out prompts and, with
+    ``initial_dir`` (the student before training), the same prompts and settings under it
+    in ``out_dir/initial/``. ``initial_pass@1`` and ``initial_pass@1_stderr`` sit beside
+    ``pass@1`` in the returned metrics (a public contract: summary.json's eval_metrics)."""
+    out = Path(out_dir)
+    metrics = run_eval(cfg, model_dir, out)
+    if initial_dir:
+        base = run_eval(cfg, initial_dir, out / "initial")
+        if base["rows_out"] != metrics["rows_out"]:
+            raise RuntimeError(
+                f"eval: the initial student kept {base['rows_out']} prompts and the trained one "
+                f"{metrics['rows_out']}; their tokenizers differ, so the two are not comparable"
+            )
+        metrics.update(
+            {
+                "initial_pass@1": base["pass@1"],
+                "initial_pass@1_stderr": base["pass@1_stderr"],
+                "initial_model": str(initial_dir),
+                "pass@1_gain": metrics["pass@1"] - base["pass@1"],
+            }
+        )
+        metrics["paths"]["initial_metrics"] = str(out / "initial" / "metrics.json")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 

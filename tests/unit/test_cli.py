@@ -130,6 +130,7 @@ def test_the_run_summary_reports_rows_throughput_metrics_and_paths(tmp_path):
         "eval": res(
             "eval",
             {
+                "initial_pass@1": 0.0625,
                 "pass@1": 0.25,
                 "pass@1_stderr": 0.1,
                 "prompts": 16,
@@ -151,8 +152,15 @@ def test_the_run_summary_reports_rows_throughput_metrics_and_paths(tmp_path):
     # The weights' effective sample size, as the training loop names it, reaches it too.
     assert s["train_metrics"]["weight_ess"] == 812.5
     assert s["store_bytes_per_token"] == 2.91
-    assert s["eval_metrics"] == {"pass@1": 0.25, "pass@1_stderr": 0.1, "prompts": 16}
+    # initial_pass@1 (the student before training) sits beside pass@1: a public contract.
+    assert s["eval_metrics"] == {
+        "initial_pass@1": 0.0625,
+        "pass@1": 0.25,
+        "pass@1_stderr": 0.1,
+        "prompts": 16,
+    }
     text = format_summary(s)
+    assert "student pass@1: 0.062 -> 0.250" in text
     assert "busy: student 8,000 tokens/s (start-up 40 s)" in text
     for piece in (
         "in 242, out 240, rejected 2",
