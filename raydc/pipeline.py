@@ -552,7 +552,11 @@ class Pipeline:
             "teacher": path_fingerprint(cfg.score.teacher),
         }
 
-        initial = (cfg.train.student or cfg.score.student) if cfg.eval.baseline else None
+        initial = None
+        if cfg.eval.baseline:
+            from raydc.train.trainer import student_path  # the model training starts from
+
+            initial = student_path(cfg)
 
         def fn(out: Path) -> dict:
             from raydc.eval import run_eval_stage
