@@ -91,9 +91,14 @@ class ScoreConfig:
     # weights to score/inspect/ (training never reads them).
     logprobs: str = "float16"
     inspection: bool = False
+    # The temperature the traces were sampled at: the teacher's log-probs are those of
+    # softmax(logits / T), the distribution the tokens came from (DASD samples at 0.6 and
+    # 1.0). The student is always scored at 1: it is the model being trained.
+    teacher_temperature: float = 1.0
 
     def validate(self, path: str) -> None:
         _choice(f"{path}.backend", self.backend, ("vllm", "transformers"))
+        _positive(f"{path}.teacher_temperature", self.teacher_temperature)
         _choice(f"{path}.logprobs", self.logprobs, ("float16", "float32"))
         _choice(f"{path}.dtype", self.dtype, ("float32", "bfloat16", "float16", "auto"))
         for name in (

@@ -57,40 +57,69 @@ def token_sentence_ids(
     return ids
 
 
+def credit_by_char_spans(
+    src_offsets: Sequence[tuple[int, int]],
+    src_values: Sequence[float],
+    dst_offsets: Sequence[tuple[int, int]],
+) -> tuple[list[float | None], float, int, int]:
+    """Carry per-token values (teacher log-probs) from one tokenization to another,
+    losing none of their mass.
+
+    Each source value is credited to one destination token: the one its span *ends*
+    inside (start < src_end <= end). A source token that ends where no destination token
+    does (in a gap between them: whitespace a WordPiece tokenizer drops) or that has an
+    empty span (a special or byte-split token) is carried to the *next* destination token,
+    the one that produces the text after it. A source token that straddles a destination
+    boundary is credited wholly where it ends, so the destination token where it starts is
+    not yet "decided" and gets 0.0. A destination token that no value reaches and no
+    source token covers gets None (unknown); empty destination tokens get None.
+
+    Returns (values per destination token, the sum and count of source values that end
+    after the last destination token (for the caller to place or refuse), the count of
+    source values carried past a gap or from an empty span). Sums are conserved:
+    sum(credited) + leftover == sum(src_values).
+    """
+    if len(src_offsets) != len(src_values):
+        raise ValueError(f"{len(src_offsets)} source offsets but {len(src_values)} source values")
+    real = [k for k, (s, e) in enumerate(dst_offsets) if e > s]
+    ends = [dst_offsets[k][1] for k in real]
+    acc: dict[int, float] = {}
+    leftover, n_left, carried = 0.0, 0, 0
+    for (s, e), v in zip(src_offsets, src_values):
+        s, e = int(s), int(e)
+        # a token with text ends at e; an empty one sits before the character at e
+        j = bisect.bisect_left(ends, e) if e > s else bisect.bisect_right(ends, e)
+        if j >= len(real):
+            leftover += float(v)
+            n_left += 1
+            continue
+        k = real[j]
+        acc[k] = acc.get(k, 0.0) + float(v)
+        if not (e > s and dst_offsets[k][0] < e):
+            carried += 1
+    covered = sorted((int(s), int(e)) for s, e in src_offsets if e > s)
+    starts = [s for s, _ in covered]
+    reach, far = [], -1
+    for _, e in covered:  # reach[i]: the furthest end among the first i+1 source spans
+        far = max(far, e)
+        reach.append(far)
+    out: list[float | None] = []
+    for k, (s, e) in enumerate(dst_offsets):
+        if k in acc:
+            out.append(acc[k])
+        elif e <= s:
+            out.append(None)
+        else:
+            i = bisect.bisect_left(starts, e) - 1  # source spans starting before e
+            out.append(0.0 if i >= 0 and reach[i] > s else None)
+    return out, leftover, n_left, carried
+
+
 def align_by_char_spans(
     src_offsets: Sequence[tuple[int, int]],
     src_values: Sequence[float],
     dst_offsets: Sequence[tuple[int, int]],
 ) -> list[float | None]:
-    """Carry per-token values (teacher log-probs) from one tokenization to another.
-
-    Each destination token gets the sum of the values of the source tokens whose spans
-    *end* inside it (start < src_end <= end). A source token that straddles a destination
-    boundary is thus credited wholly to the destination token where it ends: the
-    destination token where it starts is then not yet "decided" by the teacher, and every
-    source value is counted exactly once, so per-span sums over any range both tokenizers
-    split at agree exactly. A destination token that no source token ends in gets 0.0 when
-    it is covered by a straddling source token (its log-prob was paid later), and None
-    when no source token covers it at all (outside the source text).
-    """
-    if len(src_offsets) != len(src_values):
-        raise ValueError(f"{len(src_offsets)} source offsets but {len(src_values)} source values")
-    src = sorted(
-        ((s, e, v) for (s, e), v in zip(src_offsets, src_values) if e > s), key=lambda x: x[1]
-    )
-    ends = [e for _, e, _ in src]
-    out: list[float | None] = []
-    for s, e in dst_offsets:
-        if e <= s:
-            out.append(None)
-            continue
-        lo = bisect.bisect_right(ends, s)
-        hi = bisect.bisect_right(ends, e)
-        if hi > lo:
-            out.append(float(sum(v for _, _, v in src[lo:hi])))
-        else:
-            # Source tokens do not overlap, so src[lo] (the first ending after s) is the
-            # only candidate that could straddle this destination token.
-            covered = lo < len(src) and src[lo][0] < e
-            out.append(0.0 if covered else None)
-    return out
+    """``credit_by_char_spans``'s values per destination token (source values ending
+    after the last destination token are not placed)."""
+    return credit_by_char_spans(src_offsets, src_values, dst_offsets)[0]

@@ -14,17 +14,23 @@ log-probs of the teacher tokens that *end* inside it. The rules this module adds
   inside it) gets 0.0: its log-prob is paid by the student token where that teacher token
   ends. A student token that no teacher token covers at all gets NaN ("unknown"); the
   scoring stage replaces unknown teacher log-probs by the student's own (a neutral
-  ratio of 1) and counts them.
+  ratio of 1), marks them in ``teacher_mask`` and counts them.
+- No teacher mass is lost: a teacher token with an empty span, or one that ends in a gap
+  between student tokens (whitespace a WordPiece student drops), is carried to the next
+  student token. Teacher content that ends after the last student content token goes to
+  the student's end-of-turn token; without one the row cannot be aligned
+  (``AlignmentError``, a reject).
 - Teacher tokens at or after the end of the content (the teacher's own end-of-turn
   token, or text after the response) are summed into the student's end-of-turn token;
-  without any, that token's teacher log-prob is NaN (unknown).
+  without any, that token's teacher log-prob is NaN (unknown). Without a student
+  end-of-turn token they are not placed: they are not part of the response's text.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from raydc.text import align_by_char_spans
+from raydc.text import credit_by_char_spans
 
 NAN = float("nan")
 
@@ -44,12 +50,17 @@ def disjoint_spans(offsets: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+class AlignmentError(ValueError):
+    """Teacher log-probs that cannot be placed on the student's tokens without loss."""
+
+
 def align_turn(
     content_len: int,
     src_offsets: Sequence[tuple[int, int]],
     src_values: Sequence[float],
     dst_offsets: Sequence[tuple[int, int]],
     dst_has_eot: bool,
+    counts: dict | None = None,
 ) -> list[float]:
     """Teacher values for the student tokens of one assistant turn.
 
@@ -58,7 +69,10 @@ def align_turn(
     are end-of-turn) and their log-probs. dst_offsets: spans of the student's content
     tokens, relative to the content start, in order. Returns one value per student
     content token, plus one for the student's end-of-turn token when ``dst_has_eot``.
-    NaN marks "unknown" (no teacher token covers it).
+    NaN marks "unknown" (no teacher token covers it). The placed values sum to the
+    teacher's content values (plus its end-of-turn values when the student has one).
+    ``counts``, when given, gains ``carried``: teacher values moved past a gap or from an
+    empty span.
     """
     if len(src_offsets) != len(src_values):
         raise ValueError(f"{len(src_offsets)} teacher spans but {len(src_values)} values")
@@ -67,11 +81,18 @@ def align_turn(
         s, e = int(s), int(e)
         if s >= content_len:
             after.append(float(v))
-        elif e > 0:
+        elif e > 0 or s == e == 0:
             inside_off.append((max(s, 0), min(e, content_len)))
             inside_val.append(float(v))
     dst = disjoint_spans([(max(0, s), min(e, content_len)) for s, e in dst_offsets])
-    vals = align_by_char_spans(inside_off, inside_val, dst)
+    vals, rest, n_rest, carried = credit_by_char_spans(inside_off, inside_val, dst)
+    if n_rest and not dst_has_eot:
+        raise AlignmentError(
+            f"{n_rest} teacher token(s) end after the student's last content token and the "
+            "student has no end-of-turn token to carry them"
+        )
+    if counts is not None:
+        counts["carried"] = counts.get("carried", 0) + carried + n_rest
     covered_lo = min((s for s, _ in inside_off), default=None)
     covered_hi = max((e for _, e in inside_off), default=None)
     out: list[float] = []
@@ -83,7 +104,7 @@ def align_turn(
         else:
             out.append(NAN)
     if dst_has_eot:
-        out.append(float(sum(after)) if after else NAN)
+        out.append(float(sum(after) + rest) if after or n_rest else NAN)
     return out
 
 

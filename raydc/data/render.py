@@ -23,7 +23,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from raydc.data.align import NAN, align_turn, offsets_from_strings
+from raydc.data.align import NAN, AlignmentError, align_turn, offsets_from_strings
 from raydc.text import token_sentence_ids
 from raydc.weights import LOGPROB_POSITIVE_TOL
 
@@ -469,7 +469,10 @@ def _given_teacher(cand: Candidate, text, spans, offsets, turns, T) -> list[floa
     else:
         src = t["offsets"]
     rel = [(offsets[i][0] - cs, offsets[i][1] - cs) for i in content]
-    vals = align_turn(len(content_text), src, lps, rel, eot is not None)
+    try:
+        vals = align_turn(len(content_text), src, lps, rel, eot is not None)
+    except AlignmentError as e:
+        raise RowReject(field, "teacher_alignment", str(e)) from None
     for i, v in zip([*content, *([eot] if eot is not None else [])], vals):
         out[i] = v
     return out

@@ -48,6 +48,7 @@ SCORED_COLUMNS = (
     "num_tokens",
     "num_loss_tokens",
     "student_logprobs",
+    "teacher_mask",
 )
 LOGPROB_COLUMNS = ("student_logprobs", "teacher_logprobs")
 LOGPROB_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
@@ -70,6 +71,9 @@ def scored_schema(logprobs: str = "float16") -> pa.Schema:
     lp = pa.list_(LOGPROB_TYPES[logprobs])
     fields["student_logprobs"] = pa.field("student_logprobs", lp)
     fields["teacher_logprobs"] = pa.field("teacher_logprobs", lp)
+    # False where the teacher has no value (its log-prob was filled with the student's, a
+    # neutral ratio); null for a row whose teacher values are all known.
+    fields["teacher_mask"] = pa.field("teacher_mask", pa.list_(pa.bool_()))
     return pa.schema([fields[n] for n in SCORED_COLUMNS])
 
 

@@ -16,23 +16,28 @@ if TYPE_CHECKING:
     from raydc.scoring.base import Scorer
 
 
-def make_scorer(cfg: ScoreConfig, model: str) -> Scorer:
-    """A scorer of ``model`` with the engine settings of ``cfg`` (its backend decides)."""
+def make_scorer(cfg: ScoreConfig, model: str, temperature: float = 1.0) -> Scorer:
+    """A scorer of ``model`` with the engine settings of ``cfg`` (its backend decides),
+    returning log-probs of softmax(logits / temperature)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r}: must be > 0")
     if cfg.backend == "transformers":
         from raydc.scoring.hf import TransformersScorer
 
-        return TransformersScorer(model, cfg)
+        return TransformersScorer(model, cfg, temperature)
     if cfg.backend == "vllm":
         from raydc.scoring.vllm_backend import VLLMScorer
 
-        return VLLMScorer(model, cfg)
+        return VLLMScorer(model, cfg, temperature)
     raise ValueError(f"score.backend={cfg.backend!r}: must be 'vllm' or 'transformers'")
 
 
-def score_rows(model: str, token_ids, backend: str = "transformers", **settings):
+def score_rows(
+    model: str, token_ids, backend: str = "transformers", temperature: float = 1.0, **settings
+):
     """Log-probs [T] (float32, position 0 = 0.0) of each row of ``token_ids`` under
-    ``model``, scored in this process. ``settings`` are ScoreConfig fields (dtype,
-    max_model_len...); unknown ones are refused."""
+    ``model`` at ``temperature``, scored in this process. ``settings`` are ScoreConfig
+    fields (dtype, max_model_len...); unknown ones are refused."""
     from raydc.config import ScoreConfig
 
     known = {f.name for f in dataclasses.fields(ScoreConfig)}
@@ -41,7 +46,7 @@ def score_rows(model: str, token_ids, backend: str = "transformers", **settings)
         raise TypeError(f"unknown scorer settings {unknown}; known: {sorted(known)}")
     cfg = ScoreConfig(**{**settings, "backend": backend})
     cfg.validate("score")
-    scorer = make_scorer(cfg, model)
+    scorer = make_scorer(cfg, model, temperature)
     try:
         return scorer.score(token_ids)
     finally:

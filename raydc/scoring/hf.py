@@ -1,6 +1,6 @@
 """The transformers scorer: a padded forward pass, log-softmax in float32, gather.
 
-The logits are formed chunk by chunk from the final hidden states, so the [tokens x vocab]
+Log-probs are of softmax(logits / temperature). The logits are formed chunk by chunk from the final hidden states, so the [tokens x vocab]
 float32 tensor never exceeds ``score.max_num_batched_tokens`` rows at a time. Used as the
 reference the vLLM scores are checked against, and as the fallback backend.
 """
@@ -17,7 +17,7 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "a
 
 
 class TransformersScorer:
-    def __init__(self, model: str, scfg):
+    def __init__(self, model: str, scfg, temperature: float = 1.0):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -33,6 +33,7 @@ class TransformersScorer:
         self.vocab = self.model.get_output_embeddings().weight.shape[0]
         self.max_tokens = int(scfg.max_num_batched_tokens)
         self.max_len = int(scfg.max_model_len)
+        self.temperature = float(temperature)
 
     def score(self, token_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:
         out: list[np.ndarray] = []
@@ -73,6 +74,8 @@ class TransformersScorer:
             for s in range(0, T - 1, step):
                 e = min(T - 1, s + step)
                 logits = head(hidden_BTH[:, s:e]).float()  # [B, chunk, V] predicts s+1..e
+                if self.temperature != 1.0:
+                    logits = logits / self.temperature
                 lse = torch.logsumexp(logits, dim=-1)
                 tgt = ids_BT[:, s + 1 : e + 1]
                 logp_BT[:, s + 1 : e + 1] = logits.gather(-1, tgt[..., None])[..., 0] - lse

@@ -74,6 +74,8 @@ MANIFEST_COUNTS = (
     "loss_tokens",
     "teacher_rows",
     "teacher_unknown_tokens",
+    "teacher_aligned_rows",
+    "teacher_carried_tokens",
 )
 DIAGNOSTICS_MAX_TOKENS = 2_000_000  # weight diagnostics over at most this many loss tokens
 
@@ -182,7 +184,7 @@ class TeacherScorer(_Timed):
         t0 = self._start(parts_dir)
         self.same = same_tokenizer
         self.max_len = max_prompt_len(model, score_cfg.max_model_len)
-        self.scorer = make_scorer(score_cfg, model)
+        self.scorer = make_scorer(score_cfg, model, score_cfg.teacher_temperature)
         if not self.same:
             from raydc.data.render import special_ids
 
@@ -202,19 +204,35 @@ class TeacherScorer(_Timed):
             lps = self.scorer.score([ids[i] for i in todo])
             for i, lp in zip(todo, lps):
                 given[i] = lp.astype(np.float32)
-        else:
-            for i, vals in zip(todo, self._cross([batch.slice(i, 1).to_pylist()[0] for i in todo])):
-                given[i] = np.asarray(vals, dtype=np.float32)
-        col = pa.array(given, pa.list_(pa.float32()))
         rids = batch.column("row_id").to_pylist()
+        rejects: list[dict] = []
+        if not self.same:
+            counts = {"teacher_aligned_rows": 0, "teacher_carried_tokens": 0}
+            rows = [batch.slice(i, 1).to_pylist()[0] for i in todo]
+            for i, vals in zip(todo, self._cross(rows, counts)):
+                if isinstance(vals, str):
+                    rejects.append({"row_id": rids[i], "field": "teacher_logprobs", "reason": vals})
+                else:
+                    given[i] = np.asarray(vals, dtype=np.float32)
+            counts["rows_rejected"] = len(rejects)
+            if self.parts_dir:
+                write_parts(self.parts_dir, batch_key(rids) + "-align", "score", rejects, counts)
+        col = pa.array(given, pa.list_(pa.float32()))
         self._busy(t0, [rids[i] for i in todo], sum(len(ids[i]) for i in todo))
-        return _set_column(batch, "teacher_logprobs", col)
+        batch = _set_column(batch, "teacher_logprobs", col)
+        if rejects:
+            gone = {r["row_id"] for r in rejects}
+            batch = batch.take([k for k, r in enumerate(rids) if r not in gone])
+        return batch
 
-    def _cross(self, rows: list[dict]) -> list[list[float]]:
-        from raydc.data.align import align_turn
+    def _cross(self, rows: list[dict], counts: dict) -> list[list[float] | str]:
+        """Per row: the teacher's values on the student's tokens, or a reject reason.
+        Each aligned row's placed values sum to its teacher values (checked here)."""
+        from raydc.data.align import AlignmentError, align_turn
         from raydc.data.render import RowReject, render, tokenize, turn_tokens
 
         t_ids, t_offs, t_spans, t_turns = [], [], [], []
+        carried: dict = {}
         for r in rows:
             try:
                 text, spans = render(self.tok, json.loads(r["conversation"]))
@@ -236,6 +254,8 @@ class TeacherScorer(_Timed):
             s_spans = _pairs(r["response_spans"])
             mask = r["loss_mask"]
             vals = [0.0] * len(r["input_ids"])
+            teacher_sum = 0.0
+            reason = None
             if len(spans) != len(s_spans):
                 raise ScoreError(
                     f"row {r['row_id']}: the teacher's template shows {len(spans)} assistant "
@@ -253,10 +273,27 @@ class TeacherScorer(_Timed):
                 s_eot = next((i for i, (s, _) in enumerate(s_offs) if s >= sce), None)
                 has_eot = s_eot is not None and mask[s_eot]
                 dst = [(s_offs[i][0] - scs, s_offs[i][1] - scs) for i in s_content]
-                got = align_turn(tce - tcs, src, val, dst, has_eot)
+                try:
+                    got = align_turn(tce - tcs, src, val, dst, has_eot, counts=carried)
+                except AlignmentError as e:
+                    reason = f"teacher_alignment: {e}"
+                    break
+                content_len = tce - tcs
+                teacher_sum += sum(v for (s, _), v in zip(src, val) if has_eot or s < content_len)
                 for i, v in zip([*s_content, *([s_eot] if has_eot else [])], got):
                     vals[i] = v
+            if reason is not None:
+                out.append(reason)
+                continue
+            placed = sum(v for v in vals if not math.isnan(v))
+            if abs(placed - teacher_sum) > 1e-3 * max(1.0, abs(teacher_sum)):
+                raise ScoreError(
+                    f"row {r['row_id']}: the student's tokens carry {placed:.6f} of the "
+                    f"teacher's {teacher_sum:.6f} log-prob (alignment lost mass; a bug)"
+                )
+            counts["teacher_aligned_rows"] += 1
             out.append(vals)
+        counts["teacher_carried_tokens"] += carried.get("carried", 0)
         return out
 
 
@@ -360,17 +397,22 @@ def finish_batch(
     t_rows = batch.column("teacher_logprobs").to_pylist()
     m_rows = batch.column("loss_mask").to_pylist()
     filled = 0
+    tm_rows: list[list[bool] | None] = [None] * len(t_rows)
     for k, (s, t, m) in enumerate(zip(s_rows, t_rows, m_rows)):
         if t is None:
             continue
-        t = [float(x) for x in t]
+        t = [math.nan if x is None else float(x) for x in t]
+        known = [True] * len(t)
         for i, on in enumerate(m):
-            if on and (t[i] is None or math.isnan(t[i])):
+            if on and math.isnan(t[i]):
                 t[i] = s[i]  # the teacher said nothing here: a neutral ratio of 1
+                known[i] = False
                 filled += 1
             elif not on and math.isnan(t[i]):
                 t[i] = 0.0
         t_rows[k] = t
+        if not all(known):
+            tm_rows[k] = known  # training keeps these at weight 1 under any student reference
     key = batch_key(batch.column("row_id").to_pylist())
     if inspect_dir is not None:
         sid_rows = batch.column("sentence_ids").to_pylist()
@@ -383,6 +425,7 @@ def finish_batch(
         os.replace(tmp, os.path.join(inspect_dir, f"{key}.parquet"))
     batch = _set_column(batch, "teacher_logprobs", to_store(t_rows, logprobs))
     batch = _set_column(batch, "student_logprobs", to_store(s_rows, logprobs))
+    batch = _set_column(batch, "teacher_mask", pa.array(tm_rows, pa.list_(pa.bool_())))
     stats = {
         "rows_out": batch.num_rows,
         "tokens": int(sum(len(m) for m in m_rows)),
@@ -568,6 +611,10 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
         "loss_tokens": int(totals_in.get("loss_tokens", 0)),
         "teacher_rows": int(totals_in.get("teacher_rows", 0)),
         "teacher_unknown_tokens": int(totals_in.get("teacher_unknown_tokens", 0)),
+        # cross-tokenizer rows whose placed teacher log-probs were checked to sum to the
+        # teacher's, and teacher values carried past a gap or from an empty span
+        "teacher_aligned_rows": int(totals.get("teacher_aligned_rows", 0)),
+        "teacher_carried_tokens": int(totals.get("teacher_carried_tokens", 0)),
         "reasons": reason_counts(rejects),
         "engines": engines,  # start-up (mean per engine) apart from busy scoring time
         "store_bytes_per_token": _per_token(on_disk, int(totals_in.get("tokens", 0))),
@@ -590,6 +637,8 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
             "scored": needs_teacher_scoring,
             "same_tokenizer": same,
             "tokenizer_fingerprint": tokenizer_fingerprint(teacher),
+            # softmax(logits / T): the distribution the traces were sampled from
+            "temperature": float(scfg.teacher_temperature) if needs_teacher_scoring else None,
         },
         "backend": scfg.backend,
         "vllm_version": backend_version.get("vllm"),

@@ -6,7 +6,11 @@ Settings that make the numbers right rather than fast-but-wrong:
 - ``prompt_logprobs=0``: only the log-prob of the actual next token, per position (the
   engine adds no top-k alternatives), read from the entry keyed by the sent token id.
 - ``logprobs_mode="raw_logprobs"``, temperature 1: log-softmax of the raw logits, no
-  temperature or penalties applied.
+  temperature or penalties applied. vLLM's prompt log-probs ignore the sampling
+  temperature, so a scorer at temperature T != 1 (the teacher of traces sampled at T)
+  sets the ``scale`` of the model's ``LogitsProcessor`` modules to 1/T in the engine
+  (``LLM.apply_model``): every logit the engine forms is then z / T, and the log-softmax
+  of it is the log-prob under the sampling distribution.
 - Prefix caching off: a cached prefix has no prompt log-probs to return.
 - ``max_num_batched_tokens`` bounded: prompt log-probs materialise a [tokens x vocab]
   float32 tensor per scheduler step.
@@ -61,17 +65,42 @@ def engine_kwargs(model: str, scfg) -> dict:
     )
 
 
+def scale_logits(model, scale: float) -> int:
+    """Set every ``LogitsProcessor.scale`` of ``model`` to ``scale``; return how many.
+    Runs inside the engine (``LLM.apply_model``)."""
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+    found = [m for m in model.modules() if isinstance(m, LogitsProcessor)]
+    for m in found:
+        m.scale = float(scale)
+    return len(found)
+
+
 class VLLMScorer:
-    def __init__(self, model: str, scfg):
+    def __init__(self, model: str, scfg, temperature: float = 1.0):
+        import functools
+
         from raydc.models import offline_env
 
         offline_env()
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if temperature != 1.0:
+            # apply_model sends a function to the engine process: vLLM pickles one only
+            # with this set (the engine is this process's own child).
+            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         import vllm
         from vllm import LLM, SamplingParams
 
         self.version = vllm.__version__
+        self.temperature = float(temperature)
         self.llm = LLM(**engine_kwargs(model, scfg))
+        if self.temperature != 1.0:
+            counts = self.llm.apply_model(functools.partial(scale_logits, scale=1.0 / temperature))
+            if not counts or min(counts) < 1:
+                raise ScoreMismatchError(
+                    f"{model}: no LogitsProcessor in the vLLM model, so its log-probs cannot "
+                    f"be taken at temperature {temperature}"
+                )
         self.watchdog = EngineWatchdog.start(model)
         self.params = SamplingParams(
             max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False

@@ -22,6 +22,9 @@ pytestmark = pytest.mark.integration
 
 GSM8K = "raydc/assets/gsm8k/train.jsonl"
 SCORE_MAX_LEN = 200
+# The traces' sampling temperature: the teacher is scored at it (vLLM's prompt log-probs
+# ignore SamplingParams.temperature, so this checks the engine-side logit scaling).
+TEACHER_T = 0.7
 
 
 def _traces(path, n=6):
@@ -68,6 +71,7 @@ def scored(tmp_path_factory, tiny_student, tiny_teacher_other_tokenizer, ray_loc
                 # side table holds what only people read (text, offsets, weights).
                 "logprobs": "float32",
                 "inspection": True,
+                "teacher_temperature": TEACHER_T,
             },
             "weights": {"preset": "discord", "granularity": "sentence"},
         }
@@ -139,7 +143,8 @@ def test_cross_tokenizer_teacher_matches_transformers_aligned_by_spans(
     scored, tiny_teacher_other_tokenizer
 ):
     """The teacher (WordPiece) is scored on its own tokens and carried onto the student's
-    (byte-level BPE) by character spans; recomputed here with transformers."""
+    (byte-level BPE) by character spans, at the traces' temperature; recomputed here with
+    transformers as log_softmax(logits / T)."""
     from transformers import AutoModelForCausalLM
 
     teacher = tiny_teacher_other_tokenizer
@@ -156,7 +161,7 @@ def test_cross_tokenizer_teacher_matches_transformers_aligned_by_spans(
         enc = {k: v[:SCORE_MAX_LEN] for k, v in enc.items()}
         ids = torch.tensor([enc["input_ids"]])
         with torch.no_grad():
-            logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+            logp = torch.log_softmax(model(ids).logits[0].double() / TEACHER_T, -1)
         t_lp = [0.0] + logp[:-1].gather(-1, ids[0, 1:, None])[:, 0].tolist()
         src, vals = [], []
         for (s, e), v in zip(enc["offset_mapping"], t_lp):
@@ -170,10 +175,12 @@ def test_cross_tokenizer_teacher_matches_transformers_aligned_by_spans(
         expect = align_by_char_spans(
             src, vals, [(s_offs[i][0] - scs, s_offs[i][1] - scs) for i in content_idx]
         )
+        known = r["teacher_mask"]  # null: every teacher value of the row is known
         for i, v in zip(content_idx, expect):
             got = r["teacher_logprobs"][i]
             if v is None:  # the teacher says nothing here: neutral, the student's value
                 assert got == pytest.approx(r["student_logprobs"][i], abs=1e-6)
+                assert known is not None and known[i] is False, (r["row_id"], i)
                 unknown += 1
             else:
                 assert got == pytest.approx(v, abs=1e-4), (
@@ -183,6 +190,7 @@ def test_cross_tokenizer_teacher_matches_transformers_aligned_by_spans(
                     v,
                     r["text"][s_offs[i][0] : s_offs[i][1]],
                 )
+                assert known is None or known[i] is True, (r["row_id"], i)
                 checked += 1
         # The student's <|im_end|> gets the teacher's own end-of-turn token's log-prob.
         t_eot = [k for k, (s, _) in enumerate(enc["offset_mapping"]) if s >= cs + len(content)]
@@ -223,6 +231,7 @@ def test_manifest(scored, tiny_student, tiny_teacher_other_tokenizer):
     assert m["student"] == {"path": tiny_student, "fingerprint": fingerprint(tiny_student)}
     assert m["teacher"]["path"] == tiny_teacher_other_tokenizer
     assert m["teacher"]["same_tokenizer"] is False and m["teacher"]["scored"] is True
+    assert m["teacher"]["temperature"] == TEACHER_T
     assert m["backend"] == "vllm" and m["vllm_version"]
     assert m["counts"]["rows_out"] == len(scored["rows"])
     assert m["counts"]["loss_tokens"] == sum(sum(r["loss_mask"]) for r in scored["rows"].values())

@@ -8,8 +8,9 @@ import random
 
 import pytest
 
-from raydc.data.align import align_turn, disjoint_spans, offsets_from_strings
+from raydc.data.align import AlignmentError, align_turn, disjoint_spans, offsets_from_strings
 from raydc.models import load_tokenizer
+from raydc.text import credit_by_char_spans
 
 
 def test_disjoint_spans_hand_checked():
@@ -34,6 +35,49 @@ def test_align_turn_hand_checked():
     # Student tokens beyond what the teacher covers are unknown, never 0.
     got = align_turn(6, [(0, 2)], [-1.0], [(0, 2), (2, 6)], False)
     assert got[0] == -1.0 and math.isnan(got[1])
+
+
+def test_no_teacher_mass_is_lost_gaps_and_empty_spans_carry_to_the_next_student_token():
+    # content "ab cd ef" (8 chars). A WordPiece-style student drops the spaces:
+    # "ab" (0,2) "cd" (3,5) "ef" (6,8). Teacher: "ab " (0,3) ends in the gap after "ab",
+    # an empty-span token at 5 (between "cd" and the space), "d ef"-style straddler
+    # " e" (5,7), "f" (7,8), and its end-of-turn.
+    src = [(0, 3), (3, 5), (5, 5), (5, 7), (7, 8), (8, 9)]
+    vals = [-1.0, -2.0, -0.25, -4.0, -8.0, -0.5]
+    dst = [(0, 2), (3, 5), (6, 8)]
+    got = align_turn(8, src, vals, dst, True)
+    # "ab " ends in the gap: carried to "cd" (with "cd"'s own -2); "ab" is covered by it
+    # and gets 0.0. The empty token at 5 and " e" (ends at 7) and "f" go to "ef".
+    assert got == [0.0, -3.0, -12.25, -0.5]
+    assert sum(got) == sum(vals)
+    counts: dict = {}
+    align_turn(8, src, vals, dst, True, counts=counts)
+    assert counts == {"carried": 2}  # "ab " and the empty-span token
+    _, rest, n_rest, carried = credit_by_char_spans(src[:5], vals[:5], dst)
+    assert (rest, n_rest, carried) == (0.0, 0, 2)
+    # Teacher text past the student's last content token ("ef" ends at 6 here) goes to
+    # the student's end-of-turn token...
+    got = align_turn(8, src, vals, [(0, 2), (3, 5), (6, 6)], True)
+    assert got == [0.0, -3.0, 0.0, -0.5 - 0.25 - 4.0 - 8.0]
+    # ...and without one the row cannot be aligned without loss: refused, with the reason.
+    with pytest.raises(AlignmentError, match="end after the student's last content token"):
+        align_turn(8, src[:5], vals[:5], [(0, 2), (3, 5)], False)
+
+
+def test_wordpiece_student_under_a_bpe_teacher_keeps_every_teacher_log_prob():
+    bpe, wp = load_tokenizer("tiny-bpe"), load_tokenizer("tiny-wordpiece")
+    for text in TEXTS:
+        src = bpe(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        dst = wp(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        rng = random.Random(1)
+        vals = [-rng.uniform(0.01, 5.0) for _ in src]
+        counts: dict = {}
+        got = align_turn(len(text), src, vals, dst, True, counts=counts)
+        # BPE's newline token ends in a gap of the WordPiece student: carried, not lost
+        assert (counts["carried"] > 0) == ("\n" in text), (text, counts)
+        assert not any(math.isnan(v) for v in got[:-1])  # BPE covers every character
+        assert math.isnan(got[-1])  # no teacher end-of-turn given, none carried
+        assert sum(got[:-1]) == pytest.approx(sum(vals), abs=1e-9), text
 
 
 def test_align_turn_byte_split_character_counted_once():

@@ -80,3 +80,21 @@ def test_score_rows_rejects_unknown_settings(tiny_student):
 
     with pytest.raises(TypeError, match="unknown scorer settings"):
         score_rows(tiny_student, [[1, 2]], "transformers", max_len=3)
+
+
+def test_transformers_scorer_at_a_temperature_is_log_softmax_of_scaled_logits(tiny_student):
+    from transformers import AutoModelForCausalLM
+
+    from raydc.scoring import score_rows
+
+    rows = [[5, 17, 300, 42, 9, 1200, 77]]
+    model = AutoModelForCausalLM.from_pretrained(tiny_student, dtype=torch.float32).eval()
+    ids = torch.tensor(rows)
+    with torch.no_grad():
+        logits = model(ids).logits[0].double()
+    for T in (0.6, 1.0, 1.5):
+        (got,) = score_rows(tiny_student, rows, "transformers", temperature=T)
+        ref = torch.log_softmax(logits / T, -1)[:-1].gather(-1, ids[0, 1:, None])[:, 0].numpy()
+        assert np.abs(got[1:] - ref).max() < 1e-5, T
+    with pytest.raises(ValueError, match="temperature"):
+        score_rows(tiny_student, rows, "transformers", temperature=0.0)

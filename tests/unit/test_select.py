@@ -75,8 +75,11 @@ def test_align_by_char_spans_hand_checked():
     assert align_by_char_spans(src, vals, dst) == [0.0, -1.0, -6.0]
     # sums over a range both tokenizers split at (0..6) agree
     assert sum(v for v in align_by_char_spans(src, vals, dst)) == sum(vals)
-    # a destination token outside the source text gets None; special tokens (empty) None
-    assert align_by_char_spans(src, vals, [(6, 8), (3, 3)]) == [None, None]
+    # a destination token after all of the source text receives the values carried to it
+    # (nothing is lost); special tokens (empty) get None
+    assert align_by_char_spans(src, vals, [(6, 8), (3, 3)]) == [-7.0, None]
+    # a destination token no source covers and no value reaches: None
+    assert align_by_char_spans([(0, 2)], [-1.0], [(0, 2), (4, 6)]) == [-1.0, None]
     with pytest.raises(ValueError, match="source values"):
         align_by_char_spans(src, vals[:2], dst)
 
