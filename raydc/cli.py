@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-STAGES = ("prepare", "score", "select", "train", "tune", "eval")
+STAGES = ("generate", "prepare", "score", "select", "train", "tune", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,13 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
+        "generate": "sample teacher traces with their log-probs (vLLM) for generate.prompts",
         "prepare": "read and tokenize the traces (rejects with reasons)",
         "score": "score teacher tokens under the student (and teacher) with vLLM",
         "select": "DASD divergence-aware top-k selection per prompt",
         "train": "weighted distillation on Ray Train + DeepSpeed",
         "tune": "Ray Tune search over the weighting (trials reuse the scores)",
         "eval": "generate on held-out prompts and grade (after train or tune)",
-        "run": "the whole job: prepare -> score -> [select] -> train|tune -> [eval]",
+        "run": "the whole job: [generate] -> prepare -> score -> [select] -> train|tune -> [eval]",
         "config": "print the validated config (YAML) and exit",
     }
     for name, text in helps.items():

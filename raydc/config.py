@@ -381,6 +381,11 @@ class EvalConfig:
 class GenerateConfig:
     """Teacher trace sampling with vLLM, recording the teacher's log-probs of its samples."""
 
+    # true: a first stage of the job samples the traces, and prepare reads them instead
+    # of data.path (`raydc generate` runs the stage alone either way)
+    enabled: bool = False
+    prompts: str = ""  # the prompts: JSONL / Parquet / a saved datasets folder
+    teacher: str = ""  # the model that writes the traces; "" -> score.teacher
     prompt_key: str = "auto"  # auto: prompt | question | problem
     id_key: str = "id"  # prompt id column; "{file}:{index}" when absent
     system_prompt: str | None = None
@@ -396,6 +401,8 @@ class GenerateConfig:
     def validate(self, path: str) -> None:
         _positive(f"{path}.num_prompts", self.num_prompts)
         _check_sampling(path, self)
+        if self.enabled and not self.prompts:
+            raise ConfigError(f"{path}.prompts: not set; name the prompts to sample traces for")
 
 
 @dataclass

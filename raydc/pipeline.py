@@ -218,6 +218,11 @@ def resolve(cfg: RaydcConfig) -> RaydcConfig:
         ),
         train=rep(cfg.train, student=resolve_model(cfg.train.student, models)),
         eval=rep(cfg.eval, path=resolve_path(cfg.eval.path)),
+        generate=rep(
+            cfg.generate,
+            prompts=resolve_path(cfg.generate.prompts),
+            teacher=resolve_model(cfg.generate.teacher, models),
+        ),
     )
 
 
@@ -432,12 +437,46 @@ class Pipeline:
         cfg = self.cfg
         return path_fingerprint(cfg.train.student or cfg.score.student)
 
+    def generate(self) -> StageResult:
+        """Teacher traces for ``generate.prompts`` at ``generate.temperature``, each with
+        the teacher's log-probs at that temperature (``raydc.generate``)."""
+        from raydc.config import ConfigError
+
+        cfg = self.cfg
+        teacher = cfg.generate.teacher or cfg.score.teacher
+        if not cfg.generate.prompts:
+            raise ConfigError("generate.prompts: not set; name the prompts to sample traces for")
+        if not teacher:
+            raise ConfigError(
+                "generate.teacher: not set and score.teacher is empty; name the model that "
+                "writes the traces"
+            )
+        parts = {
+            "generate": dataclasses.asdict(cfg.generate),
+            "prompts": path_fingerprint(cfg.generate.prompts),
+            "teacher": path_fingerprint(teacher),
+        }
+
+        def fn(out: Path) -> dict:
+            from raydc.generate import run_generate
+
+            return run_generate(cfg, teacher, cfg.generate.prompts, out)
+
+        return self.run_stage("generate", parts, fn)
+
     def prepare(self) -> StageResult:
         cfg = self.cfg
         tok = cfg.data.tokenizer or cfg.score.student
+        if cfg.generate.enabled:  # the generated traces replace data.path
+            generated = self.results.get("generate") or self.generate()
+            traces = str(generated.out_dir / "traces.parquet")
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=traces))
+            data_files = generated.fingerprint
+        else:
+            data_files = path_fingerprint(cfg.data.path)
         parts = {
             "data": dataclasses.asdict(cfg.data),
-            "data_files": path_fingerprint(cfg.data.path),
+            "data_files": data_files,
             "tokenizer": path_fingerprint(tok, TOKENIZER_FILES),
         }
 
@@ -576,7 +615,16 @@ class Pipeline:
         from raydc.weights import needs_teacher
 
         cfg = self.cfg
-        if "prepare" in stages:
+        generating = "generate" in stages or ("prepare" in stages and cfg.generate.enabled)
+        if generating:
+            _check_input("generate.prompts", cfg.generate.prompts)
+            if cfg.generate.teacher:
+                _check_model("generate.teacher", cfg.generate.teacher)
+            elif cfg.score.teacher:
+                _check_model("score.teacher", cfg.score.teacher)
+            if stages == ("generate",):
+                return
+        elif "prepare" in stages:
             _check_input("data.path", cfg.data.path)
         models = [("score.student", cfg.score.student)]
         if cfg.score.teacher and needs_teacher(cfg.weights):
@@ -601,8 +649,11 @@ class Pipeline:
             _check_input("eval.path", cfg.eval.path)
 
     def run_all(self) -> dict[str, StageResult]:
-        """The whole job: prepare -> score -> [select] -> train or tune -> [eval]."""
+        """The whole job: [generate] -> prepare -> score -> [select] -> train or tune ->
+        [eval]."""
         self.check()
+        if self.cfg.generate.enabled:
+            self.generate()
         self.prepare()
         self.score()
         if self.cfg.select.enabled:
@@ -617,6 +668,7 @@ class Pipeline:
         if stage == "select" and not self.cfg.select.enabled:
             raise StageError("select: select.enabled is false; set select.enabled=true")
         upstream = {
+            "generate": ("generate",),
             "prepare": ("prepare",),
             "score": ("prepare", "score"),
             "select": ("prepare", "score", "select"),

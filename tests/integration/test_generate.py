@@ -1,6 +1,7 @@
-"""run_generate on the real vLLM CPU build as Ray Data actors (one engine start for the
-module): teacher log-probs at the sampling temperature against transformers, the trace
-schema, and the traces going through the prepare stage."""
+"""The generate stage on the real vLLM CPU build as Ray Data actors (one engine start for
+the module), run as the job's first stage (``generate.enabled``): teacher log-probs at the
+sampling temperature against transformers, the trace schema, and ``raydc prepare`` reusing
+the stage and reading its traces."""
 
 from __future__ import annotations
 
@@ -11,17 +12,33 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from raydc.config import from_dict
-
 pytestmark = pytest.mark.integration
 
 T = 0.7
 GSM8K = Path(__file__).resolve().parents[2] / "raydc" / "assets" / "gsm8k" / "test.jsonl"
 
 
+def _overrides(tmp, prompts, teacher, student):
+    return [
+        f"run.output_dir={tmp / 'run'}",
+        "generate.enabled=true",
+        f"generate.prompts={prompts}",
+        f"score.teacher={teacher}",
+        f"score.student={student}",
+        "generate.engine.backend=ray",
+        "generate.engine.max_model_len=512",
+        f"generate.temperature={T}",
+        "generate.n_samples=2",
+        "generate.max_new_tokens=12",
+        "generate.keep_truncated=true",
+        "generate.seed=7",
+    ]
+
+
 @pytest.fixture(scope="module")
-def generated(tiny_teacher, ray_local, tmp_path_factory):
-    from raydc.generate import run_generate
+def generated(tiny_teacher, tiny_student, ray_local, tmp_path_factory):
+    from raydc.config import load_config
+    from raydc.pipeline import Pipeline
 
     tmp = tmp_path_factory.mktemp("generate")
     prompts = tmp / "prompts.jsonl"
@@ -30,21 +47,15 @@ def generated(tiny_teacher, ray_local, tmp_path_factory):
     rows = [{"id": f"q{i}", **r} for i, r in enumerate(rows)]
     rows.append({"id": "empty", "question": "   ", "answer": "#### 1"})
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = from_dict(
-        {},
-        [
-            "generate.engine.backend=ray",
-            "generate.engine.max_model_len=512",
-            f"generate.temperature={T}",
-            "generate.n_samples=2",
-            "generate.max_new_tokens=12",
-            "generate.keep_truncated=true",
-            "generate.seed=7",
-        ],
-    )
-    summary = run_generate(cfg, tiny_teacher, prompts, tmp / "out")
-    traces = pq.read_table(tmp / "out" / "traces.parquet").to_pylist()
-    return cfg, summary, traces, tmp, {r["id"]: r for r in rows}
+    config = tmp / "job.yaml"
+    config.write_text("select:\n  enabled: false\n")
+    overrides = _overrides(tmp, prompts, tiny_teacher, tiny_student)
+    pipe = Pipeline(load_config(config, overrides))
+    summary = pipe.run_until("generate").summary
+    out = tmp / "run" / "generate"
+    traces = pq.read_table(out / "traces.parquet").to_pylist()
+    tmp.joinpath("cli").write_text(json.dumps([str(config), *overrides]))
+    return pipe.cfg, summary, traces, out, {r["id"]: r for r in rows}
 
 
 def test_counts_and_rejects(generated):
@@ -53,7 +64,7 @@ def test_counts_and_rejects(generated):
     assert s["backend"] == "ray" and s["traces"] == len(traces) == 6
     # A random tiny teacher practically never emits its stop token within 12 tokens.
     assert s["traces_truncated"] == sum(r["finish_reason"] == "length" for r in traces)
-    rej = pq.read_table(tmp / "out" / "rejects.parquet").to_pylist()
+    rej = pq.read_table(tmp / "rejects.parquet").to_pylist()
     assert rej == [
         {
             "row_id": "empty",
@@ -115,19 +126,23 @@ def test_logprobs_are_at_the_sampling_temperature(generated, tiny_teacher):
     assert max_raw_gap > 1e-2  # the untempered log-probs are measurably different
 
 
-def test_traces_flow_through_prepare(generated, tiny_student):
+def test_raydc_prepare_reuses_the_stage_and_reads_its_traces(generated, capsys):
     from raydc.artifacts import data_files
-    from raydc.data.ingest import run_prepare
+    from raydc.cli import main
 
-    cfg, _, traces, tmp, _ = generated
-    pcfg = from_dict(
-        {}, [f"data.path={tmp / 'out' / 'traces.parquet'}", f"score.student={tiny_student}"]
-    )
-    s = run_prepare(pcfg, tmp / "prepared")
+    cfg, _, traces, out, _ = generated
+    config, *overrides = json.loads(out.parent.parent.joinpath("cli").read_text())
+    assert main(["prepare", "--config", config, *overrides]) == 0
+    printed = capsys.readouterr().err  # the stage lines go to stderr
+    assert "generate done before (fingerprint" in printed  # no second vLLM run
+    stage = json.loads((out.parent / "prepare" / "_raydc_stage.json").read_text())
+    s = stage["summary"]
     assert (s["rows_in"], s["rows_out"], s["rows_rejected"]) == (6, 6, 0)
     assert s["given_teacher_rows"] == 6
     prepared = {
-        r["row_id"]: r for f in data_files(tmp / "prepared") for r in pq.read_table(f).to_pylist()
+        r["row_id"]: r
+        for f in data_files(out.parent / "prepare")
+        for r in pq.read_table(f).to_pylist()
     }
     for t in traces:
         p = prepared[t[cfg.data.id_key]]

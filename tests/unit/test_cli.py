@@ -63,6 +63,33 @@ def test_select_when_disabled_exits_1_before_running_anything(tmp_path, capsys):
     assert not (out / "prepare").exists()
 
 
+def test_generate_without_prompts_or_teacher_exits_2_naming_the_field(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", f"run.output_dir={out}", "generate.enabled=true"]) == 2
+    assert "generate.prompts: not set" in capsys.readouterr().err
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "2+2?"}\n')
+    rc = main(
+        [
+            "generate",
+            f"run.output_dir={out}",
+            f"generate.prompts={prompts}",
+            "score.student=",
+            "score.teacher=",
+        ]
+    )
+    assert rc == 2
+    assert "generate.teacher: not set and score.teacher is empty" in capsys.readouterr().err
+    no_models = ["score.student=", "score.teacher=null"]
+    rc = main(
+        ["run", f"run.output_dir={out}", "generate.enabled=true", "generate.prompts=/no"]
+        + no_models
+    )
+    assert rc == 2
+    assert "generate.prompts='/no': no such file" in capsys.readouterr().err
+    assert not (out / "generate").exists() and not (out / "prepare").exists()
+
+
 def test_tune_with_an_empty_space_exits_2_before_any_stage_runs(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["tune", f"run.output_dir={out}", "score.student=", "score.teacher=null"])
