@@ -50,6 +50,10 @@ class DataConfig:
     teacher_logprobs_key: str = "teacher_logprobs"  # optional per-token teacher log-probs
     teacher_tokens_key: str = "teacher_tokens"  # optional token strings for those
     teacher_offsets_key: str = "teacher_offsets"  # optional char offsets for those
+    # optional teacher token ids for the log-probs, in the teacher's own tokenizer (a
+    # public -Logprob set): decoded with data.teacher_tokenizer to character spans
+    teacher_token_ids_key: str = "teacher_token_ids"
+    teacher_tokenizer: str | None = None  # the tokenizer of teacher_token_ids (folder)
     system_prompt: str | None = None
     tokenizer: str | None = None  # tokenizer folder / shipped name; default: score.student
     max_length: int = 2048

@@ -40,12 +40,12 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from raydc.data.align import char_spans, token_pieces
 from raydc.eval.generation import (
     LocalEngine,
     ParquetSink,
     Request,
     Sampling,
-    char_spans,
     iter_samples,
     now,
     pick_key,
@@ -53,7 +53,6 @@ from raydc.eval.generation import (
     render_prompts,
     resolve_backend,
     stop_token_ids,
-    token_pieces,
     write_rejects,
 )
 from raydc.runtime import connect_ray

@@ -210,6 +210,7 @@ def resolve(cfg: RaydcConfig) -> RaydcConfig:
             cfg.data,
             path=resolve_path(cfg.data.path),
             tokenizer=resolve_model(cfg.data.tokenizer, models),
+            teacher_tokenizer=resolve_model(cfg.data.teacher_tokenizer, models),
         ),
         score=rep(
             cfg.score,
@@ -479,6 +480,8 @@ class Pipeline:
             "data_files": data_files,
             "tokenizer": path_fingerprint(tok, TOKENIZER_FILES),
         }
+        if cfg.data.teacher_tokenizer:
+            parts["teacher_tokenizer"] = path_fingerprint(cfg.data.teacher_tokenizer, TOKENIZER_FILES)
 
         def fn(out: Path) -> dict:
             from raydc.data.ingest import run_prepare
@@ -633,8 +636,10 @@ class Pipeline:
             models.append(("train.student", cfg.train.student))
         if cfg.data.tokenizer:
             models.append(("data.tokenizer", cfg.data.tokenizer))
+        if cfg.data.teacher_tokenizer and "prepare" in stages:
+            models.append(("data.teacher_tokenizer", cfg.data.teacher_tokenizer))
         for field, value in models:
-            _check_model(field, value, tokenizer_only=field == "data.tokenizer")
+            _check_model(field, value, tokenizer_only=field.startswith("data."))
         if cfg.score.teacher and Path(cfg.score.teacher).is_dir() and "score" in stages:
             _check_vocab("score.teacher", cfg.score.teacher)
         if "model" in stages and cfg.tune.enabled:

@@ -115,3 +115,68 @@ def offsets_from_strings(tokens: Sequence[str]) -> list[tuple[int, int]]:
         spans.append((pos, pos + len(t)))
         pos += len(t)
     return spans
+
+
+# ----------------------------------------------------------------------------- token ids to text
+
+
+def token_pieces(tokenizer, token_ids: Sequence[int], special: set[int]) -> tuple[str, list[str]]:
+    """The decoded text (special tokens skipped) and each token's piece of it.
+
+    ``"".join(pieces) == text``: a special token's piece is ``""``, and a byte-level token
+    that ends inside a multi-byte character gets ``""`` while the token completing the
+    character gets all of it. Decodes a sliding window per token (linear time) and checks
+    the result against the full decode, falling back to exact prefix decodes.
+    """
+    ids = [int(t) for t in token_ids]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    pieces = _pieces(tokenizer, ids, special, window=8)
+    if "".join(pieces) != text:
+        pieces = _pieces(tokenizer, ids, special, window=None)
+    if "".join(pieces) != text:
+        raise AlignmentError("token pieces do not concatenate to the decoded text")
+    return text, pieces
+
+
+def _pieces(tokenizer, ids: list[int], special: set[int], window: int | None) -> list[str]:
+    kept = [t for t in ids if t not in special]
+    pieces, k = [], 0  # k: index of the current token within `kept`
+    for t in ids:
+        if t in special:
+            pieces.append("")
+            continue
+        lo = 0 if window is None else max(0, k - window)
+        before = _stable(tokenizer.decode(kept[lo:k], skip_special_tokens=True)) if k > lo else ""
+        after = _stable(tokenizer.decode(kept[lo : k + 1], skip_special_tokens=True))
+        pieces.append(after[len(before) :] if after.startswith(before) else "\x00")
+        k += 1
+    # The last token may end mid-character: its bytes show up only in the full decode.
+    text = tokenizer.decode(kept, skip_special_tokens=True)
+    joined = "".join(pieces)
+    if pieces and text.startswith(joined) and len(text) > len(joined):
+        last = max(i for i, t in enumerate(ids) if t not in special)
+        pieces[last] += text[len(joined) :]
+    return pieces
+
+
+def _stable(s: str) -> str:
+    """Text without a trailing incomplete character (decoded as U+FFFD)."""
+    return s.rstrip("\ufffd")
+
+
+def char_spans(pieces: Sequence[str], token_ids: Sequence[int], special: set[int]):
+    """Character spans that keep every token's log-prob: like a fast tokenizer's offset
+    mapping, a byte token that ends inside a character (empty piece) gets the span of
+    the character it starts, ``(p, p + 1)`` where the next non-empty piece begins, so it
+    overlaps the token that completes the character. An aligner that sums the values of
+    the tokens *ending* inside a span then counts both. Special tokens keep their empty
+    span (the stop token's is ``(len, len)``: after the text)."""
+    spans = offsets_from_strings(pieces)
+    out = list(spans)
+    nxt = None  # start of the next non-empty piece, scanning backwards
+    for i in range(len(pieces) - 1, -1, -1):
+        if pieces[i]:
+            nxt = spans[i][0]
+        elif int(token_ids[i]) not in special and nxt is not None:
+            out[i] = (nxt, nxt + 1)
+    return out

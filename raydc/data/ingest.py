@@ -39,7 +39,13 @@ from raydc.artifacts import (
     write_json,
     write_parts,
 )
-from raydc.data.render import RowReject, parse_row, prepare_candidate, special_ids
+from raydc.data.render import (
+    RowReject,
+    parse_row,
+    prepare_candidate,
+    special_ids,
+    teacher_ids_to_offsets,
+)
 from raydc.data.schema import PREPARED_SCHEMA
 from raydc.runtime import connect_ray
 
@@ -181,6 +187,7 @@ def _decode_raw(raw: bytes) -> dict:
 def prepare_batch(batch: pa.Table, tokenizer: str, dcfg: DataConfig, parts_dir: str) -> pa.Table:
     """Raw rows -> prepared rows (PREPARED_SCHEMA); rejects and counts go to parts_dir."""
     tok, specials = _tokenizer(tokenizer)
+    teacher_tok = _tokenizer(dcfg.teacher_tokenizer) if dcfg.teacher_tokenizer else None
     good: list[dict] = []
     rejects: list[dict] = []
     stats = {
@@ -210,6 +217,8 @@ def prepare_batch(batch: pa.Table, tokenizer: str, dcfg: DataConfig, parts_dir: 
         for cand in cands:
             stats["rows_in"] += 1
             try:
+                if teacher_tok is not None:
+                    cand = teacher_ids_to_offsets(cand, *teacher_tok)
                 prep = prepare_candidate(tok, cand, dcfg, specials)
             except RowReject as e:
                 rejects.append({"row_id": cand.row_id, "field": e.field, "reason": e.reason})

@@ -21,9 +21,16 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from raydc.data.align import NAN, AlignmentError, align_turn, offsets_from_strings
+from raydc.data.align import (
+    NAN,
+    AlignmentError,
+    align_turn,
+    char_spans,
+    offsets_from_strings,
+    token_pieces,
+)
 from raydc.text import token_sentence_ids
 from raydc.weights import LOGPROB_POSITIVE_TOL
 
@@ -281,6 +288,19 @@ def _teacher_fields(row: dict, dcfg, k: int | None) -> dict | None:
             raise RowReject(
                 where, "logprobs_length", f"{len(lps)} log-probs for {len(tokens)} teacher tokens"
             )
+    token_ids = None
+    if tokens is None and offsets is None and dcfg.teacher_tokenizer:
+        token_ids = pick(dcfg.teacher_token_ids_key)
+    if token_ids is not None:
+        ik = dcfg.teacher_token_ids_key
+        if not isinstance(token_ids, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in token_ids
+        ):
+            raise RowReject(ik, "wrong_type", "expected a list of non-negative token ids")
+        if len(token_ids) != len(lps):
+            raise RowReject(
+                where, "logprobs_length", f"{len(lps)} log-probs for {len(token_ids)} token ids"
+            )
     elif offsets is not None:
         ok = dcfg.teacher_offsets_key
         try:
@@ -297,9 +317,60 @@ def _teacher_fields(row: dict, dcfg, k: int | None) -> dict | None:
         "logprobs": lps,
         "tokens": tokens,
         "offsets": offsets,
+        "token_ids": None if token_ids is None else [int(i) for i in token_ids],
         "field": where,
         "tokens_field": dcfg.teacher_tokens_key,
+        "token_ids_field": dcfg.teacher_token_ids_key,
     }
+
+
+def teacher_ids_to_offsets(cand: Candidate, teacher_tok, teacher_specials: set[int]) -> Candidate:
+    """Character spans, in the response, of a candidate's teacher token ids (given in the
+    teacher's own tokenizer, as public teacher-log-prob sets ship them).
+
+    The ids are decoded piece by piece (``raydc.data.align.token_pieces``); when the
+    decoded text is the response, each token's span is its piece's. Otherwise (a WordPiece
+    teacher's decode puts spaces between words) the ids must be the teacher tokenizer's own
+    encoding of the response, whose offset mapping then gives the spans. Special tokens
+    get the empty span where the next text starts (the end-of-turn token: the end), so
+    their log-probs are carried, not dropped. Anything else is a reject: the ids do not
+    spell this response."""
+    t = cand.teacher
+    if cand.error is not None or t is None or t.get("token_ids") is None:
+        return cand
+    ids, field = t["token_ids"], t["token_ids_field"]
+    text = cand.messages[-1]["content"]
+    try:
+        decoded, pieces = token_pieces(teacher_tok, ids, teacher_specials)
+    except AlignmentError:
+        decoded, pieces = None, None
+    if decoded == text:
+        spans = char_spans(pieces, ids, teacher_specials)
+    else:
+        enc = teacher_tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        body = [i for i in ids if i not in teacher_specials]
+        if list(enc["input_ids"]) != body:
+            shown = decoded if decoded is not None else ""
+            at = next(
+                (k for k, (a, b) in enumerate(zip(shown, text)) if a != b),
+                min(len(shown), len(text)),
+            )
+            raise RowReject(
+                field,
+                "teacher_tokens_mismatch",
+                f"the teacher token ids decode to text that differs from the response at "
+                f"character {at}, and are not the teacher tokenizer's encoding of it",
+            )
+        found = iter([(int(s), int(e)) for s, e in enc["offset_mapping"]])
+        spans = [None if i in teacher_specials else next(found) for i in ids]
+        nxt = len(text)
+        for k in range(len(spans) - 1, -1, -1):  # specials: empty, where the next text starts
+            if spans[k] is None:
+                spans[k] = (nxt, nxt)
+            else:
+                nxt = spans[k][0]
+    teacher = {**t, "offsets": spans, "token_ids": None}
+    return replace(cand, teacher=teacher)
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -443,8 +514,8 @@ def _given_teacher(cand: Candidate, text, spans, offsets, turns, T) -> list[floa
                 field,
                 "logprobs_length",
                 f"{len(lps)} log-probs, but the response has {len(loss_idx)} loss tokens "
-                f"({n_content} without end-of-turn); give teacher tokens or offsets for "
-                "another tokenizer",
+                f"({n_content} without end-of-turn); give teacher tokens, offsets, or token "
+                "ids with data.teacher_tokenizer for another tokenizer",
             )
         return out
     if len(spans) != 1:

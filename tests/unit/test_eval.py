@@ -9,14 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from raydc.config import ConfigError, from_dict
+from raydc.data.align import offsets_from_strings, token_pieces
 from raydc.eval.generation import (
-    offsets_of,
     pick_key,
     read_records,
     render_prompts,
     resolve_backend,
     stop_token_ids,
-    token_pieces,
 )
 from raydc.eval.report import format_metrics, pass_at_k, run_eval, summarize
 from raydc.models import load_tokenizer
@@ -61,7 +60,7 @@ def test_token_pieces_tile_the_decoded_text(name):
     assert decoded == tok.decode(ids, skip_special_tokens=True)
     assert "".join(pieces) == decoded and len(pieces) == len(ids)
     assert pieces[-1] == ""  # the stop token has no characters
-    offsets = offsets_of(pieces)
+    offsets = offsets_from_strings(pieces)
     assert all(decoded[s:e] == p for (s, e), p in zip(offsets, pieces))
     assert offsets[-1] == (len(decoded), len(decoded))
     # Each non-empty piece is what the token adds to the decode of the tokens before it.
@@ -168,7 +167,7 @@ def test_run_eval_rejects_bad_rows_before_starting_an_engine(tmp_path):
 
 
 def test_char_spans_keep_byte_tokens_on_their_character():
-    from raydc.eval.generation import char_spans
+    from raydc.data.align import char_spans
 
     tok = load_tokenizer("tiny-bpe")
     ids = tok("ab 😀!", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]

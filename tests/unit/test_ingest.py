@@ -314,3 +314,75 @@ def test_a_list_response_is_a_list_of_candidates():
     (plain,) = parse_row({"prompt": "1+1?", "response": "2"}, dcfg, "x:0")
     assert one.messages == plain.messages and one.prompt_id == plain.prompt_id
     assert one.row_id == "x:0"
+
+
+def _dasd_rows(teacher_tok, texts, seed=0):
+    """Rows shaped like DASD's public -Logprob set: a ``sample_uuid``, and the teacher's
+    ``token_ids`` and ``logprobs`` in the teacher's own tokenizer (its end-of-turn token
+    last), beside the prompt and response."""
+    import random
+
+    rng = random.Random(seed)
+    eot = teacher_tok.convert_tokens_to_ids("<|im_end|>")
+    rows = []
+    for k, text in enumerate(texts):
+        ids = teacher_tok(text, add_special_tokens=False)["input_ids"] + [eot]
+        lps = [-rng.uniform(0.01, 4.0) for _ in ids]
+        rows.append(
+            {
+                "sample_uuid": f"u{k}",
+                "prompt": "Q?",
+                "response": text,
+                "token_ids": ids,
+                "logprobs": lps,
+            }
+        )
+    return rows
+
+
+DASD_TEXTS = [
+    "Natalia sold 48/2 = 24 clips in May.\nShe sold 48+24 = 72 clips altogether.\n#### 72",
+    "It is 5.5. Done!\nYes: the answer is 12, not 13. Déjà vu: 3×4 = 12.",
+]
+
+
+@pytest.mark.parametrize("teacher", ["qwen2", "tiny-wordpiece"])
+def test_public_teacher_logprob_set_in_the_teachers_tokenizer(tmp_path, teacher):
+    """Teacher token ids + a teacher tokenizer (byte-level Qwen2, 151K tokens; or a
+    WordPiece one) onto the tiny-bpe student: every teacher log-prob lands on a student
+    loss token, the row sums agree, and ids that do not spell the response are rejected."""
+    from tests.conftest import QWEN2_TOKENIZER
+
+    path = QWEN2_TOKENIZER if teacher == "qwen2" else teacher
+    ttok = load_tokenizer(path)
+    rows = _dasd_rows(ttok, DASD_TEXTS)
+    wrong = dict(rows[0], sample_uuid="wrong", response="Natalia sold 50 clips.\n#### 50")
+    lines = [json.dumps(r).encode() for r in [*rows, wrong]]
+    dcfg = DataConfig(
+        id_key="sample_uuid",
+        teacher_logprobs_key="logprobs",
+        teacher_token_ids_key="token_ids",
+        teacher_tokenizer=path,
+    )
+    out = prepare_out_dir(tmp_path / "prep")
+    table = prepare_batch(_raw_table(lines), "tiny-bpe", dcfg, str(out / "_parts"))
+    totals, rejects = collect_parts(out, "prepare")
+    assert totals["rows_in"] == 3 and table.num_rows == 2
+    (rej,) = rejects.to_pylist()
+    assert (rej["row_id"], rej["field"]) == ("wrong", "token_ids")
+    assert rej["reason"].startswith("teacher_tokens_mismatch")
+    student = load_tokenizer("tiny-bpe")
+    for got, src in zip(table.to_pylist(), rows):
+        assert got["row_id"] == src["sample_uuid"]
+        s_ids = [t for t, m in zip(got["input_ids"], got["loss_mask"]) if m]
+        assert s_ids != src["token_ids"]  # genuinely another tokenization
+        on_loss = [v for v, m in zip(got["teacher_logprobs"], got["loss_mask"]) if m]
+        # Unknown (NaN) only where the teacher covers no character: whitespace a
+        # WordPiece teacher drops; byte-level Qwen2 covers every character.
+        for t, v in zip(s_ids[:-1], on_loss[:-1]):
+            assert not math.isnan(v) or (teacher != "qwen2" and not student.decode([t]).strip())
+        on_loss = [v for v in on_loss if not math.isnan(v)]
+        # The end-of-turn token carries the teacher's; the content carries the rest.
+        assert on_loss[-1] == pytest.approx(src["logprobs"][-1], abs=1e-6)
+        assert sum(on_loss) == pytest.approx(sum(src["logprobs"]), abs=1e-4)  # float32 store
+        assert student.decode(s_ids[:-1]) == src["response"]
