@@ -481,7 +481,9 @@ class Pipeline:
             "tokenizer": path_fingerprint(tok, TOKENIZER_FILES),
         }
         if cfg.data.teacher_tokenizer:
-            parts["teacher_tokenizer"] = path_fingerprint(cfg.data.teacher_tokenizer, TOKENIZER_FILES)
+            parts["teacher_tokenizer"] = path_fingerprint(
+                cfg.data.teacher_tokenizer, TOKENIZER_FILES
+            )
 
         def fn(out: Path) -> dict:
             from raydc.data.ingest import run_prepare

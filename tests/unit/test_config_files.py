@@ -213,3 +213,18 @@ def test_the_configuration_reference_documents_every_field():
     assert len(fields) > 80
     missing = [k for k in fields if f"| `{k}` |" not in doc]
     assert not missing, f"docs/configuration.md lacks {missing}: regenerate it"
+
+
+def test_the_dasd_recipe_configs_validate():
+    import re
+
+    import yaml
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "recipes" / "dasd.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", doc, re.S)
+    assert len(blocks) == 2
+    stage = from_dict(yaml.safe_load(blocks[0]))
+    assert stage.generate.enabled and stage.generate.temperature == 0.6
+    assert stage.select.enabled and stage.train.zero_stage == 3
+    public = from_dict(yaml.safe_load(blocks[1]))
+    assert public.data.teacher_token_ids_key == "token_ids" and public.data.teacher_tokenizer
