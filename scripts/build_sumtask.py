@@ -1,37 +1,42 @@
-"""Build a task and a trained tiny teacher/student pair for it (the candidate for the
-embedded default that shows a student getting better; issue 15).
+"""Build the embedded default's task, its trained tiny teacher and student, and the traces.
 
-    python scripts/build_sumtask.py --out /tmp/sumtask               # models + traces
-    python scripts/build_sumtask.py --out /tmp/sumtask --only data   # re-sample the traces
+    python scripts/build_sumtask.py --out raydc/assets/sumtask                # everything
+    python scripts/build_sumtask.py --out raydc/assets/sumtask --only data    # re-sample
 
-The task is a running value mod 10 over a labelled digit list, two operations:
+The task is a running sum mod 10 over a list of codes, each worth a digit (40 codes of
+three letters, values fixed by a seed):
 
-    prompt    Sum mod 10: a3 b9 c4        Diff mod 10: a3 b9 c4
-    response  a3=3                        a3=3
-              b9=2                        b9=4
-              c4=6                        c4=0
-              #### 6                      #### 0
+    prompt    Sum mod 10: sus sux jev
+    response  sus0=0
+              sux9=9
+              jev5=4
+              #### 4
 
-one scratchpad line per item, the answer after ``####`` (the stock ``gsm8k`` grader reads
-it). Both models are Qwen2 shapes with the shipped ``tiny-bpe`` tokenizer, trained from
+one scratchpad line per code (the code, its value, the sum so far), the answer after
+``####`` (the stock ``gsm8k`` grader reads it). Both models are the built-in tiny Qwen2
+shapes (raydc.models.TINY_SIZES) with the shipped ``tiny-bpe`` tokenizer, trained from
 scratch on fresh problems in the chat format prepare renders (loss on the answer and its
 end-of-turn token, as in raydc's trainer), saved as float16 and measured as saved:
 
-- the teacher (192 x 3, the built-in teacher size) on both operations;
-- the student (128 x 2) on ``Sum`` only: the skill the teacher has and the student lacks.
+- the teacher (192 x 3) on lists of all 40 codes: it knows every value;
+- the student (128 x 2) on lists of the first 24 codes only: it has the algorithm, and has
+  never seen the other 16 codes. The teacher knows something the student does not, and
+  training on the teacher's traces can teach it.
 
-Then the data: ``train.jsonl`` holds 2 teacher samples at T=1 per training problem (the
-candidates DASD selection chooses between) plus 2 malformed rows that prepare rejects;
-``eval.jsonl`` holds held-out problems with their gold solution. ``models/TRAINING.json``
-records the settings, the time taken and the greedy accuracy per operation and length.
+Then the data: ``train.jsonl`` holds 2 teacher samples at T=1 for each of 400 training
+problems over all codes (the candidates DASD selection chooses between) plus 2 malformed
+rows that prepare rejects; ``eval.jsonl`` holds 64 held-out problems with their gold
+solution. ``models/TRAINING.json`` records the settings, the time taken, the greedy accuracy
+per list length (on lists of known codes, and on lists holding a new one) and the code
+table. Problems come from seeded generators, so a rebuild repeats on one machine (CPU
+kernels may differ across machines in the last bits).
 
-Measured on the 2-core development machine (2026-12-04): the teacher, 1,000 steps in
-489 s, solves both operations at every length 2-8 (0.98-1.00); the student, 800 steps in
-222 s, solves ``Sum`` (0.94-1.00) and not ``Diff`` (0.10-0.32). Fine-tuning that student on
-the teacher's traces within the default run's budget (<= 100 steps of ~54 traces) did not
-teach it ``Diff`` (lr 3e-4: 0.51 -> 0.51 pass@1 over both operations; lr 1e-3 broke
-``Sum``), so this pair is not the default yet (issue 15's closing notes say what was
-tried and what to try next).
+What was tried before this task (2026-12-04, 2 cores), so nobody repeats it: a running
+sum/difference task where the student knew only the sum did not learn the difference
+within the default's budget (<= 100 steps of ~54 traces: 0.51 -> 0.51 pass@1 at lr 3e-4;
+lr 1e-3 broke the sum), and an early-stopped student of the same task gained at most 0.11
+in 100 steps: an algorithmic skill is learned too slowly by these tiny models. A missing
+fact table is learned in tens of steps (a pilot: 0.23 -> 0.68 in 60 steps at lr 1e-3).
 """
 
 from __future__ import annotations
@@ -49,54 +54,55 @@ import torch
 
 from raydc.models import build_tiny_model, load_tokenizer
 
-LABELS = "abcdefghijklmnop"
-
-TEACHER = {
-    "ops": ("sum", "diff"),
-    "lengths": (2, 8),
-    "steps": 1000,
-    "lr": 2e-3,
-    "batch": 64,
-    "seed": 1,
-}
-STUDENT = {"ops": ("sum",), "lengths": (2, 8), "steps": 800, "lr": 2e-3, "batch": 64, "seed": 2}
-DATA = {"train_problems": 120, "samples": 2, "temperature": 1.0, "eval_problems": 64, "seed": 3}
+# The world: 40 three-letter codes, each worth a digit. The student was trained where only
+# the first 24 exist; the teacher knows all 40.
+CODE_SEED, N_CODES, N_KNOWN = 11, 40, 24
+TEACHER = {"pool": "all", "lengths": (2, 6), "steps": 700, "lr": 2e-3, "batch": 64, "seed": 1}
+STUDENT = {"pool": "known", "lengths": (2, 6), "steps": 800, "lr": 2e-3, "batch": 64, "seed": 2}
+DATA = {"train_problems": 400, "samples": 2, "temperature": 1.0, "eval_problems": 64, "seed": 3}
 
 
-# ----------------------------------------------------------------------------- the task
+def make_codes() -> dict[str, int]:
+    """The codes and their values, in a fixed order (the first N_KNOWN are the student's)."""
+    rng = random.Random(CODE_SEED)
+    consonants = "bcdfghjklmnpqrstvwxz"
+    codes: dict[str, int] = {}
+    while len(codes) < N_CODES:
+        c = rng.choice(consonants) + rng.choice("aeiou") + rng.choice(consonants)
+        if c not in codes:
+            codes[c] = -1
+    return {c: rng.randrange(10) for c in codes}
 
 
-OPS = {"sum": "Sum", "diff": "Diff"}
+VALUES = make_codes()
+POOLS = {"all": list(VALUES), "known": list(VALUES)[:N_KNOWN], "new": list(VALUES)[N_KNOWN:]}
 
 
 @dataclass(frozen=True)
 class Problem:
-    op: str  # sum: s = s + d; diff: s = s - d (from the first digit), both mod 10
-    digits: tuple[int, ...]
+    codes: tuple[str, ...]
 
 
-def make_problem(rng: random.Random, lengths: tuple[int, int], ops=("sum",)) -> Problem:
-    op = ops[rng.randrange(len(ops))]
-    return Problem(op, tuple(rng.randrange(10) for _ in range(rng.randint(*lengths))))
+def make_problem(rng: random.Random, lengths: tuple[int, int], pool: str = "all") -> Problem:
+    return Problem(tuple(rng.choice(POOLS[pool]) for _ in range(rng.randint(*lengths))))
 
 
 def prompt_text(p: Problem) -> str:
-    return f"{OPS[p.op]} mod 10: " + " ".join(f"{LABELS[i]}{d}" for i, d in enumerate(p.digits))
+    return "Sum mod 10: " + " ".join(p.codes)
 
 
 def running(p: Problem) -> list[int]:
     out, s = [], 0
-    for i, d in enumerate(p.digits):
-        s = d if i == 0 else (s + d if p.op == "sum" else s - d) % 10
+    for c in p.codes:
+        s = (s + VALUES[c]) % 10
         out.append(s)
     return out
 
 
 def solution(p: Problem) -> str:
-    """One line per item: its label and digit, then the running value (``b9=2``)."""
-    states = running(p)
-    lines = [f"{LABELS[i]}{d}={s}" for i, (d, s) in enumerate(zip(p.digits, states))]
-    return "\n".join(lines) + f"\n#### {states[-1]}"
+    """One line per code: the code, its value, the running sum (``jev5=4``)."""
+    lines = [f"{c}{VALUES[c]}={s}" for c, s in zip(p.codes, running(p))]
+    return "\n".join(lines) + f"\n#### {running(p)[-1]}"
 
 
 def answer(p: Problem) -> int:
@@ -173,7 +179,7 @@ def train_model(role: str, spec: dict, out: Path, log) -> dict:
     for step in range(steps):
         pairs = []
         for _ in range(spec["batch"]):
-            prob = make_problem(rng, spec["lengths"], spec["ops"])
+            prob = make_problem(rng, spec["lengths"], spec["pool"])
             pairs.append(enc.pair(prompt_text(prob), solution(prob)))
         ids, attn, labels = batch_tensors(pairs, tok.pad_token_id)
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
@@ -189,7 +195,7 @@ def train_model(role: str, spec: dict, out: Path, log) -> dict:
             probe = out.parent / f"{role}-step{step + 1}"
             model.save_pretrained(probe, safe_serialization=True)
             tok.save_pretrained(probe)
-            acc = accuracy_by_length(model, tok, spec["lengths"], TEACHER["ops"], 30, seed=98)
+            acc = accuracy_by_length(model, tok, spec["lengths"], 30, seed=98)
             log(f"{role} step {step + 1}: {acc} mean {sum(acc.values()) / len(acc):.3f}")
             model.train()
     seconds = time.time() - t0
@@ -198,7 +204,7 @@ def train_model(role: str, spec: dict, out: Path, log) -> dict:
     model.eval().half().save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    acc = accuracy_by_length(model, tok, spec["lengths"], TEACHER["ops"], per_length=50, seed=99)
+    acc = accuracy_by_length(model, tok, spec["lengths"], per_length=50, seed=99)
     log(f"{role}: greedy accuracy by length {acc}")
     return {**spec, "seconds": round(seconds, 1), "greedy_accuracy_by_length": acc}
 
@@ -241,17 +247,24 @@ def graded(response: str, p: Problem) -> bool:
     return "####" in response and bool(tail) and tail[0] == str(answer(p))
 
 
-def accuracy_by_length(model, tok, lengths, ops, per_length: int, seed: int) -> dict[str, float]:
-    """Greedy accuracy per operation and list length (``sum/5``)."""
+def accuracy_by_length(model, tok, lengths, per_length: int, seed: int) -> dict[str, float]:
+    """Greedy accuracy per list length on lists of known codes only (``known/4``) and on
+    lists holding at least one new code (``new/4``)."""
     rng = random.Random(seed)
     acc = {}
-    for op in ops:
+    for group in ("known", "new"):
         for n in range(lengths[0], lengths[1] + 1):
-            probs = [
-                Problem(op, tuple(rng.randrange(10) for _ in range(n))) for _ in range(per_length)
-            ]
+            probs = []
+            while len(probs) < per_length:
+                p = Problem(
+                    tuple(
+                        rng.choice(POOLS["known" if group == "known" else "all"]) for _ in range(n)
+                    )
+                )
+                if group == "known" or any(c in POOLS["new"] for c in p.codes):
+                    probs.append(p)
             responses = generate(model, tok, [prompt_text(p) for p in probs], 0.0, seed)
-            acc[f"{op}/{n}"] = round(sum(map(graded, responses, probs)) / per_length, 3)
+            acc[f"{group}/{n}"] = round(sum(map(graded, responses, probs)) / per_length, 3)
     return acc
 
 
@@ -270,7 +283,7 @@ def write_data(out: Path, log) -> dict:
     def fresh(k: int) -> list[Problem]:
         got = []
         while len(got) < k:
-            p = make_problem(rng, TEACHER["lengths"], TEACHER["ops"])
+            p = make_problem(rng, TEACHER["lengths"], "all")
             if p not in seen:
                 seen.add(p)
                 got.append(p)
@@ -329,6 +342,7 @@ def main() -> None:
             record_path.write_text(json.dumps(record, indent=2) + "\n")
     if args.only in (None, "data"):
         record["data"] = write_data(out, log)
+    record["codes"] = {"values": VALUES, "known_to_student": POOLS["known"]}
     record["script"] = "scripts/build_sumtask.py"
     record["torch"] = torch.__version__
     record_path.write_text(json.dumps(record, indent=2) + "\n")

@@ -617,7 +617,11 @@ def run_score(cfg, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike) 
         "teacher_carried_tokens": int(totals.get("teacher_carried_tokens", 0)),
         "reasons": reason_counts(rejects),
         "engines": engines,  # start-up (mean per engine) apart from busy scoring time
-        "store_bytes_per_token": _per_token(on_disk, int(totals_in.get("tokens", 0))),
+        "store_bytes_per_token": _per_token(
+            on_disk,
+            int(totals_in.get("tokens", 0)),
+            sum(os.path.getsize(f) for f in data_files(out)),
+        ),
         "seconds": round(time.time() - t0, 3),
     }
     if summary["rows_in"] != rows_out + rejects.num_rows or totals_in.get("rows_out") != rows_out:
@@ -701,12 +705,14 @@ def store_info(scfg) -> dict:
     }
 
 
-def _per_token(on_disk: dict[str, int], tokens: int) -> dict[str, float]:
-    """Bytes per scored token, per column and in all (``total``)."""
+def _per_token(on_disk: dict[str, int], tokens: int, file_bytes: int) -> dict[str, float]:
+    """Bytes per scored token: per column (compressed chunks), the files' footers and page
+    headers (``metadata``), and the whole files (``total``)."""
     if not tokens:
         return {}
     per = {k: round(v / tokens, 3) for k, v in sorted(on_disk.items())}
-    return {**per, "total": round(sum(on_disk.values()) / tokens, 3)}
+    meta = max(0, file_bytes - sum(on_disk.values()))
+    return {**per, "metadata": round(meta / tokens, 3), "total": round(file_bytes / tokens, 3)}
 
 
 def _weight_diagnostics(files: list[str], wcfg) -> dict:

@@ -3,9 +3,11 @@ token authentication on, as Ray 2.60 defaults), ``ray job submit --working-dir <
 python jobs/distill.py`` with the embedded default config, wait, check the job succeeded
 and wrote every stage's output and the summary, stop the cluster.
 
-The run is the default example (all 242 rows, vLLM scoring of student and teacher, DASD
-selection, DeepSpeed training on 2 CPU workers, vLLM eval) with fewer training steps and
-eval prompts: the expensive test of the suite, kept as small as stays honest.
+The run is the default example (all 802 rows, vLLM scoring of the shipped student and
+teacher, DASD selection, DeepSpeed training on 2 CPU workers, vLLM eval of the student
+before and after) with fewer training steps and eval prompts: the expensive test of the
+suite, kept as small as stays honest. What the full default reaches is measured by running
+it (docs/quickstart.md), not asserted here.
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ def test_default_job_via_ray_job_submit_on_a_token_auth_cluster(tmp_path):
                 "train.log_every=2",
                 "train.checkpoint_every=4",
                 "eval.num_prompts=8",
-                "eval.max_new_tokens=32",
             ],
             timeout=1200,
         )
@@ -65,17 +66,19 @@ def test_default_job_via_ray_job_submit_on_a_token_auth_cluster(tmp_path):
     print(f"the default job printed {len(logs.splitlines())} lines")
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["rows"] == {"rows_in": 242, "rows_out": 240, "rows_rejected": 2}
+    assert summary["rows"] == {"rows_in": 802, "rows_out": 800, "rows_rejected": 2}
     assert set(summary["stages"]) == {"prepare", "score", "select", "train", "eval"}
     assert not any(st["reused"] for st in summary["stages"].values())
-    assert summary["scored_rows"] == 240
-    assert summary["selected_rows"] == 120  # top 1 of the 2 candidates of each problem
+    assert summary["scored_rows"] == 800
+    assert summary["selected_rows"] == 400  # top 1 of the 2 candidates of each problem
     assert summary["scoring_tokens_per_s"] > 0 and summary["training_tokens_per_s"] > 0
     assert summary["train_metrics"]["step"] == 4
     assert summary["train_metrics"]["weight_ess"] > 0  # the weights' ESS reaches the summary
     assert (Path(summary["model_dir"]) / "config.json").is_file()
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert metrics["prompts"] == 8 and 0.0 <= metrics["pass@1"] <= 1.0
+    assert 0.0 <= metrics["initial_pass@1"] <= 1.0  # the shipped student before training
+    assert summary["eval_metrics"]["initial_pass@1"] == metrics["initial_pass@1"]
     for stage in summary["stages"]:
         assert (out / stage / "_raydc_stage.json").is_file(), stage
     assert (out / "score" / "manifest.json").is_file()
