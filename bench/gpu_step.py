@@ -62,7 +62,7 @@ def packed_batch(tokens: int, vocab: int, seed: int = 0):
     import numpy as np
     import pyarrow as pa
 
-    from raydc.train.data import RowBlock, collate
+    from raydc.train.batch import RowBlock, collate
 
     rng = np.random.default_rng(seed)
     lens, left = [], tokens

@@ -19,7 +19,7 @@ as contended):
   with 1, 2 and 4 workers for 2 steps: time to the first step, peak RSS per worker, bytes
   read per worker (the data plane's count of Parquet column chunks and /proc rchar).
 - ``fingerprint``: seconds per GB of weights, hashing every byte (the old identity check)
-  against ``raydc.models.fingerprint``.
+  against ``raydc.artifacts.fingerprint_paths``.
 
     python bench/long_traces.py --out bench/results/long_traces.json
 """
@@ -89,7 +89,7 @@ def write_scored(model_dir: str, out: Path, lengths, seed: int = 0, row_group_si
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raydc.models import fingerprint
+    from raydc.artifacts import fingerprint_paths
 
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +122,7 @@ def write_scored(model_dir: str, out: Path, lengths, seed: int = 0, row_group_si
             }
         )
         pq.write_table(table, out / f"part-{f:05d}.parquet", row_group_size=row_group_size)
-    manifest = {"student": {"path": model_dir, "fingerprint": fingerprint(model_dir)}}
+    manifest = {"student": {"path": model_dir, "fingerprint": fingerprint_paths(model_dir)}}
     (out / "manifest.json").write_text(json.dumps(manifest))
     return str(out)
 
@@ -138,53 +138,25 @@ def lognormal_lengths(n: int, lo: int, hi: int, seed: int = 0):
 # ----------------------------------------------------------------------------- load
 
 
-def _busy_jiffies() -> int:
-    with open("/proc/stat") as f:
-        parts = f.readline().split()[1:]
-    vals = list(map(int, parts))
-    return sum(vals) - vals[3] - vals[4]  # minus idle and iowait
-
-
-def _tree_jiffies(root: int) -> int:
-    """CPU jiffies of ``root`` and every process below it (live ones)."""
-    parents, ticks = {}, {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(d)] = int(fields[1])
-        ticks[int(d)] = int(fields[11]) + int(fields[12])
-    tree, frontier = {root}, [root]
-    while frontier:
-        p = frontier.pop()
-        kids = [c for c, pp in parents.items() if pp == p and c not in tree]
-        tree.update(kids)
-        frontier.extend(kids)
-    return sum(ticks.get(p, 0) for p in tree)
-
-
 def run_arm(argv: list[str], retries: int, max_foreign: float, timeout: int) -> dict:
     """Run ``child argv`` in a fresh process; foreign CPU share = (machine busy - the
     child's tree) / wall / cores, sampled each second."""
-    cores = os.cpu_count() or 1
+    from raydc.quality.machine import TreeCPU
+
     result = {}
     for attempt in range(retries + 1):
         with tempfile.NamedTemporaryFile("r", suffix=".json") as res:
-            t0, busy0 = time.time(), _busy_jiffies()
+            t0 = time.time()
             proc = subprocess.Popen([sys.executable, __file__, "child", res.name, *argv])
-            own_max = 0
+            tree = TreeCPU(proc.pid)
             while proc.poll() is None:
-                own_max = max(own_max, _tree_jiffies(proc.pid))
+                tree.poll()
                 time.sleep(1.0)
                 if time.time() - t0 > timeout:
                     proc.kill()
                     break
             wall = time.time() - t0
-            foreign = max(0.0, (_busy_jiffies() - busy0 - own_max) / 100 / wall / cores)
+            foreign = tree.foreign_share(wall)
             text = Path(res.name).read_text()
         result = json.loads(text) if text else {"error": f"exit {proc.returncode}"}
         result.update(
@@ -365,7 +337,7 @@ def arm_scale(work: str, rows: int, workers: int) -> dict:
 def arm_fingerprint(work: str) -> dict:
     import hashlib
 
-    from raydc.models import fingerprint
+    from raydc.artifacts import fingerprint_paths
 
     folder = Path(work) / "fp_model"
     size = 1 << 30
@@ -390,7 +362,7 @@ def arm_fingerprint(work: str) -> dict:
 
     gb = sum(f.stat().st_size for f in folder.iterdir()) / 1e9
     out = {"gb": gb}
-    for name, fn in (("every_byte", every_byte), ("raydc", fingerprint)):
+    for name, fn in (("every_byte", every_byte), ("raydc", fingerprint_paths)):
         fn(folder)  # warm the page cache: the figures are warm reads
         t0 = time.perf_counter()
         for _ in range(3):

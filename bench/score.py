@@ -106,7 +106,7 @@ def arm_raydc(a) -> dict:
     ray_init()
     cfg = from_dict(
         {
-            "score": {"student": a.model, "backend": "vllm", **engine_settings(a.max_len)},
+            "score": {"student": a.model, "backend": "vllm", "engine": engine_settings(a.max_len)},
             "weights": {"preset": "dft"},
         }
     )
@@ -128,11 +128,12 @@ def arm_raydc(a) -> dict:
 def arm_raydc_actor(a) -> dict:
     import ray
 
-    from raydc.config import ScoreConfig
-    from raydc.scoring.score_stage import StudentScorer, _engine_args
+    from raydc.config import ScoreConfig, VLLMEngineConfig
+    from raydc.scoring.engines import StudentScorer
 
     ray_init()
-    scfg = ScoreConfig(student=a.model, backend="vllm", **engine_settings(a.max_len))
+    engine = VLLMEngineConfig(**engine_settings(a.max_len))
+    scfg = ScoreConfig(student=a.model, backend="vllm", engine=engine)
     t0 = time.perf_counter()
     parts = Path(a.work) / "actor_parts"
     parts.mkdir(exist_ok=True)
@@ -140,7 +141,7 @@ def arm_raydc_actor(a) -> dict:
     ds = ds.map_batches(
         StudentScorer,
         fn_constructor_kwargs=dict(model=a.model, score_cfg=scfg, parts_dir=str(parts)),
-        **_engine_args(scfg),
+        **engine.actor_pool_args(),
     )
     n = sum(
         sum(len(x) for x in b["student_logprobs"]) for b in ds.iter_batches(batch_format="pyarrow")
@@ -201,12 +202,12 @@ def arm_raydata_llm(a) -> dict:
 
 
 def arm_vllm(a) -> dict:
-    from raydc.config import ScoreConfig
+    from raydc.config import VLLMEngineConfig
     from raydc.scoring.vllm_backend import VLLMScorer
 
     rows = _ids(a)
     t0 = time.perf_counter()
-    scorer = VLLMScorer(a.model, ScoreConfig(**engine_settings(a.max_len)))
+    scorer = VLLMScorer(a.model, VLLMEngineConfig(**engine_settings(a.max_len)))
     startup = time.perf_counter() - t0
     t1 = time.perf_counter()
     out = scorer.score(rows)
@@ -222,13 +223,13 @@ def arm_vllm(a) -> dict:
 def arm_hf(a) -> dict:
     import torch
 
-    from raydc.config import ScoreConfig
+    from raydc.config import VLLMEngineConfig
     from raydc.scoring.hf import TransformersScorer
 
     torch.set_num_threads(2)
     rows = _ids(a)
     t0 = time.perf_counter()
-    scorer = TransformersScorer(a.model, ScoreConfig(**engine_settings(a.max_len)))
+    scorer = TransformersScorer(a.model, VLLMEngineConfig(**engine_settings(a.max_len)))
     startup = time.perf_counter() - t0
     t1 = time.perf_counter()
     out = scorer.score(rows)
@@ -244,15 +245,9 @@ def arm_hf(a) -> dict:
 # ----------------------------------------------------------------------------- harness
 
 
-def _busy_jiffies() -> int:
-    with open("/proc/stat") as fh:
-        parts = [int(x) for x in fh.readline().split()[1:]]
-    return sum(parts) - parts[3] - parts[4]  # minus idle and iowait
-
-
 def run_arm(arm: str, model: str, work: str, rows: int, max_len: int) -> dict:
     """Run one arm in a child process; poll its tree's RSS and the machine's load."""
-    import psutil
+    from raydc.quality.machine import TreeCPU
 
     cmd = [
         sys.executable,
@@ -268,27 +263,18 @@ def run_arm(arm: str, model: str, work: str, rows: int, max_len: int) -> dict:
         "--max-len",
         str(max_len),
     ]
-    load0, busy0, t0 = os.getloadavg(), _busy_jiffies(), time.time()
+    load0, t0 = os.getloadavg(), time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak, ours = [0], {}
+    tree = TreeCPU(proc.pid)
+    peak = [0]
     stop = threading.Event()
 
     def poll():
-        root = psutil.Process(proc.pid)
         while not stop.is_set():
-            try:
-                procs = [root, *root.children(recursive=True)]
-            except psutil.NoSuchProcess:
+            live = tree.poll()
+            if not live:
                 break
-            rss = 0
-            for p in procs:
-                try:
-                    rss += p.memory_info().rss
-                    c = p.cpu_times()
-                    ours[p.pid] = c.user + c.system
-                except psutil.Error:
-                    pass
-            peak[0] = max(peak[0], rss)
+            peak[0] = max(peak[0], sum(p.rss_bytes for p in live.values()))
             stop.wait(0.25)
 
     th = threading.Thread(target=poll, daemon=True)
@@ -297,10 +283,7 @@ def run_arm(arm: str, model: str, work: str, rows: int, max_len: int) -> dict:
     stop.set()
     th.join()
     wall = time.time() - t0
-    hz = os.sysconf("SC_CLK_TCK")
-    busy = (_busy_jiffies() - busy0) / hz
-    ncpu = os.cpu_count() or 1
-    foreign = max(0.0, busy - sum(ours.values())) / (wall * ncpu)
+    foreign = tree.foreign_share(wall)
     result = Path(work) / f"result-{arm}.json"
     if proc.returncode != 0 or not result.exists():
         return {"arm": arm, "error": err[-3000:]}

@@ -95,7 +95,7 @@ def write_scored(model_dir: str, out: Path) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raydc.models import fingerprint
+    from raydc.artifacts import fingerprint_paths
 
     ids = make_rows(BATCH * 8)
     n = ids.shape[0]
@@ -123,7 +123,7 @@ def write_scored(model_dir: str, out: Path) -> str:
     (out / "manifest.json").write_text(
         json.dumps(
             {
-                "student": {"path": model_dir, "fingerprint": fingerprint(model_dir)},
+                "student": {"path": model_dir, "fingerprint": fingerprint_paths(model_dir)},
                 "counts": {"rows_out": n},
             }
         )
@@ -309,26 +309,15 @@ def arm_raydc(model_dir: str, scored: str, preset: str) -> dict:
 
 def _cpu_by_process() -> dict[int, tuple[str, float]]:
     """pid -> (name, user + system CPU seconds) of every process on the machine."""
-    hz = os.sysconf("SC_CLK_TCK")
+    from raydc.quality.machine import HZ, cmdline, processes
+
     out = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+    for pid, p in processes().items():
+        name = p.comm
         if name.startswith("python"):  # which script: this benchmark's parent, its child...
-            try:
-                with open(f"/proc/{pid}/cmdline") as f:
-                    argv = f.read().split("\0")
-                name = " ".join([Path(argv[1]).name, *argv[2:3]]) if len(argv) > 1 else name
-            except OSError:
-                pass
-        fields = stat[stat.rindex(")") + 2 :].split()
-        out[int(pid)] = (name, (int(fields[11]) + int(fields[12])) / hz)
+            argv = cmdline(pid)
+            name = " ".join([Path(argv[1]).name, *argv[2:3]]) if len(argv) > 1 else name
+        out[pid] = (name, p.ticks / HZ)
     return out
 
 
@@ -392,11 +381,11 @@ def _same_window_loop(config: dict) -> None:
     import numpy as np
     import ray.train
 
-    from raydc.train.loop import _Worker
+    from raydc.train.loop import Worker
     from raydc.weights import preset
 
-    w = _Worker(config)
-    w._plan_epoch()
+    w = Worker(config)
+    w.plan_current_epoch()
     bare = _BareArm(config["student"])
     plain_step = _plain_stepper(config["student"])
     wcs = {"sft": preset("sft"), "discord": preset("discord")}
@@ -554,49 +543,30 @@ def arm_memory(variant: str) -> dict:
 # ----------------------------------------------------------------------------- harness
 
 
-def _busy_jiffies() -> int:
-    with open("/proc/stat") as f:
-        parts = f.readline().split()[1:]
-    user, nice, system, idle, iowait, irq, softirq, steal = map(int, parts[:8])
-    return user + nice + system + irq + softirq + steal
-
-
 def run_arm(argv: list[str], retries: int, max_foreign: float) -> dict:
     """Run one arm in a fresh process; measure foreign CPU while it runs; rerun if loaded."""
-    import psutil
+    from raydc.quality.machine import HZ, TreeCPU, cmdline
 
-    hz = os.sysconf("SC_CLK_TCK")
-    ncpu = os.cpu_count() or 1
     attempts = []
     for attempt in range(retries + 1):
         load_before = open("/proc/loadavg").read().split()[:3]
-        busy0, t0 = _busy_jiffies(), time.time()
+        t0 = time.time()
         proc = subprocess.Popen(
             [sys.executable, __file__, "--child", *argv],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        own: dict[int, float] = {}
+        tree = TreeCPU(proc.pid)
         names: dict[int, str] = {}
-        root = psutil.Process(proc.pid)
         while proc.poll() is None:
-            try:
-                for p in [root, *root.children(recursive=True)]:
-                    try:
-                        ct = p.cpu_times()
-                        own[p.pid] = ct.user + ct.system
-                        # Read each time: a Ray actor retitles its process after start.
-                        names[p.pid] = (p.cmdline() or [p.name()])[0].split("/")[-1][:40]
-                    except psutil.Error:
-                        pass
-            except psutil.Error:
-                pass
+            for pid, p in tree.poll().items():
+                # Read each time: a Ray actor retitles its process after start.
+                names[pid] = (cmdline(pid) or [p.comm])[0].split("/")[-1][:40]
             time.sleep(0.5)
         out, err = proc.communicate()
         wall = time.time() - t0
-        busy = (_busy_jiffies() - busy0) / hz
-        foreign = max(0.0, busy - sum(own.values())) / (wall * ncpu)
+        foreign = tree.foreign_share(wall)
         result_lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not result_lines:
             # Record the failure and go on: one broken arm must not lose the others.
@@ -609,9 +579,9 @@ def run_arm(argv: list[str], retries: int, max_foreign: float) -> dict:
         res = json.loads(result_lines[-1][7:])
         # CPU seconds of the arm's own processes by name (Ray's actors and daemons included).
         by_name: dict[str, float] = {}
-        for pid, cpu in own.items():
+        for pid, ticks in tree.ticks_by_pid.items():
             name = names.get(pid, "?")
-            by_name[name] = by_name.get(name, 0.0) + cpu
+            by_name[name] = by_name.get(name, 0.0) + ticks / HZ
         res["own_cpu_s"] = dict(
             sorted(((k, round(v, 1)) for k, v in by_name.items()), key=lambda kv: -kv[1])[:8]
         )

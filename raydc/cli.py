@@ -1,6 +1,6 @@
 """The ``raydc`` command line: the job's stages one by one.
 
-    raydc prepare|score|select|train|tune|eval [--config FILE] [key=value ...]
+    raydc prepare|score|select|train|tune|eval [--config FILE] [--stage NAME] [key=value ...]
     raydc run    [--config FILE] [key=value ...]    # the whole job (= jobs/distill.py)
     raydc config [--config FILE] [key=value ...]    # print the validated config
 
@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-STAGES = ("generate", "prepare", "score", "select", "train", "tune", "eval")
+STAGES = ("generate", "mixed_policy", "prepare", "score", "select", "train", "tune", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
         "generate": "sample teacher traces with their log-probs (vLLM) for generate.prompts",
+        "mixed_policy": "mixed-policy traces: student prefixes continued by the teacher",
         "prepare": "read and tokenize the traces (rejects with reasons)",
         "score": "score teacher tokens under the student (and teacher) with vLLM",
         "select": "DASD divergence-aware top-k selection per prompt",
@@ -57,6 +58,12 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
         "--address",
         default=None,
         help="Ray cluster to join (sets run.ray_address): auto, host:port, ray://...",
+    )
+    p.add_argument(
+        "--stage",
+        default=None,
+        help="in a staged run (stages: in the config), run the command in this stage "
+        "(the stages before it run or are reused first)",
     )
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4"
@@ -96,11 +103,14 @@ def execute(command: str, args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         return 0
 
-    from raydc.pipeline import Pipeline, StageError
+    from raydc.artifacts import StageError
+    from raydc.pipeline import Pipeline
     from raydc.summary import format_summary, summarize_run
 
     try:
         pipe = Pipeline(cfg)
+        if args.stage:
+            pipe = pipe.stage_pipeline(args.stage)
         if command == "run":
             pipe.run_all()
         else:

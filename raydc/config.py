@@ -7,8 +7,9 @@ e.g. ``train.lr=-1: must be > 0``. Ray Tune's search space names the same dotted
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import types
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,23 +17,14 @@ from typing import Any
 
 import yaml
 
+from raydc.config_engines import (
+    EvalConfig,
+    GenerateConfig,
+    MixedPolicyConfig,
+    VLLMEngineConfig,
+)
+from raydc.config_tree import ConfigError, build, choice, parse_override, positive, set_dotted
 from raydc.weights import WeightConfig, WeightConfigError, preset
-
-
-class ConfigError(ValueError):
-    """An invalid configuration value; the message names the dotted field."""
-
-
-def _positive(path: str, value, strict: bool = True) -> None:
-    if value is None:
-        return
-    if (strict and value <= 0) or (not strict and value < 0):
-        raise ConfigError(f"{path}={value!r}: must be {'> 0' if strict else '>= 0'}")
-
-
-def _choice(path: str, value, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"{path}={value!r}: must be one of {list(choices)}")
 
 
 @dataclass
@@ -54,6 +46,15 @@ class DataConfig:
     # public -Logprob set): decoded with data.teacher_tokenizer to character spans
     teacher_token_ids_key: str = "teacher_token_ids"
     teacher_tokenizer: str | None = None  # the tokenizer of teacher_token_ids (folder)
+    # Teacher ids and log-probs in a file of their own (a public -Logprob set), joined to
+    # the traces by join_key (Ray Data's hash join); a trace without a match is rejected
+    teacher_logprobs_path: str | None = None
+    join_key: str = "sample_uuid"
+    join_partitions: int | None = None  # None: the cluster's CPU count
+    # Mixed-policy traces: how many leading response characters the student wrote; with
+    # mask_student_prefix they carry no loss (DASD trained on them: the default)
+    student_prefix_key: str = "student_prefix_chars"
+    mask_student_prefix: bool = False
     system_prompt: str | None = None
     tokenizer: str | None = None  # tokenizer folder / shipped name; default: score.student
     max_length: int = 2048
@@ -62,34 +63,35 @@ class DataConfig:
     limit: int | None = None  # read only the first N rows (smoke runs)
 
     def validate(self, path: str) -> None:
-        _choice(f"{path}.format", self.format, ("auto", "jsonl", "parquet", "hf"))
-        _choice(f"{path}.schema", self.schema, ("auto", "chat", "prompt_response"))
-        _choice(f"{path}.overlength", self.overlength, ("drop", "truncate"))
-        _positive(f"{path}.max_length", self.max_length)
-        _positive(f"{path}.limit", self.limit)
+        choice(f"{path}.format", self.format, ("auto", "jsonl", "parquet", "hf"))
+        choice(f"{path}.schema", self.schema, ("auto", "chat", "prompt_response"))
+        choice(f"{path}.overlength", self.overlength, ("drop", "truncate"))
+        positive(f"{path}.max_length", self.max_length)
+        positive(f"{path}.limit", self.limit)
+        positive(f"{path}.join_partitions", self.join_partitions)
+        if self.teacher_logprobs_path and not self.teacher_tokenizer:
+            raise ConfigError(
+                f"{path}.teacher_logprobs_path: set {path}.teacher_tokenizer too (the tokenizer "
+                "its token ids are in)"
+            )
         if not 0.0 <= self.max_reject_share <= 1.0:
             raise ConfigError(
                 f"{path}.max_reject_share={self.max_reject_share!r}: must be in [0, 1]"
             )
 
 
+def _score_engine() -> VLLMEngineConfig:
+    # Scoring rows are whole conversations: smaller batches, and a bounded step.
+    return VLLMEngineConfig(batch_size=16, max_num_batched_tokens=4096)
+
+
 @dataclass
 class ScoreConfig:
-    """Scoring teacher tokens under the student (and teacher) with vLLM actors."""
+    """Scoring teacher tokens under the student (and teacher) with engine actors."""
 
-    backend: str = "vllm"  # vllm | transformers
+    backend: str = "vllm"  # vllm | transformers: the scorer each engine actor runs
     student: str = ""  # model folder or hub name
     teacher: str | None = None  # score the teacher too, when the data has no teacher log-probs
-    dtype: str = "float32"  # float32 on CPU; bfloat16 / float16 on GPU
-    batch_size: int = 16  # rows per Ray Data batch sent to an engine
-    num_engines: int = 1  # vLLM actors (one per GPU on a cluster)
-    tensor_parallel_size: int = 1
-    gpus_per_engine: float = 0.0  # 0 on CPU machines
-    cpus_per_engine: float = 1.0
-    max_model_len: int = 2048
-    max_num_batched_tokens: int = 4096  # bounds the [tokens x vocab] prompt-logprob spike
-    gpu_memory_utilization: float = 0.1  # on CPU: the share of RAM for the KV cache
-    enforce_eager: bool = True
     # The scored store: log-probs as float16 (2 B a token, error <= 2**-11 of the value) or
     # float32; inspection also writes text, offsets, conversation and the configured
     # weights to score/inspect/ (training never reads them).
@@ -99,25 +101,22 @@ class ScoreConfig:
     # softmax(logits / T), the distribution the tokens came from (DASD samples at 0.6 and
     # 1.0). The student is always scored at 1: it is the model being trained.
     teacher_temperature: float = 1.0
+    engine: VLLMEngineConfig = field(default_factory=_score_engine)
 
     def validate(self, path: str) -> None:
-        _choice(f"{path}.backend", self.backend, ("vllm", "transformers"))
-        _positive(f"{path}.teacher_temperature", self.teacher_temperature)
-        _choice(f"{path}.logprobs", self.logprobs, ("float16", "float32"))
-        _choice(f"{path}.dtype", self.dtype, ("float32", "bfloat16", "float16", "auto"))
-        for name in (
-            "batch_size",
-            "num_engines",
-            "tensor_parallel_size",
-            "max_model_len",
-            "max_num_batched_tokens",
-            "cpus_per_engine",
-        ):
-            _positive(f"{path}.{name}", getattr(self, name))
-        _positive(f"{path}.gpus_per_engine", self.gpus_per_engine, strict=False)
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+        choice(f"{path}.backend", self.backend, ("vllm", "transformers"))
+        positive(f"{path}.teacher_temperature", self.teacher_temperature)
+        choice(f"{path}.logprobs", self.logprobs, ("float16", "float32"))
+        self.engine.validate(f"{path}.engine")
+        if self.engine.backend == "local":
             raise ConfigError(
-                f"{path}.gpu_memory_utilization={self.gpu_memory_utilization!r}: must be in (0, 1]"
+                f"{path}.engine.backend='local': scoring runs its engines as a Ray Data "
+                "actor pool; use auto or ray"
+            )
+        if self.engine.max_num_batched_tokens is None:
+            raise ConfigError(
+                f"{path}.engine.max_num_batched_tokens=None: scoring needs a bound on the "
+                "[tokens x vocab] prompt-logprob tensor"
             )
 
 
@@ -130,7 +129,7 @@ class SelectConfig:
     top_k: int = 1
 
     def validate(self, path: str) -> None:
-        _positive(f"{path}.top_k", self.top_k)
+        positive(f"{path}.top_k", self.top_k)
 
 
 @dataclass
@@ -168,20 +167,26 @@ class TrainConfig:
     checkpoint_every: int = 50
     seed: int = 0
     student: str = ""  # model folder to train; "" -> score.student (must match the scores)
+    # Start from another run's checkpoint: its weights and optimizer state (a staged run's
+    # previous stage); step count, data position and lr schedule start anew
+    init_checkpoint: str | None = None
+    # The student the scores were made with, when training starts from another model (a
+    # staged run with scores_from: initial); None: the training student itself
+    scored_student: str | None = None
     min_lr_ratio: float = 0.0  # the decay ends at min_lr_ratio * lr
     val_share: float = 0.0  # share of prompts held out for val_nll (0: no validation)
     max_failures: int = 3  # worker-group restarts from the latest checkpoint
     keep_checkpoints: int = 2  # newest checkpoints kept
 
     def validate(self, path: str) -> None:
-        _choice(f"{path}.zero_stage", self.zero_stage, (0, 1, 2, 3))
-        _choice(f"{path}.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        choice(f"{path}.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        choice(f"{path}.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"{path}.min_lr_ratio={self.min_lr_ratio!r}: must be in [0, 1]")
         if not 0.0 <= self.val_share < 1.0:
             raise ConfigError(f"{path}.val_share={self.val_share!r}: must be in [0, 1)")
-        _positive(f"{path}.keep_checkpoints", self.keep_checkpoints)
-        _positive(f"{path}.max_failures", self.max_failures, strict=False)
+        positive(f"{path}.keep_checkpoints", self.keep_checkpoints)
+        positive(f"{path}.max_failures", self.max_failures, strict=False)
         if self.rescore_every and self.student_ref != "init":
             raise ConfigError(
                 f"{path}.rescore_every={self.rescore_every!r}: re-scoring rounds refresh the "
@@ -191,9 +196,9 @@ class TrainConfig:
             raise ConfigError(f"{path}.offload_params=True: needs zero_stage 3")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError(f"{path}.offload_optimizer=True: needs zero_stage >= 1")
-        _choice(f"{path}.lr_schedule", self.lr_schedule, ("cosine", "linear", "constant"))
-        _choice(f"{path}.student_ref", self.student_ref, ("init", "current"))
-        _choice(
+        choice(f"{path}.lr_schedule", self.lr_schedule, ("cosine", "linear", "constant"))
+        choice(f"{path}.student_ref", self.student_ref, ("init", "current"))
+        choice(
             f"{path}.attn_implementation",
             self.attn_implementation,
             ("auto", "flash_attention_2", "sdpa", "sdpa_packed", "eager"),
@@ -210,7 +215,7 @@ class TrainConfig:
             "log_every",
             "checkpoint_every",
         ):
-            _positive(f"{path}.{name}", getattr(self, name))
+            positive(f"{path}.{name}", getattr(self, name))
         for name in (
             "weight_decay",
             "warmup_steps",
@@ -218,7 +223,7 @@ class TrainConfig:
             "weight_warmup_steps",
             "grad_clip",
         ):
-            _positive(f"{path}.{name}", getattr(self, name), strict=False)
+            positive(f"{path}.{name}", getattr(self, name), strict=False)
 
 
 SPACE_TYPES = ("uniform", "loguniform", "randint", "choice", "grid")
@@ -279,14 +284,14 @@ class TuneConfig:
     space: dict = field(default_factory=dict)
 
     def validate(self, path: str) -> None:
-        _choice(f"{path}.metric", self.metric, tuple(METRIC_MODES))
-        _choice(f"{path}.mode", self.mode, ("auto", "min", "max"))
-        _choice(f"{path}.search_alg", self.search_alg, ("optuna", "random", "grid"))
-        _choice(f"{path}.scheduler", self.scheduler, ("asha", "none"))
+        choice(f"{path}.metric", self.metric, tuple(METRIC_MODES))
+        choice(f"{path}.mode", self.mode, ("auto", "min", "max"))
+        choice(f"{path}.search_alg", self.search_alg, ("optuna", "random", "grid"))
+        choice(f"{path}.scheduler", self.scheduler, ("asha", "none"))
         for name in ("num_samples", "grace_period", "driver_cpus"):
-            _positive(f"{path}.{name}", getattr(self, name))
-        _positive(f"{path}.max_concurrent_trials", self.max_concurrent_trials)
-        _positive(f"{path}.max_failures", self.max_failures, strict=False)
+            positive(f"{path}.{name}", getattr(self, name))
+        positive(f"{path}.max_concurrent_trials", self.max_concurrent_trials)
+        positive(f"{path}.max_failures", self.max_failures, strict=False)
         if self.reduction_factor < 2:
             raise ConfigError(f"{path}.reduction_factor={self.reduction_factor!r}: must be >= 2")
         _check_space(f"{path}.space", self.space)
@@ -305,108 +310,30 @@ class TuneConfig:
         return METRIC_MODES[self.metric] if self.mode == "auto" else self.mode
 
 
-@dataclass
-class EngineConfig:
-    """vLLM generation engines for eval and generate (``eval.engine``, ``generate.engine``)."""
-
-    backend: str = "auto"  # auto (ray when Ray is up or run.ray_address is set) | ray | local
-    dtype: str = "float32"  # float32 on CPU; bfloat16 / float16 on GPU
-    num_engines: int = 1  # vLLM actors on Ray Data (one per GPU group on a cluster)
-    tensor_parallel_size: int = 1
-    gpus_per_engine: float = 0.0  # 0 on CPU machines
-    cpus_per_engine: float = 1.0
-    max_model_len: int = 2048  # prompt + generated tokens
-    gpu_memory_utilization: float = 0.1  # on CPU: the share of RAM for the KV cache
-    enforce_eager: bool = True
-    batch_size: int = 32  # requests per Ray Data batch sent to an engine
-
-    def validate(self, path: str) -> None:
-        _choice(f"{path}.backend", self.backend, ("auto", "ray", "local"))
-        _choice(f"{path}.dtype", self.dtype, ("float32", "bfloat16", "float16", "auto"))
-        for name in (
-            "num_engines",
-            "tensor_parallel_size",
-            "cpus_per_engine",
-            "max_model_len",
-            "batch_size",
-        ):
-            _positive(f"{path}.{name}", getattr(self, name))
-        _positive(f"{path}.gpus_per_engine", self.gpus_per_engine, strict=False)
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ConfigError(
-                f"{path}.gpu_memory_utilization={self.gpu_memory_utilization!r}: must be in (0, 1]"
-            )
-
-
-def _check_sampling(path: str, cfg) -> None:
-    _positive(f"{path}.n_samples", cfg.n_samples)
-    _positive(f"{path}.max_new_tokens", cfg.max_new_tokens)
-    _positive(f"{path}.temperature", cfg.temperature, strict=False)
-    if not 0.0 < cfg.top_p <= 1.0:
-        raise ConfigError(f"{path}.top_p={cfg.top_p!r}: must be in (0, 1]")
-    if cfg.max_new_tokens >= cfg.engine.max_model_len:
-        raise ConfigError(
-            f"{path}.max_new_tokens={cfg.max_new_tokens}: must be < "
-            f"{path}.engine.max_model_len ({cfg.engine.max_model_len}) to leave room for a prompt"
-        )
-    cfg.engine.validate(f"{path}.engine")
+STAGE_SECTIONS = ("data", "generate", "mixed_policy", "score", "select", "weights", "train")
 
 
 @dataclass
-class EvalConfig:
-    """Generation on held-out prompts and grading."""
+class StageConfig:
+    """One stage of a staged run (``stages:``): its overrides of the job's sections; it
+    starts from the previous stage's weights (and optimizer state)."""
 
-    enabled: bool = True
-    path: str = ""  # held-out prompts with answers (JSONL / Parquet)
-    grader: str = "gsm8k"  # gsm8k | boxed
-    prompt_key: str = "auto"  # auto: question | problem | prompt
-    answer_key: str = "auto"  # auto: answer | solution (a full gold solution or a bare answer)
-    id_key: str = "id"  # row id column; "{file}:{index}" when absent
-    prompt_template: str = "{prompt}"  # the user message; e.g. "{prompt}\nEnd with #### <n>."
-    system_prompt: str | None = None
-    num_prompts: int | None = None  # the first N prompts only
-    n_samples: int = 1  # samples per prompt (pass@1 averages over them)
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    seed: int = 0  # sample k of prompt i uses seed + i * n_samples + k
-    # Also evaluate the student before training (same prompts and settings), reported as
-    # initial_pass@1 beside pass@1: the gain is the run's result, not the final figure alone.
-    baseline: bool = True
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    name: str = ""
+    data: dict = field(default_factory=dict)
+    generate: dict = field(default_factory=dict)
+    mixed_policy: dict = field(default_factory=dict)
+    score: dict = field(default_factory=dict)
+    select: dict = field(default_factory=dict)
+    weights: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    scores_from: str = "previous"  # previous: score under the last stage's student | initial
+    optimizer: str = "carry"  # carry: the last stage's optimizer state | fresh
 
     def validate(self, path: str) -> None:
-        _choice(f"{path}.grader", self.grader, ("gsm8k", "boxed"))
-        _positive(f"{path}.num_prompts", self.num_prompts)
-        _check_sampling(path, self)
-
-
-@dataclass
-class GenerateConfig:
-    """Teacher trace sampling with vLLM, recording the teacher's log-probs of its samples."""
-
-    # true: a first stage of the job samples the traces, and prepare reads them instead
-    # of data.path (`raydc generate` runs the stage alone either way)
-    enabled: bool = False
-    prompts: str = ""  # the prompts: JSONL / Parquet / a saved datasets folder
-    teacher: str = ""  # the model that writes the traces; "" -> score.teacher
-    prompt_key: str = "auto"  # auto: prompt | question | problem
-    id_key: str = "id"  # prompt id column; "{file}:{index}" when absent
-    system_prompt: str | None = None
-    num_prompts: int | None = None
-    n_samples: int = 1  # traces per prompt (DASD selection keeps the top-k of them)
-    temperature: float = 1.0  # DASD: T=0.6 traces first, then T=1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 1024
-    seed: int = 0
-    keep_truncated: bool = False  # keep traces cut at max_new_tokens (no stop token)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-
-    def validate(self, path: str) -> None:
-        _positive(f"{path}.num_prompts", self.num_prompts)
-        _check_sampling(path, self)
-        if self.enabled and not self.prompts:
-            raise ConfigError(f"{path}.prompts: not set; name the prompts to sample traces for")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name or ""):
+            raise ConfigError(f"{path}.name={self.name!r}: a folder name (letters, digits, _ . -)")
+        choice(f"{path}.scores_from", self.scores_from, ("previous", "initial"))
+        choice(f"{path}.optimizer", self.optimizer, ("carry", "fresh"))
 
 
 @dataclass
@@ -437,108 +364,60 @@ class RaydcConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    mixed_policy: MixedPolicyConfig = field(default_factory=MixedPolicyConfig)
+    # A staged run (raydc.stages): each stage's overrides of the sections above, run in
+    # order, each starting from the previous one's model; empty: one stage, as configured
+    stages: list[StageConfig] = field(default_factory=list)
 
     def validate(self) -> RaydcConfig:
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate(f.name)
+        self._validate_stages()
         return self
+
+    def _validate_stages(self) -> None:
+        """Each stage's name and overrides, checked now rather than stages later."""
+        names = [s.name for s in self.stages]
+        for i, spec in enumerate(self.stages):
+            spec.validate(f"stages[{i}]")
+            if spec.name in names[:i]:
+                raise ConfigError(f"stages[{i}].name={spec.name!r}: used by another stage")
+            try:
+                from_dict(stage_tree(self, spec))
+            except ConfigError as e:
+                raise ConfigError(f"stages[{i}] ({spec.name}): {e}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-# ----------------------------------------------------------------------------- loading
-
-
-def _coerce(path: str, tp: Any, value: Any) -> Any:
-    """Check/convert one leaf value against its annotation; errors name the field."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        last: Exception | None = None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(path, a, value)
-            except ConfigError as e:
-                last = e
-        raise last or ConfigError(f"{path}={value!r}: invalid")
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{path}={value!r}: must be true or false")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{path}={value!r}: must be an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{path}={value!r}: must be an integer")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{path}={value!r}: must be a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{path}={value!r}: must be a number")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{path}={value!r}: must be a string")
-    if origin in (dict,) or tp is dict:
-        if isinstance(value, dict):
-            return value
-        raise ConfigError(f"{path}={value!r}: must be a mapping")
-    if origin in (list,) or tp is list:
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        raise ConfigError(f"{path}={value!r}: must be a list")
-    return value
-
-
-def _build(cls, data: dict, path: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f"{path}." if path else ""
-        raise ConfigError(
-            f"unknown config field(s) {[where + u for u in unknown]}; "
-            f"known in {path or 'the top level'}: {sorted(names)}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        fpath = f"{path}.{name}" if path else name
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = value if isinstance(value, tp) else _build(tp, value, fpath)
+def _merge(into: dict, over: dict) -> dict:
+    """``over`` on top of ``into``, nested mappings merged key by key."""
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
         else:
-            kwargs[name] = _coerce(fpath, tp, value)
-    try:
-        return cls(**kwargs)
-    except WeightConfigError as e:
-        raise ConfigError(f"{path}: {e}") from e
+            into[k] = v
+    return into
+
+
+def stage_tree(cfg: RaydcConfig, spec: StageConfig) -> dict:
+    """The job's config as a dict with stage ``spec``'s overrides applied (a weights
+    override naming a preset replaces the job's weighting; others merge into it)."""
+    tree = cfg.to_dict()
+    tree.pop("stages")
+    for section in STAGE_SECTIONS:
+        over = copy.deepcopy(getattr(spec, section))
+        if section == "weights" and "preset" in over:
+            tree[section] = over
+        else:
+            _merge(tree[section], over)
+    return tree
+
+
+# ----------------------------------------------------------------------------- loading
 
 
 def _weights_section(data: dict) -> dict:
@@ -554,28 +433,9 @@ def _weights_section(data: dict) -> dict:
     return {**base, **data}
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """``train.lr=3e-4`` -> ("train.lr", 3e-4); values are parsed as YAML scalars."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected dotted.key=value")
-    key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
-
-
-def set_dotted(tree: dict, key: str, value: Any) -> None:
-    node = tree
-    parts = key.split(".")
-    for p in parts[:-1]:
-        nxt = node.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override {key}: {p} is not a section")
-        node = nxt
-    node[parts[-1]] = value
-
-
 def from_dict(data: dict | None, overrides: list[str] | dict | None = None) -> RaydcConfig:
     """Build and validate a config from a (YAML-shaped) dict plus dotted overrides."""
-    tree = _deepcopy(data or {})
+    tree = copy.deepcopy(data or {})
     items = (
         overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
     )
@@ -583,7 +443,11 @@ def from_dict(data: dict | None, overrides: list[str] | dict | None = None) -> R
         set_dotted(tree, key, value)
     if "weights" in tree:
         tree["weights"] = _weights_section(tree["weights"])
-    return _build(RaydcConfig, tree, "").validate()
+    try:
+        cfg = build(RaydcConfig, tree, "")
+    except WeightConfigError as e:
+        raise ConfigError(f"weights: {e}") from e
+    return cfg.validate()
 
 
 def load_config(
@@ -597,14 +461,6 @@ def load_config(
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     return from_dict(data, overrides)
-
-
-def _deepcopy(d):
-    if isinstance(d, dict):
-        return {k: _deepcopy(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_deepcopy(v) for v in d]
-    return d
 
 
 def dump_config(cfg: RaydcConfig) -> str:

@@ -35,27 +35,27 @@ Counts: over prompts, ``rows_in == rows_out + rows_rejected`` (rejects.parquet s
 
 from __future__ import annotations
 
-import json
+import time
+from collections.abc import Iterable
+from contextlib import closing
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from raydc.artifacts import write_json
 from raydc.data.align import char_spans, token_pieces
 from raydc.eval.generation import (
-    LocalEngine,
     ParquetSink,
-    Request,
     Sampling,
-    iter_samples,
-    now,
-    pick_key,
-    read_records,
-    render_prompts,
-    resolve_backend,
-    stop_token_ids,
-    write_rejects,
+    fit_prompts,
+    read_prompts,
+    sample_requests,
+    sampling_figures,
 )
-from raydc.runtime import connect_ray
+
+if TYPE_CHECKING:
+    from raydc.eval.generation import LocalEngine, Sample
 
 PROMPT_KEYS = ("prompt", "question", "problem")
 
@@ -89,20 +89,56 @@ def run_generate(
 ) -> dict:
     """Sample teacher traces for the prompts in ``prompts_path``; returns the summary
     (also ``out_dir/summary.json``). ``engine``: a started LocalEngine of this teacher."""
-    t0 = now()
-    gcfg, dcfg = cfg.generate, cfg.data
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    records = read_records(prompts_path)
-    if gcfg.num_prompts is not None:
-        records = records[: gcfg.num_prompts]
-    pkey = pick_key([r for _, r in records], gcfg.prompt_key, PROMPT_KEYS, "prompt")
-
     from raydc.models import load_tokenizer
 
+    t0 = time.perf_counter()
+    gcfg = cfg.generate
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records, pkey = read_prompts(prompts_path, gcfg, PROMPT_KEYS)
+    extra = _extra_columns(records, cfg.data, exclude=(pkey, gcfg.id_key))
+    items, rejects = _check_prompts(records, pkey, gcfg.id_key, extra)
     tokenizer = load_tokenizer(teacher_dir)
-    special = {int(i) for i in tokenizer.all_special_ids}
-    out_names = {
+    kept, prompt_ids, rejects = fit_prompts(
+        tokenizer, items, rejects, gcfg, "generate", pkey, out / "rejects.parquet"
+    )
+
+    sampling = Sampling.from_config(gcfg, logprobs=True)
+    backend, batches = sample_requests(
+        str(teacher_dir), tokenizer, prompt_ids, sampling, gcfg.engine, cfg.run.ray_address, engine
+    )
+    sink = ParquetSink(out / "traces.parquet", trace_schema(cfg.data, extra))
+    t_gen = time.perf_counter()
+    with closing(sink):
+        counts = _write_traces(sink, batches, kept, tokenizer, cfg)
+    gen_seconds = time.perf_counter() - t_gen
+
+    summary = {
+        "rows_in": len(records),
+        "rows_out": len(kept),
+        "rows_rejected": len(rejects),
+        "traces": sink.rows,
+        "traces_truncated": counts["truncated"],
+        "truncated_dropped": 0 if gcfg.keep_truncated else counts["truncated"],
+        "n_samples": gcfg.n_samples,
+        "teacher": str(teacher_dir),
+        "logprobs": "processed (at the sampling temperature)",
+        **sampling_figures(gcfg, backend, counts["tokens"], gen_seconds),
+        "seconds": time.perf_counter() - t0,
+        "paths": {
+            "traces": str(out / "traces.parquet"),
+            "rejects": str(out / "rejects.parquet"),
+            "summary": str(out / "summary.json"),
+        },
+    }
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _extra_columns(records: list[tuple[str, dict]], dcfg, exclude: Iterable[str]) -> list[str]:
+    """The source rows' other string columns, carried onto each trace (e.g. a gold
+    ``answer``); none may shadow a trace column or the prompt / id column (``exclude``)."""
+    taken = {
         dcfg.id_key,
         dcfg.prompt_id_key,
         dcfg.prompt_key,
@@ -116,137 +152,79 @@ def run_generate(
         "num_tokens",
         "sample",
         "temperature",
+        *exclude,
     }
-    extra = sorted(
-        {
-            k
-            for _, r in records
-            for k, v in r.items()
-            if isinstance(v, str) and k not in out_names and k not in (pkey, gcfg.id_key)
-        }
+    return sorted(
+        {k for _, r in records for k, v in r.items() if isinstance(v, str) and k not in taken}
     )
 
+
+def _check_prompts(
+    records: list[tuple[str, dict]], pkey: str, id_key: str, extra: list[str]
+) -> tuple[list[dict], list[dict]]:
+    """The rows with prompt text and an id not seen before, as items for ``fit_prompts``
+    (``row_id``, ``message``, the ``extra`` columns); a reject row for each other row."""
     items, rejects, seen = [], [], set()
     for default_id, row in records:
-        pid = str(row[gcfg.id_key]) if row.get(gcfg.id_key) is not None else default_id
+        pid = str(row[id_key]) if row.get(id_key) is not None else default_id
         prompt = row.get(pkey)
         why = None
         if not isinstance(prompt, str) or not prompt.strip():
             why = (pkey, "missing_prompt: no prompt text")
         elif pid in seen:
-            why = (gcfg.id_key, f"duplicate_id: prompt id {pid!r} seen before")
+            why = (id_key, f"duplicate_id: prompt id {pid!r} seen before")
         if why:
             rejects.append({"row_id": pid, "stage": "generate", "field": why[0], "reason": why[1]})
             continue
         seen.add(pid)
         items.append(
             {
-                "prompt_id": pid,
-                "prompt": prompt,
+                "row_id": pid,
+                "message": prompt,
                 "extra": {k: row.get(k) if isinstance(row.get(k), str) else None for k in extra},
             }
         )
+    return items, rejects
 
-    ids = render_prompts(tokenizer, [it["prompt"] for it in items], gcfg.system_prompt)
-    room = gcfg.engine.max_model_len - gcfg.max_new_tokens
-    kept = []
-    for it, tok_ids in zip(items, ids):
-        if len(tok_ids) > room:
-            rejects.append(
-                {
-                    "row_id": it["prompt_id"],
-                    "stage": "generate",
-                    "field": pkey,
-                    "reason": f"prompt_too_long: {len(tok_ids)} prompt tokens > "
-                    f"engine.max_model_len - max_new_tokens = {room}",
-                }
-            )
-            continue
-        kept.append((it, tok_ids))
-    write_rejects(out / "rejects.parquet", rejects)
 
-    n = gcfg.n_samples
-    requests = [
-        Request(key=i * n + k, prompt_token_ids=tok_ids, seed=gcfg.seed + i * n + k)
-        for i, (_, tok_ids) in enumerate(kept)
-        for k in range(n)
-    ]
-    sampling = Sampling(gcfg.temperature, gcfg.top_p, gcfg.max_new_tokens, logprobs=True)
-    backend = resolve_backend(gcfg.engine.backend, cfg.run.ray_address)
-    if backend == "ray" and requests:
-        connect_ray(cfg.run.ray_address)
-    sink = ParquetSink(out / "traces.parquet", trace_schema(dcfg, extra))
-    truncated = returned = tokens = 0
-    t_gen = now()
-    for batch in iter_samples(
-        str(teacher_dir),
-        requests,
-        sampling,
-        gcfg.engine,
-        backend,
-        stop_token_ids(str(teacher_dir), tokenizer),
-        engine=engine,
-    ):
+def _write_traces(
+    sink: ParquetSink, batches: Iterable[list[Sample]], items: list[dict], tokenizer, cfg
+) -> dict:
+    """Write each sample as a trace row of the prompt ``items[i]`` (truncated ones only with
+    ``generate.keep_truncated``); returns the counts of ``truncated`` samples and ``tokens``."""
+    gcfg = cfg.generate
+    special = {int(i) for i in tokenizer.all_special_ids}
+    truncated = tokens = 0
+    for batch in batches:
         rows = []
         for smp in batch:
-            returned += 1
             tokens += len(smp.token_ids)
             if smp.finish_reason == "length":
                 truncated += 1
                 if not gcfg.keep_truncated:
                     continue
-            i, k = divmod(smp.key, n)
-            it = kept[i][0]
-            text, pieces = token_pieces(tokenizer, smp.token_ids, special)
-            rows.append(
-                {
-                    dcfg.id_key: f"{it['prompt_id']}:{k}",
-                    dcfg.prompt_id_key: it["prompt_id"],
-                    dcfg.prompt_key: it["prompt"],
-                    dcfg.response_key: text,
-                    dcfg.teacher_logprobs_key: smp.logprobs,
-                    dcfg.teacher_offsets_key: [
-                        list(se) for se in char_spans(pieces, smp.token_ids, special)
-                    ],
-                    "teacher_pieces": pieces,
-                    "teacher_token_ids": smp.token_ids,
-                    "finish_reason": smp.finish_reason,
-                    "num_tokens": len(smp.token_ids),
-                    "sample": k,
-                    "temperature": gcfg.temperature,
-                    **it["extra"],
-                }
-            )
+            i, k = divmod(smp.key, gcfg.n_samples)
+            rows.append(_trace_row(items[i], k, smp, tokenizer, special, cfg))
         sink.write(rows)
-    sink.close()
-    gen_seconds = now() - t_gen
-    if returned != len(requests):
-        raise RuntimeError(f"generate: {len(requests)} samples requested, {returned} returned")
+    return {"truncated": truncated, "tokens": tokens}
 
-    summary = {
-        "rows_in": len(records),
-        "rows_out": len(kept),
-        "rows_rejected": len(rejects),
-        "traces": sink.rows,
-        "traces_truncated": truncated,
-        "truncated_dropped": 0 if gcfg.keep_truncated else truncated,
-        "generated_tokens": tokens,
-        "n_samples": n,
-        "temperature": gcfg.temperature,
-        "top_p": gcfg.top_p,
-        "max_new_tokens": gcfg.max_new_tokens,
-        "seed": gcfg.seed,
-        "backend": backend,
-        "teacher": str(teacher_dir),
-        "logprobs": "processed (at the sampling temperature)",
-        "generation_seconds": gen_seconds,
-        "tokens_per_second": tokens / gen_seconds if gen_seconds > 0 else None,
-        "seconds": now() - t0,
-        "paths": {
-            "traces": str(out / "traces.parquet"),
-            "rejects": str(out / "rejects.parquet"),
-            "summary": str(out / "summary.json"),
-        },
+
+def _trace_row(item: dict, k: int, smp: Sample, tokenizer, special: set[int], cfg) -> dict:
+    """Sample ``k`` of a prompt as one row of ``traces.parquet``."""
+    dcfg = cfg.data
+    text, pieces = token_pieces(tokenizer, smp.token_ids, special)
+    return {
+        dcfg.id_key: f"{item['row_id']}:{k}",
+        dcfg.prompt_id_key: item["row_id"],
+        dcfg.prompt_key: item["message"],
+        dcfg.response_key: text,
+        dcfg.teacher_logprobs_key: smp.logprobs,
+        dcfg.teacher_offsets_key: [list(se) for se in char_spans(pieces, smp.token_ids, special)],
+        "teacher_pieces": pieces,
+        "teacher_token_ids": smp.token_ids,
+        "finish_reason": smp.finish_reason,
+        "num_tokens": len(smp.token_ids),
+        "sample": k,
+        "temperature": cfg.generate.temperature,
+        **item["extra"],
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary

@@ -3,13 +3,13 @@
 The tiny models are real Qwen2-architecture causal LMs (the Qwen2.5 student family) built
 from a config with random weights and one of the tokenizers shipped in
 raydc/assets/tokenizers/, saved with ``save_pretrained``: transformers and vLLM's CPU build
-load them like any Hugging Face checkpoint (head_dim 64: vLLM CPU rejects 16).
+load them like any Hugging Face checkpoint (head_dim 64: vLLM CPU rejects 16). A model's
+identity (name, sizes, headers; never every byte of big weights) is
+``raydc.artifacts.fingerprint_paths``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -51,6 +51,37 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     return AutoTokenizer.from_pretrained(tokenizer_path(name_or_path))
 
 
+def qwen2_config(
+    sizes: tuple[int, int, int, int, int],
+    vocab_size: int,
+    eos_token_id: int | None,
+    pad_token_id: int | None,
+    max_position_embeddings: int,
+):
+    """A small Qwen2 config from sizes (hidden, layers, heads, kv_heads, intermediate);
+    head_dim = hidden / heads, untied embeddings, no BOS."""
+    from transformers import Qwen2Config
+
+    hidden, layers, heads, kv, inter = sizes
+    return Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=hidden // heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        bos_token_id=None,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        torch_dtype="float32",
+    )
+
+
 def build_tiny_model(
     out_dir: str | os.PathLike,
     role: str = "student",
@@ -66,29 +97,18 @@ def build_tiny_model(
     """
     offline_env()
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
     if role not in TINY_SIZES and sizes is None:
         raise ValueError(f"role={role!r}: must be one of {sorted(TINY_SIZES)} or give sizes")
-    hidden, layers, heads, kv, inter = sizes or TINY_SIZES[role]
     tok = load_tokenizer(tokenizer)
     vocab = ((len(tok) + 63) // 64) * 64
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        head_dim=hidden // heads,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=False,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        bos_token_id=None,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        torch_dtype="float32",
+    config = qwen2_config(
+        sizes or TINY_SIZES[role],
+        vocab,
+        tok.eos_token_id,
+        tok.pad_token_id,
+        max_position_embeddings,
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
@@ -105,58 +125,3 @@ def build_tiny_model(
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return str(out)
-
-
-# The identity check reads O(1) bytes of a weight file, whatever its size: its name, size,
-# header (safetensors: the JSON of tensor names, dtypes, shapes and offsets) and a few
-# sampled blocks of its data (the first and last MiB and 8 blocks between them). Training
-# changes every tensor, so two checkpoints of one architecture differ in every sampled
-# block; a 15 GB student is fingerprinted in milliseconds (bench/fingerprint.py).
-SAMPLE_BLOCK = 1 << 20
-SAMPLE_INNER = 8
-SMALL_FILE = 4 << 20  # files up to this size are hashed whole
-MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model", ".jinja", ".pt")
-
-
-def _safetensors_header(fh) -> bytes:
-    head = fh.read(8)
-    if len(head) < 8:
-        return head
-    n = int.from_bytes(head, "little")
-    return head + fh.read(min(n, 100 << 20))
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """A short digest of one file: its whole content when small, else its size, header
-    and sampled blocks (O(1) reads)."""
-    p = Path(path)
-    size = p.stat().st_size
-    h = hashlib.sha256(f"{p.name}:{size}".encode())
-    with open(p, "rb") as fh:
-        if size <= SMALL_FILE:
-            h.update(fh.read())
-            return h.hexdigest()[:16]
-        if p.suffix == ".safetensors":
-            h.update(_safetensors_header(fh))
-        step = (size - SAMPLE_BLOCK) / (SAMPLE_INNER + 1)
-        for k in range(SAMPLE_INNER + 2):
-            fh.seek(int(k * step) if k <= SAMPLE_INNER else size - SAMPLE_BLOCK)
-            h.update(fh.read(SAMPLE_BLOCK))
-    return h.hexdigest()[:16]
-
-
-def fingerprint(path: str | os.PathLike) -> str:
-    """A short identity hash of a model or tokenizer folder (config, tokenizer files, and
-    each weight file's name, size, header and sampled blocks: ``file_digest``), used in
-    score manifests so training can refuse another student's scores. Cheap: it reads a few
-    MiB per weight file, not every byte. A hub name (no local folder) hashes the name."""
-    p = Path(path)
-    h = hashlib.sha256()
-    if p.is_dir():
-        names = sorted(f for f in os.listdir(p) if f.endswith(MODEL_FILE_SUFFIXES))
-        for name in names:
-            if (p / name).is_file():
-                h.update(f"{name}:{file_digest(p / name)}".encode())
-    else:
-        h.update(json.dumps(str(path)).encode())  # a hub name: no local files to hash
-    return h.hexdigest()[:16]

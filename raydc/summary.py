@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from raydc.artifacts import StageResult
     from raydc.config import RaydcConfig
-    from raydc.pipeline import StageResult
 
 
 def _fmt_int(x) -> str:

@@ -15,8 +15,8 @@ Metrics (``tune.metric``):
 - ``val_accuracy``: after training, the trial generates on ``eval.path`` and grades
   (``raydc.eval``). What you want when the task has answers; costs an eval per trial.
 - ``val_reverse_kl``: after training, the student's own samples scored by the teacher
-  (``raydc.eval``, needs ``score.teacher``): how far the student's distribution drifts from
-  the teacher's where the student actually goes.
+  (``raydc.eval.reverse_kl``, needs ``score.teacher``): how far the student's distribution
+  drifts from the teacher's where the student actually goes.
 
 Trials that fail are retried (``tune.max_failures``); a retried trial resumes from its
 latest training checkpoint. A stopped sweep resumes: running the stage again restores the
@@ -36,11 +36,11 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from raydc.artifacts import write_json
 from raydc.config import ConfigError, RaydcConfig, from_dict
 
 EXPERIMENT = "sweep"
@@ -144,104 +144,6 @@ def max_concurrent(cfg: RaydcConfig, cluster: dict) -> int:
     return max(1, min(fits) if fits else 1)
 
 
-# ----------------------------------------------------------------------------- reverse KL
-
-
-def reverse_kl(cfg: RaydcConfig, model_dir: str, out_dir: str | os.PathLike, engine=None) -> dict:
-    """KL(student || teacher) on the student's own samples: sample one response per
-    prompt of ``eval.path`` from ``model_dir`` at temperature 1 (recording the sampled
-    tokens' log-probs), score the same tokens under ``score.teacher`` (``score.backend``),
-    and average ``log p_S - log p_T`` over the sampled tokens: a Monte Carlo estimate of
-    the per-token reverse KL along the student's own trajectories. The teacher must share
-    the student's tokenizer (the log-probs are compared token by token).
-    """
-    import numpy as np
-
-    from raydc.artifacts import tokenizer_fingerprint
-    from raydc.eval.generation import (
-        Request,
-        Sampling,
-        iter_samples,
-        pick_key,
-        read_records,
-        render_prompts,
-        resolve_backend,
-        stop_token_ids,
-    )
-    from raydc.eval.report import PROMPT_KEYS
-    from raydc.models import load_tokenizer
-    from raydc.scoring import make_scorer
-
-    t0 = time.time()
-    teacher = cfg.score.teacher
-    if not teacher:
-        raise ConfigError("tune.metric=val_reverse_kl: needs score.teacher")
-    if tokenizer_fingerprint(teacher) != tokenizer_fingerprint(model_dir):
-        raise ConfigError(
-            f"tune.metric=val_reverse_kl: score.teacher={teacher} has another tokenizer than "
-            "the student; token-level reverse KL needs a shared tokenizer"
-        )
-    ecfg = cfg.eval
-    records = read_records(ecfg.path)[: ecfg.num_prompts]
-    rows = [r for _, r in records]
-    pkey = pick_key(rows, ecfg.prompt_key, PROMPT_KEYS, "prompt")
-    prompts = [
-        ecfg.prompt_template.format(prompt=r[pkey])
-        for r in rows
-        if isinstance(r.get(pkey), str) and r[pkey].strip()
-    ]
-    tok = load_tokenizer(model_dir)
-    ids = render_prompts(tok, prompts, ecfg.system_prompt)
-    room = ecfg.engine.max_model_len - ecfg.max_new_tokens
-    ids = [x for x in ids if len(x) <= room]
-    if not ids:
-        raise ValueError(f"val_reverse_kl: no usable prompt in {ecfg.path}")
-    requests = [Request(key=i, prompt_token_ids=x, seed=ecfg.seed + i) for i, x in enumerate(ids)]
-    sampling = Sampling(
-        temperature=1.0, top_p=1.0, max_new_tokens=ecfg.max_new_tokens, logprobs=True
-    )
-    backend = resolve_backend(ecfg.engine.backend, cfg.run.ray_address)
-    samples = [
-        smp
-        for batch in iter_samples(
-            str(model_dir),
-            requests,
-            sampling,
-            ecfg.engine,
-            backend,
-            stop_token_ids(str(model_dir), tok),
-            engine=engine,
-        )
-        for smp in batch
-    ]
-    samples = [smp for smp in samples if smp.token_ids]
-    scorer = make_scorer(cfg.score, teacher)
-    try:
-        seqs = [ids[smp.key] + list(smp.token_ids) for smp in samples]
-        logp_T = scorer.score(seqs)
-    finally:
-        scorer.close()
-    per_seq, n_tokens, total = [], 0, 0.0
-    for smp, lt in zip(samples, logp_T):
-        start = len(ids[smp.key])
-        d = np.asarray(smp.logprobs, dtype=np.float64) - lt[start:].astype(np.float64)
-        per_seq.append(float(d.mean()))
-        total += float(d.sum())
-        n_tokens += len(d)
-    out = {
-        "val_reverse_kl": total / n_tokens,  # per sampled token
-        "reverse_kl_per_sequence_mean": float(np.mean(per_seq)),
-        "samples": len(samples),
-        "sampled_tokens": n_tokens,
-        "teacher": str(teacher),
-        "model": str(model_dir),
-        "seconds": time.time() - t0,
-    }
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / "reverse_kl.json").write_text(json.dumps(out, indent=2))
-    return out
-
-
 # ----------------------------------------------------------------------------- the trial
 
 
@@ -255,20 +157,6 @@ def _eval_metric(summary: dict, metric: str) -> float:
 
 def _worst(mode: str) -> float:
     return math.inf if mode == "min" else -math.inf
-
-
-def _export(checkpoint_path: str, dest: Path) -> str:
-    """Copy the exported model of a final training checkpoint to ``dest``."""
-    from ray.train import Checkpoint
-
-    with Checkpoint(checkpoint_path).as_directory() as d:
-        src = Path(d) / "model"
-        if not src.is_dir():
-            raise RuntimeError(f"checkpoint {checkpoint_path} holds no exported model")
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.copytree(src, dest)
-    return str(dest)
 
 
 def run_trial(
@@ -285,6 +173,7 @@ def run_trial(
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raydc.train import build_trainer
+    from raydc.train.trainer import export_model
 
     mode = base.tune.resolved_mode
     try:
@@ -310,11 +199,12 @@ def run_trial(
         raise result.error
     if cfg.tune.metric in EVAL_METRICS:
         from raydc.eval import run_eval
+        from raydc.eval.reverse_kl import reverse_kl
 
         ckpt = result.checkpoint
         if ckpt is None:
             raise RuntimeError("the trial's training finished without a checkpoint")
-        model_dir = _export(ckpt.path, trial_dir / "model")
+        model_dir = export_model(ckpt.path, trial_dir / "model")
         if cfg.tune.metric == "val_reverse_kl":
             summary = reverse_kl(cfg, model_dir, trial_dir / "eval")
         else:
@@ -417,24 +307,62 @@ def run_tune(
     ``after_step(StepInfo)`` runs in every trial's workers after each step (tests inject
     faults with it)."""
     import ray
-    from ray import tune
+
+    from raydc.train.data import check_student, read_manifest
+    from raydc.train.trainer import export_model, student_path
 
     t0 = time.time()
     check_space(cfg)
     tc = cfg.tune
-    mode = tc.resolved_mode
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if tc.metric in EVAL_METRICS:
         # The eval metric arrives once, after training; the training reports lack it.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-
-    from raydc.train.data import check_student, read_manifest
-    from raydc.train.trainer import student_path
-
     # The student's identity, once for the sweep: every trial trains the same student.
-    student_fp = check_student(read_manifest(data_dir), student_path(cfg), data_dir)
+    scored = cfg.train.scored_student or student_path(cfg)
+    student_fp = check_student(read_manifest(data_dir), scored, data_dir)
     concurrent = max_concurrent(cfg, ray.cluster_resources())
+    tuner = _tuner(cfg, data_dir, out, student_fp, concurrent, after_step)
+    grid = tuner.fit()
+
+    rows = results_table(grid, cfg)
+    csv_path = out / "results.csv"
+    _write_results(rows, cfg, csv_path)
+    best = _best_row(rows, grid, cfg, csv_path)
+    model_dir = export_model(best["checkpoint_path"], out / "model")
+    best_result = next(r for r in grid if r.path == best["path"])
+    metrics = {
+        k: v
+        for k, v in (best_result.metrics or {}).items()
+        if _scalar(v) and k not in ("checkpoint_path", "model_dir")
+    }
+    summary = {
+        "metric": tc.metric,
+        "mode": tc.resolved_mode,
+        "best_metric": best[tc.metric],
+        "best_config": {k: best[k] for k in tc.space},
+        "best_trial": best["trial_id"],
+        "best_checkpoint": best["checkpoint_path"],
+        "model_dir": model_dir,
+        "results_csv": str(csv_path),
+        "num_trials": len(rows),
+        "num_completed": sum(r["status"] == "completed" for r in rows),
+        "max_concurrent_trials": concurrent,
+        "steps": metrics.get("step"),
+        "metrics": metrics,
+        "experiment_dir": str(out / EXPERIMENT),
+        "seconds": time.time() - t0,
+    }
+    write_json(out / "best.json", summary)
+    return summary
+
+
+def _tuner(cfg: RaydcConfig, data_dir, out: Path, student_fp: str, concurrent: int, after_step):
+    """The sweep's ``Tuner``: restored from ``out/sweep`` when a stopped sweep left one."""
+    from ray import tune
+
+    tc = cfg.tune
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
@@ -449,30 +377,30 @@ def run_tune(
     exp_dir = out / EXPERIMENT
     if tune.Tuner.can_restore(str(exp_dir)):
         print(f"[raydc] tune     resuming the sweep in {exp_dir}", flush=True)
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space(cfg),
-            tune_config=tune.TuneConfig(
-                metric=tc.metric,
-                mode=mode,
-                num_samples=tc.num_samples,
-                search_alg=_searcher(cfg),
-                scheduler=_scheduler(cfg),
-                max_concurrent_trials=concurrent,
-            ),
-            run_config=tune.RunConfig(
-                name=EXPERIMENT,
-                storage_path=str(out),
-                failure_config=tune.FailureConfig(max_failures=tc.max_failures),
-                verbose=1,
-            ),
-        )
-    grid = tuner.fit()
+        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(cfg),
+        tune_config=tune.TuneConfig(
+            metric=tc.metric,
+            mode=tc.resolved_mode,
+            num_samples=tc.num_samples,
+            search_alg=_searcher(cfg),
+            scheduler=_scheduler(cfg),
+            max_concurrent_trials=concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT,
+            storage_path=str(out),
+            failure_config=tune.FailureConfig(max_failures=tc.max_failures),
+            verbose=1,
+        ),
+    )
 
-    rows = results_table(grid, cfg)
-    csv_path = out / "results.csv"
+
+def _write_results(rows: list[dict], cfg: RaydcConfig, csv_path: Path) -> None:
+    """The results table to ``csv_path`` and, in short, to the console."""
+    tc = cfg.tune
     columns = list(dict.fromkeys(k for r in rows for k in r))
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
@@ -480,46 +408,23 @@ def run_tune(
         w.writerows(rows)
     shown = ["trial_id", "status", *tc.space, tc.metric, "step", "tokens_per_s"]
     print(
-        f"\n[raydc] tune results ({tc.metric}, {mode}; {csv_path}):\n" + format_table(rows, shown),
+        f"\n[raydc] tune results ({tc.metric}, {tc.resolved_mode}; {csv_path}):\n"
+        + format_table(rows, shown),
         flush=True,
     )
 
+
+def _best_row(rows: list[dict], grid, cfg: RaydcConfig, csv_path: Path) -> dict:
+    """The best completed trial's row (``rows`` come best first); fails when none finished."""
+    metric = cfg.tune.metric
     finished = [
         r
         for r in rows
-        if r["status"] == "completed" and _scalar(r[tc.metric]) and r.get("checkpoint_path")
+        if r["status"] == "completed" and _scalar(r[metric]) and r.get("checkpoint_path")
     ]
     if not finished:
         errors = [str(r.error) for r in grid if r.error]
         raise RuntimeError(
-            f"no trial of the sweep finished with a {tc.metric}; errors: "
-            f"{errors[:3]}; see {csv_path}"
+            f"no trial of the sweep finished with a {metric}; errors: {errors[:3]}; see {csv_path}"
         )
-    best = finished[0]
-    model_dir = _export(best["checkpoint_path"], out / "model")
-    best_config = {k: best[k] for k in tc.space}
-    best_result = next(r for r in grid if r.path == best["path"])
-    metrics = {
-        k: v
-        for k, v in (best_result.metrics or {}).items()
-        if _scalar(v) and k not in ("checkpoint_path", "model_dir")
-    }
-    summary = {
-        "metric": tc.metric,
-        "mode": mode,
-        "best_metric": best[tc.metric],
-        "best_config": best_config,
-        "best_trial": best["trial_id"],
-        "best_checkpoint": best["checkpoint_path"],
-        "model_dir": model_dir,
-        "results_csv": str(csv_path),
-        "num_trials": len(rows),
-        "num_completed": sum(r["status"] == "completed" for r in rows),
-        "max_concurrent_trials": concurrent,
-        "steps": metrics.get("step"),
-        "metrics": metrics,
-        "experiment_dir": str(exp_dir),
-        "seconds": time.time() - t0,
-    }
-    (out / "best.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
+    return finished[0]

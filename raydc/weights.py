@@ -125,45 +125,21 @@ def _check_fields(overrides: dict) -> dict:
     return overrides
 
 
+# The presets of the method table (docs/method.md), built from their shared bases so each
+# shows its one difference.
+# fmt: off
+_SIGMOID = dict(sign=1, granularity="token", transform="sigmoid", c=2.0, b=0.0, tau=1.0,
+                normalization="self_norm")
+_SEQUENCE_RATIO = dict(sign=1, granularity="sequence_mean", transform="exp_clip", w_min=0.0,
+                       w_max=16.0, tau=1.0, normalization="none")
+# fmt: on
 PRESETS: dict[str, dict] = {
     "sft": dict(transform="none", normalization="none"),
-    "discord": dict(
-        sign=1,
-        granularity="token",
-        transform="sigmoid",
-        c=2.0,
-        b=0.0,
-        tau=1.0,
-        normalization="self_norm",
-    ),
-    "das_token": dict(
-        sign=-1,
-        granularity="token",
-        transform="sigmoid",
-        c=2.0,
-        b=0.0,
-        tau=1.0,
-        normalization="self_norm",
-    ),
-    "iw_seq": dict(
-        sign=1,
-        granularity="sequence_mean",
-        transform="exp_clip",
-        w_min=0.0,
-        w_max=16.0,
-        tau=1.0,
-        normalization="none",
-    ),
+    "discord": _SIGMOID,
+    "das_token": {**_SIGMOID, "sign": -1},
+    "iw_seq": _SEQUENCE_RATIO,
     "dft": dict(granularity="token", transform="power", gamma=1.0, normalization="none"),
-    "tis": dict(
-        sign=1,
-        granularity="sequence_mean",
-        transform="exp_clip",
-        w_min=0.0,
-        w_max=2.0,
-        tau=1.0,
-        normalization="none",
-    ),
+    "tis": {**_SEQUENCE_RATIO, "w_max": 2.0},
 }
 
 
@@ -416,38 +392,8 @@ def weight_diagnostics(
         "edges": [hi * i / bins for i in range(bins + 1)],
         "counts": [int(c) for c in counts.tolist()],
     }
-    clip: dict = {}
-    if config is not None:
-        eps = 1e-6
-        if config.transform == "exp_clip":
-            lo_w = config.floor + (1 - config.floor) * config.w_min
-            hi_w = config.floor + (1 - config.floor) * config.w_max
-            clip = {
-                "at_w_min": float(((wm - lo_w).abs() <= eps * max(1, lo_w)).double().mean()),
-                "at_w_max": float(((wm - hi_w).abs() <= eps * hi_w).double().mean()),
-            }
-        elif config.transform == "mask":
-            clip = {"masked_out": float((wm <= config.floor + eps).double().mean())}
-        elif config.transform == "sigmoid":
-            top = config.floor + (1 - config.floor) * config.c
-            clip = {
-                "near_low": float((wm <= config.floor + 0.01 * config.c).double().mean()),
-                "near_high": float((wm >= top - 0.01 * config.c).double().mean()),
-            }
-    out["clip_shares"] = clip
-    # Position inside the response: index minus the row's first loss index.
-    T = m.shape[1]
-    idx = torch.arange(T, device=m.device)[None, :].expand_as(m)
-    first = torch.where(m, idx, torch.full_like(idx, T)).min(dim=1).values
-    pos = (idx - first[:, None])[m]
-    edges = list(position_edges) + [None]
-    buckets = {}
-    for lo, hi_e in zip(edges[:-1], edges[1:]):
-        sel = (pos >= lo) if hi_e is None else ((pos >= lo) & (pos < hi_e))
-        if sel.any():
-            key = f"{lo}+" if hi_e is None else f"{lo}-{hi_e}"
-            buckets[key] = float(wm[sel].mean())
-    out["mean_by_position"] = buckets
+    out["clip_shares"] = _clip_shares(wm, config) if config is not None else {}
+    out["mean_by_position"] = _mean_by_position(wm, m, position_edges)
     lens = m.sum(dim=1).to(torch.float64)
     keep = lens > 0
     row_mean = (w * m).sum(dim=1)[keep] / lens[keep]
@@ -457,3 +403,41 @@ def weight_diagnostics(
         corr = float(torch.corrcoef(torch.stack([row_mean, lens]))[0, 1])
     out["corr_weight_length"] = corr
     return out
+
+
+def _clip_shares(wm: torch.Tensor, config: WeightConfig) -> dict:
+    """Shares of the loss tokens' weights ``wm`` [N] at their transform's bounds."""
+    eps = 1e-6
+    if config.transform == "exp_clip":
+        lo_w = config.floor + (1 - config.floor) * config.w_min
+        hi_w = config.floor + (1 - config.floor) * config.w_max
+        return {
+            "at_w_min": float(((wm - lo_w).abs() <= eps * max(1, lo_w)).double().mean()),
+            "at_w_max": float(((wm - hi_w).abs() <= eps * hi_w).double().mean()),
+        }
+    if config.transform == "mask":
+        return {"masked_out": float((wm <= config.floor + eps).double().mean())}
+    if config.transform == "sigmoid":
+        top = config.floor + (1 - config.floor) * config.c
+        return {
+            "near_low": float((wm <= config.floor + 0.01 * config.c).double().mean()),
+            "near_high": float((wm >= top - 0.01 * config.c).double().mean()),
+        }
+    return {}
+
+
+def _mean_by_position(wm: torch.Tensor, m_BT: torch.Tensor, position_edges) -> dict:
+    """Mean weight per bucket of position inside the response (index minus the row's first
+    loss index); ``wm`` [N] are the weights of ``m_BT``'s loss tokens."""
+    T = m_BT.shape[1]
+    idx = torch.arange(T, device=m_BT.device)[None, :].expand_as(m_BT)
+    first = torch.where(m_BT, idx, torch.full_like(idx, T)).min(dim=1).values
+    pos = (idx - first[:, None])[m_BT]
+    edges = list(position_edges) + [None]
+    buckets = {}
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (pos >= lo) if hi is None else ((pos >= lo) & (pos < hi))
+        if sel.any():
+            key = f"{lo}+" if hi is None else f"{lo}-{hi}"
+            buckets[key] = float(wm[sel].mean())
+    return buckets

@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from raydc.models import ASSETS, fingerprint, offline_env
+from raydc.artifacts import fingerprint_paths
+from raydc.models import ASSETS, offline_env
 
 
 def _logprobs(model_dir: str, ids_list: list[list[int]]) -> list[np.ndarray]:
@@ -114,9 +115,9 @@ def make_scored(
         cols = {name: [r[name] for r in part] for name in schema.names}
         pq.write_table(pa.table(cols, schema=schema), out / f"part-{j:05d}.parquet")
     manifest = {
-        "student": {"path": str(student_dir), "fingerprint": fingerprint(student_dir)},
-        "tokenizer_fingerprint": fingerprint(student_dir),
-        "teacher": {"path": str(teacher_dir), "fingerprint": fingerprint(teacher_dir)}
+        "student": {"path": str(student_dir), "fingerprint": fingerprint_paths(student_dir)},
+        "tokenizer_fingerprint": fingerprint_paths(student_dir),
+        "teacher": {"path": str(teacher_dir), "fingerprint": fingerprint_paths(teacher_dir)}
         if teacher_dir
         else None,
         "backend": "transformers (tests/train_fixtures.py)",
@@ -181,6 +182,8 @@ def write_scored_rows(
         }
     )
     pq.write_table(table, out / "part-00000.parquet")
-    manifest = {"student": {"path": str(student_dir), "fingerprint": fingerprint(student_dir)}}
+    manifest = {
+        "student": {"path": str(student_dir), "fingerprint": fingerprint_paths(student_dir)}
+    }
     (out / "manifest.json").write_text(json.dumps(manifest))
     return str(out)

@@ -30,22 +30,15 @@ from raydc.artifacts import (
     REJECTS_FILE,
     batch_key,
     check_reject_share,
-    collect_parts,
-    count_rows,
-    data_files,
     prepare_out_dir,
-    reason_counts,
+    summarize_parts,
     tokenizer_fingerprint,
     write_json,
     write_parts,
 )
-from raydc.data.render import (
-    RowReject,
-    parse_row,
-    prepare_candidate,
-    special_ids,
-    teacher_ids_to_offsets,
-)
+from raydc.data.join import IDS, JOIN, LOGPROBS, merge_joined
+from raydc.data.parse import RowReject, parse_row
+from raydc.data.render import prepare_candidate, special_ids, teacher_ids_to_offsets
 from raydc.data.schema import PREPARED_SCHEMA
 from raydc.runtime import connect_ray
 
@@ -53,6 +46,7 @@ if TYPE_CHECKING:
     from raydc.config import DataConfig
 
 READ_CHUNK_ROWS = 1024
+JOINED_COLUMNS = (JOIN, IDS, LOGPROBS)  # beside a raw JSONL line after a join
 
 
 class PrepareError(RuntimeError):
@@ -146,14 +140,25 @@ def _datasource(fmt: str, files: list[str]):
     return TracesDatasource(files)
 
 
-def read_traces(dcfg):
-    """A Ray Dataset of raw trace rows (``_source``, ``_index`` and the row's fields)."""
+def read_rows(path: str, fmt: str = "auto"):
+    """A Ray Dataset of the raw rows of a JSONL / Parquet / HF folder (``_source``,
+    ``_index`` and the row's fields; a JSONL line as ``_raw`` bytes)."""
     import ray
 
-    fmt, files = resolve_source(dcfg.path, dcfg.format)
-    ds = ray.data.read_datasource(_datasource(fmt, files))
+    fmt, files = resolve_source(path, fmt)
+    return ray.data.read_datasource(_datasource(fmt, files))
+
+
+def read_traces(dcfg, parts_dir: str | None = None):
+    """The trace rows; with ``data.teacher_logprobs_path``, joined to their teacher
+    log-probs by ``data.join_key`` (``raydc.data.join``; ``parts_dir`` takes its counts)."""
+    ds = read_rows(dcfg.path, dcfg.format)
     if dcfg.limit:
         ds = ds.limit(dcfg.limit)
+    if dcfg.teacher_logprobs_path:
+        from raydc.data.join import join_teacher_logprobs
+
+        ds = join_teacher_logprobs(ds, dcfg, str(parts_dir), read_rows)
     return ds
 
 
@@ -198,6 +203,7 @@ def prepare_batch(batch: pa.Table, tokenizer: str, dcfg: DataConfig, parts_dir: 
         "tokens": 0,
         "loss_tokens": 0,
         "given_teacher_rows": 0,
+        "rows_read": batch.num_rows,  # source rows, or joined rows after a join
     }
     default_ids = []
     for row in batch.to_pylist():
@@ -205,7 +211,11 @@ def prepare_batch(batch: pa.Table, tokenizer: str, dcfg: DataConfig, parts_dir: 
         default_ids.append(default_id)
         try:
             if "_raw" in row:
-                row = _decode_raw(row.pop("_raw"))
+                joined = {k: row.pop(k) for k in JOINED_COLUMNS if k in row}
+                row = {**_decode_raw(row.pop("_raw")), **joined}
+            if JOIN in row:
+                row = merge_joined(row, dcfg)
+                stats["joined_rows"] = stats.get("joined_rows", 0) + 1
             cands = parse_row(row, dcfg, default_id)
         except RowReject as e:
             rid = default_id
@@ -236,6 +246,33 @@ def prepare_batch(batch: pa.Table, tokenizer: str, dcfg: DataConfig, parts_dir: 
 # ----------------------------------------------------------------------------- the stage
 
 
+def _join_counts(dcfg, totals: dict) -> dict:
+    """What the join of ``data.teacher_logprobs_path`` matched; refuses a log-prob file
+    whose repeated keys duplicated trace rows."""
+    if not dcfg.teacher_logprobs_path:
+        return {}
+    source, joined = int(totals.get("source_rows", 0)), int(totals.get("rows_read", 0))
+    if joined != source:
+        raise PrepareError(
+            f"data.teacher_logprobs_path={dcfg.teacher_logprobs_path!r}: the join on "
+            f"{dcfg.join_key!r} returned {joined} rows for {source} trace rows; a key appears "
+            "in more than one log-prob row"
+        )
+    rows, bad = (
+        int(totals.get("teacher_logprob_rows", 0)),
+        int(totals.get("teacher_logprob_rows_bad", 0)),
+    )
+    return {
+        "teacher_logprobs_join": {
+            "path": dcfg.teacher_logprobs_path,
+            "key": dcfg.join_key,
+            "logprob_rows": rows,
+            "logprob_rows_bad": bad,  # no key, ids or log-probs: not joinable
+            "matched_rows": int(totals.get("joined_rows", 0)),
+        }
+    }
+
+
 def run_prepare(cfg, out_dir: str | os.PathLike) -> dict:
     """Read ``cfg.data.path``, write prepared Parquet, ``rejects.parquet`` and
     ``summary.json`` to ``out_dir``; return the summary (rows_in == rows_out +
@@ -250,37 +287,28 @@ def run_prepare(cfg, out_dir: str | os.PathLike) -> dict:
     tokenizer = tokenizer_path(tokenizer)
     connect_ray(cfg.run.ray_address)
     out = prepare_out_dir(out_dir)
-    ds = read_traces(dcfg).map_batches(
+    ds = read_traces(dcfg, str(out / PARTS_DIR)).map_batches(
         prepare_batch,
         batch_format="pyarrow",
         batch_size=256,
         fn_kwargs=dict(tokenizer=tokenizer, dcfg=dcfg, parts_dir=str(out / PARTS_DIR)),
     )
     ds.write_parquet(str(out))
-    totals, rejects = collect_parts(out, "prepare")
-    rows_out = count_rows(data_files(out))
+    head, totals = summarize_parts(out, "prepare", error=PrepareError)
     summary = {
-        "stage": "prepare",
-        "rows_in": int(totals.get("rows_in", 0)),
-        "rows_out": rows_out,
-        "rows_rejected": rejects.num_rows,
+        **head,
         "truncated": int(totals.get("truncated", 0)),
         "tokens": int(totals.get("tokens", 0)),
         "loss_tokens": int(totals.get("loss_tokens", 0)),
         "given_teacher_rows": int(totals.get("given_teacher_rows", 0)),
-        "reasons": reason_counts(rejects),
+        **_join_counts(dcfg, totals),
         "source": str(dcfg.path),
         "tokenizer": tokenizer,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "config": dataclasses.asdict(dcfg),
-        "paths": {"data": str(out), "rejects": str(out / "rejects.parquet")},
+        "paths": {"data": str(out), "rejects": str(out / REJECTS_FILE)},
         "seconds": round(time.time() - t0, 3),
     }
-    if summary["rows_in"] != rows_out + rejects.num_rows:
-        raise PrepareError(
-            f"prepare lost rows: {summary['rows_in']} in != {rows_out} out + "
-            f"{rejects.num_rows} rejected (a bug; please report)"
-        )
     write_json(out / "summary.json", summary)
     check_reject_share(
         "prepare", summary, dcfg.max_reject_share, out / REJECTS_FILE, error=PrepareError

@@ -1,8 +1,15 @@
-"""Sampling from a model with vLLM: the engine half of ``run_eval`` and ``run_generate``.
+"""Sampling from a model with vLLM: the prologue and engine shared by ``run_eval``,
+``run_generate`` and the reverse-KL metric.
 
-Both stages turn prompts into requests (the prompt rendered with the model's own chat
-template, tokenised once on the driver) and get back sampled token ids, optionally with the
-log-prob of each sampled token. Two backends behind one function, ``iter_samples``:
+Each turns prompts into requests and gets back sampled token ids, optionally with the
+log-prob of each sampled token, in two steps:
+
+- ``fit_prompts``: render each prompt with the model's own chat template (tokenised once on
+  the driver) and drop, as a reject, any prompt that leaves no room for ``max_new_tokens``
+  in the engine's context;
+- ``sample_requests``: ``n`` seeded requests per prompt, sent to the backend.
+
+Two backends behind one function, ``iter_samples``:
 
 - ``ray``: vLLM engines as a Ray Data actor pool (``ray.data.llm``), one placement-group
   bundle per engine worker (CPU-only bundles on machines without a GPU; without one the
@@ -34,6 +41,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raydc.artifacts import REJECTS_SCHEMA
+from raydc.runtime import connect_ray
+
 BACKENDS = ("auto", "ray", "local")
 
 
@@ -62,6 +72,15 @@ class Sampling:
     top_p: float
     max_new_tokens: int
     logprobs: bool  # record the sampled tokens' log-probs
+    n: int = 1  # samples per prompt
+    seed: int = 0  # sample k of prompt i uses seed + i * n + k
+
+    @classmethod
+    def from_config(cls, scfg, logprobs: bool) -> Sampling:
+        """The settings of a stage's config section (eval or generate)."""
+        return cls(
+            scfg.temperature, scfg.top_p, scfg.max_new_tokens, logprobs, scfg.n_samples, scfg.seed
+        )
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -140,6 +159,53 @@ def stop_token_ids(model_dir: str, tokenizer) -> set[int]:
     return ids
 
 
+def read_prompts(
+    path: str | os.PathLike, scfg, candidates: Sequence[str]
+) -> tuple[list[tuple[str, dict]], str]:
+    """The first ``scfg.num_prompts`` rows of ``path`` (as ``read_records`` gives them) and
+    their prompt column: ``scfg.prompt_key``, or with ``auto`` the first of ``candidates``."""
+    records = read_records(path)[: scfg.num_prompts]
+    return records, pick_key([r for _, r in records], scfg.prompt_key, candidates, "prompt")
+
+
+def fit_prompts(
+    tokenizer,
+    items: Sequence[dict],
+    rejects: list[dict],
+    scfg,
+    stage: str,
+    field: str,
+    rejects_path: Path | None = None,
+) -> tuple[list[dict], list[list[int]], list[dict]]:
+    """Render each item's ``message`` (the user turn) with the model's chat template and
+    ``scfg.system_prompt``, and keep the items whose prompt leaves room for
+    ``scfg.max_new_tokens`` in ``scfg.engine.max_model_len``.
+
+    ``items``: the rows a stage accepted, each with ``row_id`` and ``message``; ``rejects``:
+    the rows it refused. Returns the kept items, their prompt token ids, and ``rejects`` with
+    a row (``field``, ``prompt_too_long``) for each prompt dropped here, also written to
+    ``rejects_path`` when given. ``scfg``: the stage's config section (eval or generate).
+    """
+    ids = render_prompts(tokenizer, [it["message"] for it in items], scfg.system_prompt)
+    room = scfg.engine.max_model_len - scfg.max_new_tokens
+    kept, prompt_ids, rejects = [], [], list(rejects)
+    for it, tok_ids in zip(items, ids):
+        if len(tok_ids) > room:
+            reason = (
+                f"prompt_too_long: {len(tok_ids)} prompt tokens > "
+                f"engine.max_model_len - max_new_tokens = {room}"
+            )
+            rejects.append(
+                {"row_id": it["row_id"], "stage": stage, "field": field, "reason": reason}
+            )
+            continue
+        kept.append(it)
+        prompt_ids.append(tok_ids)
+    if rejects_path is not None:
+        write_rejects(rejects_path, rejects)
+    return kept, prompt_ids, rejects
+
+
 # ----------------------------------------------------------------------------- backends
 
 
@@ -156,19 +222,6 @@ def resolve_backend(backend: str, ray_address: str | None) -> str:
     except ImportError:
         return "local"
     return "ray" if ray.is_initialized() else "local"
-
-
-def engine_kwargs(ecfg) -> dict:
-    """vLLM engine arguments shared by both backends (``ecfg``: an EngineConfig)."""
-    return dict(
-        dtype=ecfg.dtype,
-        max_model_len=int(ecfg.max_model_len),
-        gpu_memory_utilization=float(ecfg.gpu_memory_utilization),
-        tensor_parallel_size=int(ecfg.tensor_parallel_size),
-        enforce_eager=bool(ecfg.enforce_eager),
-        logprobs_mode="processed_logprobs",
-        seed=0,
-    )
 
 
 def sampling_params(s: Sampling, seed: int) -> dict:
@@ -216,7 +269,7 @@ class LocalEngine:
 
         self.model_dir = str(model_dir)
         self.version = vllm.__version__
-        self.llm = vllm.LLM(model=self.model_dir, **engine_kwargs(ecfg))
+        self.llm = vllm.LLM(model=self.model_dir, **ecfg.llm_kwargs("processed_logprobs"))
 
     def close(self) -> None:
         """Stop the engine's worker processes now rather than at interpreter exit."""
@@ -280,22 +333,13 @@ def _ray_samples(model_dir, requests, s: Sampling, ecfg, stop_ids) -> Iterator[l
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    if ecfg.gpus_per_engine > 0:
-        # One bundle per tensor-parallel worker; the engine's GPUs split evenly over them.
-        tp = int(ecfg.tensor_parallel_size)
-        bundle = {"CPU": float(ecfg.cpus_per_engine) / tp, "GPU": float(ecfg.gpus_per_engine) / tp}
-        bundles = [bundle] * tp
-    else:
-        bundles = [{"CPU": float(ecfg.cpus_per_engine)}]
     config = vLLMEngineProcessorConfig(
         model_source=str(model_dir),
-        engine_kwargs=engine_kwargs(ecfg),
-        batch_size=int(ecfg.batch_size),
-        concurrency=int(ecfg.num_engines),
+        engine_kwargs=ecfg.llm_kwargs("processed_logprobs"),
+        **ecfg.processor_args(),
         chat_template_stage=False,
         tokenize_stage=False,
         detokenize_stage=False,
-        placement_group_config={"bundles": bundles},
         log_engine_metrics=False,  # the metrics exporter needs Ray Serve
     )
     want_lp = s.logprobs
@@ -333,7 +377,42 @@ def _ray_samples(model_dir, requests, s: Sampling, ecfg, stop_ids) -> Iterator[l
         ]
 
 
-# ----------------------------------------------------------------------------- decoding
+def sample_requests(
+    model_dir: str,
+    tokenizer,
+    prompt_ids: Sequence[list[int]],
+    s: Sampling,
+    ecfg,
+    ray_address: str | None,
+    engine: LocalEngine | None = None,
+) -> tuple[str, Iterator[list[Sample]]]:
+    """``s.n`` samples of each prompt: the backend that serves them and their batches.
+
+    Sample k of prompt i has key ``i * n + k`` (``divmod(key, n)`` gives both back) and seed
+    ``s.seed + i * n + k``. ``ecfg``: the engine section; ``engine``: a started LocalEngine
+    of ``model_dir`` to reuse. Joins Ray first on the ``ray`` backend. The batches raise
+    GenerationError at their end unless every request came back.
+    """
+    n = s.n
+    requests = [
+        Request(key=i * n + k, prompt_token_ids=tok_ids, seed=s.seed + i * n + k)
+        for i, tok_ids in enumerate(prompt_ids)
+        for k in range(n)
+    ]
+    backend = resolve_backend(ecfg.backend, ray_address)
+    if backend == "ray" and requests:
+        connect_ray(ray_address)
+    stop_ids = stop_token_ids(str(model_dir), tokenizer)
+
+    def batches() -> Iterator[list[Sample]]:
+        returned = 0
+        for batch in iter_samples(str(model_dir), requests, s, ecfg, backend, stop_ids, engine):
+            returned += len(batch)
+            yield batch
+        if returned != len(requests):
+            raise GenerationError(f"{len(requests)} samples requested, {returned} returned")
+
+    return backend, batches()
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -366,16 +445,23 @@ class ParquetSink:
 
 
 def write_rejects(path: Path, rejects: list[dict]) -> None:
-    schema = pa.schema(
-        [
-            ("row_id", pa.string()),
-            ("stage", pa.string()),
-            ("field", pa.string()),
-            ("reason", pa.string()),
-        ]
-    )
-    pq.write_table(pa.Table.from_pylist(rejects, schema=schema), path)
+    pq.write_table(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), path)
 
 
 def now() -> float:
     return time.perf_counter()
+
+
+def sampling_figures(scfg, backend: str, tokens: int, seconds: float) -> dict:
+    """What eval and generate report of their sampling: the settings of ``scfg`` (the
+    stage's config section), the backend, and ``tokens`` generated in ``seconds``."""
+    return {
+        "temperature": scfg.temperature,
+        "top_p": scfg.top_p,
+        "max_new_tokens": scfg.max_new_tokens,
+        "seed": scfg.seed,
+        "backend": backend,
+        "generated_tokens": tokens,
+        "generation_seconds": seconds,
+        "tokens_per_second": tokens / seconds if seconds > 0 else None,
+    }

@@ -23,27 +23,28 @@ estimator 1 - C(n-c, k) / C(n, k) (Chen et al., 2021).
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raydc.artifacts import write_json
 from raydc.eval.generation import (
-    LocalEngine,
-    ParquetSink,
-    Request,
     Sampling,
-    iter_samples,
-    now,
+    fit_prompts,
     pick_key,
-    read_records,
-    render_prompts,
-    resolve_backend,
-    stop_token_ids,
-    write_rejects,
+    read_prompts,
+    sample_requests,
+    sampling_figures,
 )
 from raydc.eval.graders import GoldAnswerError, gold_answer, grade
-from raydc.runtime import connect_ray
+
+if TYPE_CHECKING:
+    from raydc.eval.generation import LocalEngine, Sample
 
 PROMPT_KEYS = ("question", "problem", "prompt")
 ANSWER_KEYS = ("answer", "solution")
@@ -108,20 +109,69 @@ def summarize(
 def run_eval(cfg, model_dir: str, out_dir: str | Path, engine: LocalEngine | None = None) -> dict:
     """Evaluate ``model_dir`` on ``cfg.eval.path``; returns the metrics (also written to
     ``out_dir/metrics.json``). ``engine``: a started LocalEngine of this model to reuse."""
-    t0 = now()
+    from raydc.models import load_tokenizer
+
+    t0 = time.perf_counter()
     ecfg = cfg.eval
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records = read_records(ecfg.path)
-    if ecfg.num_prompts is not None:
-        records = records[: ecfg.num_prompts]
-    rows = [r for _, r in records]
-    pkey = pick_key(rows, ecfg.prompt_key, PROMPT_KEYS, "prompt")
-    akey = pick_key(rows, ecfg.answer_key, ANSWER_KEYS, "gold answer")
-
-    from raydc.models import load_tokenizer
-
+    records, pkey = read_prompts(ecfg.path, ecfg, PROMPT_KEYS)
+    akey = pick_key([r for _, r in records], ecfg.answer_key, ANSWER_KEYS, "gold answer")
+    items, rejects = _check_rows(records, ecfg, pkey, akey)
     tokenizer = load_tokenizer(model_dir)
+    kept, prompt_ids, rejects = fit_prompts(
+        tokenizer, items, rejects, ecfg, "eval", pkey, out / "rejects.parquet"
+    )
+    if not kept:
+        reasons = sorted({r["reason"].split(":")[0] for r in rejects})
+        raise ValueError(f"eval: all {len(records)} rows of {ecfg.path} rejected ({reasons})")
+
+    sampling = Sampling.from_config(ecfg, logprobs=False)
+    backend, batches = sample_requests(
+        str(model_dir), tokenizer, prompt_ids, sampling, ecfg.engine, cfg.run.ray_address, engine
+    )
+    t_gen = time.perf_counter()
+    gen_rows = _graded_rows(batches, kept, tokenizer, ecfg)
+    gen_seconds = time.perf_counter() - t_gen
+    pq.write_table(pa.Table.from_pylist(gen_rows), out / "generations.parquet")
+
+    metrics = _metrics(gen_rows, len(kept), ecfg.n_samples)
+    metrics.update(
+        {
+            "rows_in": len(records),
+            "rows_out": len(kept),
+            "rows_rejected": len(rejects),
+            "grader": ecfg.grader,
+            "model": str(model_dir),
+            "eval_path": str(ecfg.path),
+            "paths": {
+                "metrics": str(out / "metrics.json"),
+                "generations": str(out / "generations.parquet"),
+                "rejects": str(out / "rejects.parquet"),
+            },
+            **sampling_figures(ecfg, backend, sum(r["num_tokens"] for r in gen_rows), gen_seconds),
+            "seconds": time.perf_counter() - t0,
+        }
+    )
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def user_message(ecfg, prompt: str) -> str:
+    """``prompt`` as the user turn: ``eval.prompt_template`` filled in."""
+    try:
+        return ecfg.prompt_template.format(prompt=prompt)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(
+            f"eval.prompt_template={ecfg.prompt_template!r}: {e!r}; use {{prompt}} only"
+        ) from None
+
+
+def _check_rows(
+    records: list[tuple[str, dict]], ecfg, pkey: str, akey: str
+) -> tuple[list[dict], list[dict]]:
+    """The rows with prompt text and a gold final answer, as items for ``fit_prompts``
+    (``row_id``, ``message``, ``prompt``, ``gold``, ``answer``); a reject row for each other."""
     items, rejects = [], []
     for default_id, row in records:
         rid = str(row[ecfg.id_key]) if row.get(ecfg.id_key) is not None else default_id
@@ -143,64 +193,24 @@ def run_eval(cfg, model_dir: str, out_dir: str | Path, engine: LocalEngine | Non
         except GoldAnswerError as e:
             reject(akey, f"bad_gold: {e}")
             continue
-        try:
-            user = ecfg.prompt_template.format(prompt=prompt)
-        except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(
-                f"eval.prompt_template={ecfg.prompt_template!r}: {e!r}; use {{prompt}} only"
-            ) from None
+        message = user_message(ecfg, prompt)
         items.append(
-            {"row_id": rid, "prompt": prompt, "user": user, "gold": gold, "answer": answer}
+            {"row_id": rid, "message": message, "prompt": prompt, "gold": gold, "answer": answer}
         )
+    return items, rejects
 
-    ids = render_prompts(tokenizer, [it["user"] for it in items], ecfg.system_prompt)
-    room = ecfg.engine.max_model_len - ecfg.max_new_tokens
-    kept = []
-    for it, tok_ids in zip(items, ids):
-        if len(tok_ids) > room:
-            rejects.append(
-                {
-                    "row_id": it["row_id"],
-                    "stage": "eval",
-                    "field": pkey,
-                    "reason": f"prompt_too_long: {len(tok_ids)} prompt tokens > "
-                    f"engine.max_model_len - max_new_tokens = {room}",
-                }
-            )
-            continue
-        kept.append((it, tok_ids))
-    write_rejects(out / "rejects.parquet", rejects)
-    if not kept:
-        reasons = sorted({r["reason"].split(":")[0] for r in rejects})
-        raise ValueError(f"eval: all {len(records)} rows of {ecfg.path} rejected ({reasons})")
 
-    n = ecfg.n_samples
-    requests = [
-        Request(key=i * n + k, prompt_token_ids=tok_ids, seed=ecfg.seed + i * n + k)
-        for i, (_, tok_ids) in enumerate(kept)
-        for k in range(n)
-    ]
-    sampling = Sampling(ecfg.temperature, ecfg.top_p, ecfg.max_new_tokens, logprobs=False)
-    backend = resolve_backend(ecfg.engine.backend, cfg.run.ray_address)
-    if backend == "ray":
-        connect_ray(cfg.run.ray_address)
-    t_gen = now()
-    gen_rows: list[dict] = []
-    for batch in iter_samples(
-        str(model_dir),
-        requests,
-        sampling,
-        ecfg.engine,
-        backend,
-        stop_token_ids(str(model_dir), tokenizer),
-        engine=engine,
-    ):
+def _graded_rows(batches: Iterable[list[Sample]], items: list[dict], tokenizer, ecfg) -> list[dict]:
+    """One row per sample, decoded and graded against its prompt's answer (``items[i]``),
+    in prompt then sample order."""
+    rows = []
+    for batch in batches:
         for smp in batch:
-            i, k = divmod(smp.key, n)
-            it = kept[i][0]
+            i, k = divmod(smp.key, ecfg.n_samples)
+            it = items[i]
             response = tokenizer.decode(smp.token_ids, skip_special_tokens=True)
             g = grade(ecfg.grader, response, it["answer"])
-            gen_rows.append(
+            rows.append(
                 {
                     "index": i,
                     "row_id": it["row_id"],
@@ -214,48 +224,18 @@ def run_eval(cfg, model_dir: str, out_dir: str | Path, engine: LocalEngine | Non
                     "finish_reason": smp.finish_reason,
                 }
             )
-    gen_seconds = now() - t_gen
-    if len(gen_rows) != len(requests):
-        raise RuntimeError(f"eval: {len(requests)} samples requested, {len(gen_rows)} returned")
-    gen_rows.sort(key=lambda r: (r["index"], r["sample"]))
-    sink = ParquetSink(out / "generations.parquet")
-    sink.write(gen_rows)
-    sink.close()
+    rows.sort(key=lambda r: (r["index"], r["sample"]))
+    return rows
 
-    correct = [[r["correct"] for r in gen_rows[i * n : (i + 1) * n]] for i in range(len(kept))]
-    metrics = summarize(
-        correct,
-        [r["num_tokens"] for r in gen_rows],
-        [r["predicted"] is not None for r in gen_rows],
-        [r["finish_reason"] == "length" for r in gen_rows],
+
+def _metrics(rows: list[dict], prompts: int, n: int) -> dict:
+    """:func:`summarize` over the graded rows (``n`` per prompt, in order)."""
+    return summarize(
+        [[r["correct"] for r in rows[i * n : (i + 1) * n]] for i in range(prompts)],
+        [r["num_tokens"] for r in rows],
+        [r["predicted"] is not None for r in rows],
+        [r["finish_reason"] == "length" for r in rows],
     )
-    generated = sum(r["num_tokens"] for r in gen_rows)
-    metrics.update(
-        {
-            "rows_in": len(records),
-            "rows_out": len(kept),
-            "rows_rejected": len(rejects),
-            "grader": ecfg.grader,
-            "temperature": ecfg.temperature,
-            "top_p": ecfg.top_p,
-            "max_new_tokens": ecfg.max_new_tokens,
-            "seed": ecfg.seed,
-            "backend": backend,
-            "model": str(model_dir),
-            "eval_path": str(ecfg.path),
-            "generated_tokens": generated,
-            "generation_seconds": gen_seconds,
-            "tokens_per_second": generated / gen_seconds if gen_seconds > 0 else None,
-            "seconds": now() - t0,
-            "paths": {
-                "metrics": str(out / "metrics.json"),
-                "generations": str(out / "generations.parquet"),
-                "rejects": str(out / "rejects.parquet"),
-            },
-        }
-    )
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
 
 
 def run_eval_stage(cfg, model_dir: str, out_dir: str | Path, initial_dir: str | None) -> dict:
@@ -281,7 +261,7 @@ def run_eval_stage(cfg, model_dir: str, out_dir: str | Path, initial_dir: str | 
             }
         )
         metrics["paths"]["initial_metrics"] = str(out / "initial" / "metrics.json")
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_json(out / "metrics.json", metrics)
     return metrics
 
 

@@ -24,14 +24,16 @@ reference trace says, per position, whether the student's argmax is a *valid* ne
 every teacher-forced step is valid is what teacher forcing predicts for free generation;
 free greedy generation on the same problems gives the realised accuracy.
 
-Every training run (teacher, student pre-training, every arm) uses the library's loss:
-``raydc.loss.chunked_token_logprobs`` for the per-token log-probs,
-``raydc.weights.compute_weights`` for the weights and ``raydc.loss.weighted_token_loss``
-for the reduction. Models are real Qwen2 causal LMs (head_dim 64, as vLLM CPU needs),
-saved with ``save_pretrained`` so vLLM loads them. Nothing here imports ray.
+Every training run (teacher, student pre-training, every arm) takes the trainer's step:
+``raydc.train.batch.collate`` builds its ``MicroBatch`` and ``raydc.train.step.Learner``
+computes the weights (``micro_batch_weights``) and the loss (``weighted_token_loss``), in
+one process (``finetune.LocalEngine`` in DeepSpeed's place); per-token log-probs come from
+``raydc.loss.chunked_token_logprobs``. Models are real Qwen2 causal LMs (head_dim 64, as
+vLLM CPU needs), saved with ``save_pretrained`` so vLLM loads them. Nothing here imports
+ray.
 
-Modules: task, models, traces, finetune, evaluate, sampling, jobs, machine, report;
-the names below are the package's public API.
+Modules: task, models, traces, finetune, evaluate, sampling, jobs, machine, run, stages
+(the benchmark's steps, in order), report; the names below are the package's public API.
 """
 
 from __future__ import annotations
@@ -54,14 +56,8 @@ from raydc.quality.models import (  # noqa: F401
     load_model,
     save_model,
 )
-from raydc.quality.report import (  # noqa: F401
-    METRICS,
-    aggregate,
-    ensure_dir,
-    markdown_table,
-    plot,
-    write_json_safe,
-)
+from raydc.quality.report import METRICS, aggregate, markdown_table, plot, write_report  # noqa: F401
+from raydc.quality.run import write_json_safe  # noqa: F401
 from raydc.quality.sampling import check_vllm_logprobs, sample_with_vllm  # noqa: F401
 from raydc.quality.task import (  # noqa: F401
     CHARS,

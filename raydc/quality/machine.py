@@ -1,13 +1,41 @@
-"""The machine's load during a run, from /proc (a run taken under load is rejected)."""
+"""The machine's CPU from /proc: the one sampler the quality benchmark and bench/ use.
+
+``busy_ticks`` is the machine's busy CPU time (/proc/stat), ``processes`` every process's
+CPU time, parent and RSS (/proc/<pid>/stat), ``TreeCPU`` what one process tree used
+against the rest of the machine ("foreign" CPU), and ``LoadMonitor`` samples that for
+the benchmark while it runs (a run taken under load is labelled contended). Times are in
+clock ticks (``HZ`` a second).
+"""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
+from dataclasses import dataclass
+
+HZ = os.sysconf("SC_CLK_TCK")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
-def _proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (ppid, utime + stime in clock ticks) for every live process."""
+def busy_ticks() -> int:
+    """The machine's busy CPU ticks since boot: user, nice, system, irq, softirq and steal
+    (all but idle and iowait; guest time is already inside user and nice)."""
+    with open("/proc/stat") as fh:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, fh.readline().split()[1:9])
+    return user + nice + system + irq + softirq + steal
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    ppid: int
+    ticks: int  # user + system CPU
+    rss_bytes: int
+    comm: str  # the kernel's name of the process (15 characters at most)
+
+
+def processes() -> dict[int, ProcStat]:
+    """pid -> ProcStat of every live process."""
     out = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -17,65 +45,106 @@ def _proc_table() -> dict[int, tuple[int, int]]:
                 raw = fh.read()
         except OSError:
             continue
+        # comm may hold spaces and parentheses: the fields start after the last ")".
         rest = raw[raw.rfind(")") + 2 :].split()
-        out[int(name)] = (int(rest[1]), int(rest[11]) + int(rest[12]))
+        out[int(name)] = ProcStat(
+            ppid=int(rest[1]),
+            ticks=int(rest[11]) + int(rest[12]),
+            rss_bytes=int(rest[21]) * PAGE_BYTES,
+            comm=raw[raw.find("(") + 1 : raw.rfind(")")],
+        )
     return out
 
 
-def _busy_ticks() -> int:
-    with open("/proc/stat") as fh:
-        parts = fh.readline().split()[1:]
-    vals = [int(x) for x in parts]
-    return sum(vals) - vals[3] - vals[4]  # all but idle and iowait
+def cmdline(pid: int) -> list[str]:
+    """The process's argv ([] once it has exited). A retitled process (setproctitle, as
+    Ray's workers do) writes its title as one string: split on spaces."""
+    try:
+        with open(f"/proc/{pid}/cmdline") as fh:
+            raw = fh.read()
+    except OSError:
+        return []
+    argv = raw.removesuffix("\0").split("\0")
+    if len(argv) == 1:
+        argv = argv[0].split(" ")
+    return [a for a in argv if a]
+
+
+def tree_pids(table: dict[int, ProcStat], root: int) -> set[int]:
+    """``root`` and every live process below it."""
+    children: dict[int, list[int]] = {}
+    for pid, p in table.items():
+        children.setdefault(p.ppid, []).append(pid)
+    tree, frontier = {root} & table.keys(), [root]
+    while frontier:
+        for kid in children.get(frontier.pop(), []):
+            if kid not in tree:
+                tree.add(kid)
+                frontier.append(kid)
+    return tree
+
+
+class TreeCPU:
+    """The CPU a process tree and the whole machine used since construction, polled.
+
+    Each ``poll`` reads every process once. A process of the tree keeps its last reading
+    after it exits; what it used after that reading counts as foreign, so the foreign
+    share is an upper bound."""
+
+    def __init__(self, root: int):
+        self.root = root
+        self.t0, self.busy0 = time.time(), busy_ticks()
+        self.ticks_by_pid: dict[int, int] = {}
+
+    def poll(self) -> dict[int, ProcStat]:
+        """The tree's live processes now (and their CPU recorded)."""
+        table = processes()
+        tree = {pid: table[pid] for pid in tree_pids(table, self.root)}
+        for pid, p in tree.items():
+            self.ticks_by_pid[pid] = p.ticks
+        return tree
+
+    def own_ticks(self) -> int:
+        return sum(self.ticks_by_pid.values())
+
+    def foreign_share(self, wall_s: float | None = None) -> float:
+        """CPU of everything outside the tree since construction, in cores, over the
+        machine's cores: (machine busy - tree) / wall / cores."""
+        wall = time.time() - self.t0 if wall_s is None else wall_s
+        foreign = max(0, busy_ticks() - self.busy0 - self.own_ticks()) / HZ
+        return foreign / max(wall, 1e-9) / (os.cpu_count() or 1)
 
 
 class LoadMonitor:
     """Samples the machine while the benchmark runs: the 1-minute load average, and how
     much CPU went to processes *outside* this run's process tree ("foreign" CPU). A run
     whose foreign share is above ``contended_share`` of the cores is labelled contended:
-    its timings are not benchmark figures. Processes that exit between two samples lose
-    their last partial interval (counted as foreign), so the foreign share is an upper
-    bound."""
+    its timings are not benchmark figures (``TreeCPU``: the foreign share is an upper
+    bound)."""
 
     def __init__(self, interval_s: float = 2.0, contended_share: float = 0.10):
-        import threading
-
         self.interval_s = interval_s
         self.contended_share = contended_share
         self.samples: list[dict] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.ncpu = os.cpu_count() or 1
-        self.hz = os.sysconf("SC_CLK_TCK")
-
-    def _ours(self, table: dict) -> dict[int, int]:
-        root = os.getpid()
-        mine, changed = {root}, True
-        while changed:
-            changed = False
-            for pid, (ppid, _) in table.items():
-                if ppid in mine and pid not in mine:
-                    mine.add(pid)
-                    changed = True
-        return {pid: table[pid][1] for pid in mine if pid in table}
 
     def _run(self) -> None:
-        prev_t, prev_busy = time.time(), _busy_ticks()
-        prev_ours = self._ours(_proc_table())
+        tree = TreeCPU(os.getpid())
+        tree.poll()
+        prev_t, prev_busy, prev_ours = tree.t0, tree.busy0, tree.own_ticks()
         while not self._stop.wait(self.interval_s):
-            now, busy = time.time(), _busy_ticks()
-            ours = self._ours(_proc_table())
-            d_ours = sum(v - prev_ours.get(p, 0) for p, v in ours.items())
+            tree.poll()
+            now, busy, ours = time.time(), busy_ticks(), tree.own_ticks()
             wall = now - prev_t
-            with open("/proc/loadavg") as fh:
-                load1 = float(fh.read().split()[0])
-            total = (busy - prev_busy) / self.hz
-            foreign = max(0.0, total - d_ours / self.hz)
+            d_ours = (ours - prev_ours) / HZ
+            foreign = max(0.0, (busy - prev_busy) / HZ - d_ours)
             self.samples.append(
                 {
                     "t": now,
-                    "load1": load1,
-                    "ours_cores": d_ours / self.hz / wall,
+                    "load1": os.getloadavg()[0],
+                    "ours_cores": d_ours / wall,
                     "foreign_cores": foreign / wall,
                 }
             )

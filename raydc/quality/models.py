@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from raydc.models import qwen2_config
 from raydc.quality.task import EOS, PAD, VOCAB_SIZE
 
 # (hidden, layers, heads, kv heads, intermediate); head_dim = hidden / heads = 64.
@@ -15,24 +16,9 @@ STUDENT_SIZE = (128, 3, 2, 1, 256)
 
 def build_model(sizes: tuple[int, int, int, int, int], seed: int, max_len: int = 256):
     """A random-init Qwen2 causal LM over the task vocabulary."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
-    hidden, layers, heads, kv, inter = sizes
-    config = Qwen2Config(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        head_dim=hidden // heads,
-        max_position_embeddings=max_len,
-        tie_word_embeddings=False,
-        rope_theta=10000.0,
-        bos_token_id=None,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
-    )
+    config = qwen2_config(sizes, VOCAB_SIZE, EOS, PAD, max_len)
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(config).float()
 

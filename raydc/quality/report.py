@@ -1,28 +1,23 @@
-"""Aggregating records, the markdown table, the plot and JSON-safe output."""
+"""The benchmark's report: aggregating records, the markdown table, the plot, and
+``write_report`` (results.json, table.md, results.png, load.json)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import platform
+import sys
+import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from typing import TYPE_CHECKING
 
+from raydc.quality.models import count_params, load_model
+from raydc.quality.run import TUNE_BASE, TUNE_SPACE, write_json_safe
 
-def write_json_safe(obj):
-    """Floats that JSON can hold (NaN -> None)."""
-    if isinstance(obj, float):
-        return None if not math.isfinite(obj) else obj
-    if isinstance(obj, dict):
-        return {k: write_json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [write_json_safe(v) for v in obj]
-    return obj
-
-
-def ensure_dir(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+if TYPE_CHECKING:
+    from raydc.quality.machine import LoadMonitor
+    from raydc.quality.run import BenchmarkRun, Plan
 
 
 def _msd(xs: Sequence[float]) -> tuple[float, float]:
@@ -147,3 +142,77 @@ def plot(rows: Sequence[dict], arms_order: Sequence[str], path: str | os.PathLik
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_report(
+    run: BenchmarkRun,
+    plan: Plan,
+    records: list[dict],
+    monitor: LoadMonitor,
+    timings: dict[str, float],
+    t_start: float,
+    fine_tuning_runs: int,
+) -> None:
+    """8. The report: this invocation's session (its load) added to the state, then
+    results.json, table.md, results.png and load.json; the table logged."""
+    timings["total_s"] = time.time() - t_start
+    load = monitor.stop()
+    # One entry per invocation: a resumed run reports the load of every part it ran in.
+    sessions = run.state.get("sessions", []) + [
+        {
+            "command": " ".join(sys.argv),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t_start)),
+            "timings_s": timings,
+            "load": load,
+            "fine_tuning_runs": fine_tuning_runs,
+        }
+    ]
+    run.save_state(sessions=sessions)
+    contended = any(s["load"].get("contended") for s in sessions)
+    rows = aggregate(records)
+    table = markdown_table(rows, plan.arms)
+    plot(rows, plan.arms, run.out / "results.png")
+    (run.out / "table.md").write_text(table)
+    (run.out / "load.json").write_text(
+        json.dumps(write_json_safe({"summary": load, "samples": monitor.samples}), indent=1)
+    )
+    results = _results(run, plan, rows, records, contended)
+    (run.out / "results.json").write_text(json.dumps(write_json_safe(results), indent=1))
+    label = "CONTENDED" if contended else "uncontended"
+    run.log(
+        f"done in {timings['total_s']:.0f} s ({label}: foreign CPU "
+        f"{load.get('foreign_cores_mean', float('nan')):.2f} cores, load1 mean "
+        f"{load.get('load1_mean', float('nan')):.1f})\n{table}"
+    )
+
+
+def _results(run: BenchmarkRun, plan: Plan, rows, records, contended: bool) -> dict:
+    """results.json: the plan, the machine, every stage's state, the rows and records."""
+    import torch
+
+    state = run.state
+    return {
+        "command": " ".join(["python", *sys.argv]),
+        "params": plan.params,
+        "budgets": plan.budgets,
+        "seeds": plan.seeds,
+        "arms": plan.arms,
+        "student_ref": plan.student_ref,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+        },
+        "contended": contended,
+        "sessions": state["sessions"],
+        "models": {
+            "teacher_params": count_params(load_model(run.teacher_dir)),
+            "student_params": count_params(load_model(run.student_dir)),
+        },
+        "teacher": state["teacher"],
+        "student_init": state["student"],
+        "traces": state["traces"],
+        "tune": {"space": TUNE_SPACE, "base": TUNE_BASE, **state.get("tune", {})},
+        "rows": rows,
+        "records": records,
+    }

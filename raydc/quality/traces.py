@@ -6,10 +6,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from raydc.loss import chunked_token_logprobs
 from raydc.quality.task import _STOI, EOS, PAD, Problem, encode, solution
+from raydc.train.batch import RowBlock
 
 
 @dataclass
@@ -45,6 +47,28 @@ class TraceSet:
             self.prompt_id[ix],
             self.lengths[ix],
             dict(self.meta),
+        )
+
+    def row_block(self) -> RowBlock:
+        """The rows as the trainer's flat ``RowBlock`` (what ``collate`` batches): per-token
+        columns unshifted, so position t holds token t and its log-probs, position 0 none.
+        Every row counts as having teacher log-probs (0 where unknown)."""
+        n, L = self.ids_BL.shape
+        keep_BL = torch.arange(L)[None, :] < self.lengths[:, None]
+
+        def per_token(x_BT: torch.Tensor) -> np.ndarray:
+            """[B, L - 1] targets -> [N] per token, row after row."""
+            return torch.cat([torch.zeros_like(x_BT[:, :1]), x_BT], dim=1)[keep_BL].numpy()
+
+        return RowBlock(
+            row_ids=[str(i) for i in range(n)],
+            offsets=np.concatenate([[0], np.cumsum(self.lengths.numpy())]).astype(np.int64),
+            input_ids=self.ids_BL[keep_BL].numpy().astype(np.int32),
+            loss_mask=per_token(self.loss_mask),
+            sentence_ids=per_token(self.sentence_ids).astype(np.int32),
+            student_logprobs=per_token(self.student_lp).astype(np.float32),
+            teacher_logprobs=per_token(self.teacher_lp).astype(np.float32),
+            has_teacher=np.ones(n, dtype=bool),
         )
 
     def save(self, path: str | os.PathLike) -> None:

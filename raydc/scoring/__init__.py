@@ -17,18 +17,18 @@ if TYPE_CHECKING:
 
 
 def make_scorer(cfg: ScoreConfig, model: str, temperature: float = 1.0) -> Scorer:
-    """A scorer of ``model`` with the engine settings of ``cfg`` (its backend decides),
-    returning log-probs of softmax(logits / temperature)."""
+    """A scorer of ``model`` with the engine settings of ``cfg.engine`` (``cfg.backend``
+    decides which), returning log-probs of softmax(logits / temperature)."""
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r}: must be > 0")
     if cfg.backend == "transformers":
         from raydc.scoring.hf import TransformersScorer
 
-        return TransformersScorer(model, cfg, temperature)
+        return TransformersScorer(model, cfg.engine, temperature)
     if cfg.backend == "vllm":
         from raydc.scoring.vllm_backend import VLLMScorer
 
-        return VLLMScorer(model, cfg, temperature)
+        return VLLMScorer(model, cfg.engine, temperature)
     raise ValueError(f"score.backend={cfg.backend!r}: must be 'vllm' or 'transformers'")
 
 
@@ -36,15 +36,16 @@ def score_rows(
     model: str, token_ids, backend: str = "transformers", temperature: float = 1.0, **settings
 ):
     """Log-probs [T] (float32, position 0 = 0.0) of each row of ``token_ids`` under
-    ``model`` at ``temperature``, scored in this process. ``settings`` are ScoreConfig
-    fields (dtype, max_model_len...); unknown ones are refused."""
+    ``model`` at ``temperature``, scored in this process. ``settings`` are engine fields
+    (``score.engine``: dtype, max_model_len...); unknown ones are refused."""
     from raydc.config import ScoreConfig
 
-    known = {f.name for f in dataclasses.fields(ScoreConfig)}
+    cfg = ScoreConfig(backend=backend)
+    known = {f.name for f in dataclasses.fields(cfg.engine)}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise TypeError(f"unknown scorer settings {unknown}; known: {sorted(known)}")
-    cfg = ScoreConfig(**{**settings, "backend": backend})
+    cfg.engine = dataclasses.replace(cfg.engine, **settings)
     cfg.validate("score")
     scorer = make_scorer(cfg, model, temperature)
     try:

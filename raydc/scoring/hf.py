@@ -1,23 +1,28 @@
 """The transformers scorer: a padded forward pass, log-softmax in float32, gather.
 
-Log-probs are of softmax(logits / temperature). The logits are formed chunk by chunk from the final hidden states, so the [tokens x vocab]
-float32 tensor never exceeds ``score.max_num_batched_tokens`` rows at a time. Used as the
-reference the vLLM scores are checked against, and as the fallback backend.
+Log-probs are of softmax(logits / temperature). The logits are formed chunk by chunk from
+the final hidden states, so the [tokens x vocab] float32 tensor never exceeds
+``score.engine.max_num_batched_tokens`` rows at a time. Used as the reference the vLLM
+scores are checked against, and as the fallback backend.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from raydc.scoring.base import check_result
 
+if TYPE_CHECKING:
+    from raydc.config import VLLMEngineConfig
+
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": "float32"}
 
 
 class TransformersScorer:
-    def __init__(self, model: str, scfg, temperature: float = 1.0):
+    def __init__(self, model: str, engine: VLLMEngineConfig, temperature: float = 1.0):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -26,13 +31,12 @@ class TransformersScorer:
         offline_env()
         self.torch = torch
         self.device = torch.device(
-            "cuda" if scfg.gpus_per_engine > 0 and torch.cuda.is_available() else "cpu"
+            "cuda" if engine.gpus_per_engine > 0 and torch.cuda.is_available() else "cpu"
         )
-        dtype = getattr(torch, DTYPES[scfg.dtype])
+        dtype = getattr(torch, DTYPES[engine.dtype])
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(self.device).eval()
         self.vocab = self.model.get_output_embeddings().weight.shape[0]
-        self.max_tokens = int(scfg.max_num_batched_tokens)
-        self.max_len = int(scfg.max_model_len)
+        self.max_tokens = int(engine.max_num_batched_tokens)
         self.temperature = float(temperature)
 
     def score(self, token_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:

@@ -116,6 +116,29 @@ def _not_selected(records: list[dict], top_k: int) -> pa.Table:
     )
 
 
+def _selection_manifest(src_manifest: Path, summary: dict, sel, files, out: Path) -> dict:
+    """The scored store's manifest with the selection's counts and settings."""
+    manifest = json.loads(src_manifest.read_text())
+    manifest["counts"] = {
+        **manifest.get("counts", {}),
+        "rows_in": summary["rows_in"],
+        "rows_out": summary["rows_out"],
+        "rows_rejected": summary["rows_rejected"],
+    }
+    manifest["selection"] = {
+        "threshold": sel.threshold,
+        "top_k": sel.top_k,
+        # The scored store the kept ids point into, relative to this folder, and its files'
+        # sizes (training refuses a store that changed since).
+        "source": os.path.relpath(src_manifest.parent.resolve(), out.resolve()),
+        "source_files": {Path(f).name: os.path.getsize(f) for f in files},
+        "mean_score_kept": summary["mean_score_kept"],
+        "mean_score_all": summary["mean_score_all"],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return manifest
+
+
 def run_select(cfg, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
     """DASD divergence-aware selection on scored rows: per prompt, keep the top
     ``cfg.select.top_k`` candidates by the share of sentences with delta >
@@ -168,24 +191,7 @@ def run_select(cfg, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -
         "mean_score_all": sum(r["score"] for r in records) / max(1, len(records)),
         "seconds": round(time.time() - t0, 3),
     }
-    manifest = json.loads(src_manifest.read_text())
-    manifest["counts"] = {
-        **manifest.get("counts", {}),
-        "rows_in": summary["rows_in"],
-        "rows_out": rows_out,
-        "rows_rejected": rejects.num_rows,
-    }
-    manifest["selection"] = {
-        "threshold": sel.threshold,
-        "top_k": sel.top_k,
-        # The scored store the kept ids point into, relative to this folder, and its files'
-        # sizes (training refuses a store that changed since).
-        "source": os.path.relpath(Path(scored_dir).resolve(), out.resolve()),
-        "source_files": {Path(f).name: os.path.getsize(f) for f in files},
-        "mean_score_kept": summary["mean_score_kept"],
-        "mean_score_all": summary["mean_score_all"],
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    manifest = _selection_manifest(src_manifest, summary, sel, files, out)
     write_json(out / "manifest.json", manifest)
     summary["paths"] = {
         "data": str(out),

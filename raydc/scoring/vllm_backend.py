@@ -28,15 +28,19 @@ import os
 import sys
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from raydc.scoring.base import ScoreMismatchError, check_result
 
+if TYPE_CHECKING:
+    from raydc.config import VLLMEngineConfig
+
 
 def max_prompt_len(model: str, max_model_len: int) -> int:
-    """The longest row an engine scores: ``score.max_model_len``, less one when the model's
-    own context is no longer (vLLM counts the one generated token against the length)."""
+    """The longest row an engine scores: ``score.engine.max_model_len``, less one when the
+    model's own context is no longer (vLLM counts the one generated token against the length)."""
     import json
     from pathlib import Path
 
@@ -46,23 +50,6 @@ def max_prompt_len(model: str, max_model_len: int) -> int:
         data = json.loads(cfg.read_text())
         limit = data.get("text_config", data).get("max_position_embeddings")
     return int(min(max_model_len, limit - 1)) if limit else int(max_model_len)
-
-
-def engine_kwargs(model: str, scfg) -> dict:
-    engine_len = max_prompt_len(model, scfg.max_model_len) + 1
-    return dict(
-        model=model,
-        dtype=scfg.dtype,
-        max_model_len=engine_len,
-        max_num_batched_tokens=int(max(scfg.max_num_batched_tokens, engine_len)),
-        gpu_memory_utilization=float(scfg.gpu_memory_utilization),
-        tensor_parallel_size=int(scfg.tensor_parallel_size),
-        enforce_eager=bool(scfg.enforce_eager),
-        enable_prefix_caching=False,
-        logprobs_mode="raw_logprobs",
-        skip_tokenizer_init=False,
-        seed=0,
-    )
 
 
 def scale_logits(model, scale: float) -> int:
@@ -77,7 +64,7 @@ def scale_logits(model, scale: float) -> int:
 
 
 class VLLMScorer:
-    def __init__(self, model: str, scfg, temperature: float = 1.0):
+    def __init__(self, model: str, engine: VLLMEngineConfig, temperature: float = 1.0):
         import functools
 
         from raydc.models import offline_env
@@ -93,7 +80,13 @@ class VLLMScorer:
 
         self.version = vllm.__version__
         self.temperature = float(temperature)
-        self.llm = LLM(**engine_kwargs(model, scfg))
+        self.llm = LLM(
+            model=model,
+            **engine.llm_kwargs(
+                "raw_logprobs", max_model_len=max_prompt_len(model, engine.max_model_len) + 1
+            ),
+            enable_prefix_caching=False,
+        )
         if self.temperature != 1.0:
             counts = self.llm.apply_model(functools.partial(scale_logits, scale=1.0 / temperature))
             if not counts or min(counts) < 1:

@@ -8,11 +8,8 @@ window of rows at a time, collates micro-batches (packed by default) and runs
 consumed) goes into every checkpoint, so a restarted worker resumes at the exact
 micro-batch it stopped at.
 
-Re-scoring rounds (``rescore_every = k`` with ``student_ref=init``): after every k
-optimizer steps, each worker re-scores every training row of its shard in-process with the
-current weights (no-grad forwards of the same model, window by window) into a per-rank
-memory-mapped file on local disk, and uses those log-probs for the weights until the next
-round. The file goes into each checkpoint, so a restart resumes with it.
+Re-scoring rounds (``rescore_every``) and the held-out NLL are no-grad passes of the same
+model (``raydc.train.rescore``); the re-scored log-probs go into each checkpoint too.
 
 Test hooks and probes come in through parameters, never the environment: ``after_step``
 (a callable of ``StepInfo``, e.g. to kill a worker) from ``build_trainer``.
@@ -20,7 +17,6 @@ Test hooks and probes come in through parameters, never the environment: ``after
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
 import os
@@ -32,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from raydc.train.data import MicroBatch, RowBlock, collate, plan_bins
+from raydc.train.batch import MicroBatch, collate
+from raydc.train.metrics import StepWindow, process_io, weight_metrics
+from raydc.train.rescore import RescoredLogprobs, held_out_nll, rescore_shard
 from raydc.train.shard import RankShard, WindowReader, plan_epoch
 from raydc.train.step import Learner, StepStats
 
@@ -89,52 +87,7 @@ def _adamw(params, lr: float, weight_decay: float):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def _flatten_diagnostics(diag: dict) -> dict:
-    out = {}
-    for k in ("ess", "ess_fraction", "mean", "std", "min", "max", "corr_weight_length"):
-        if k in diag:
-            out[f"weight_{k}"] = diag[k]
-    for k, v in (diag.get("clip_shares") or {}).items():
-        out[f"weight_clip_{k}"] = v
-    for k, v in (diag.get("mean_by_position") or {}).items():
-        out[f"weight_pos_{k}"] = v
-    if "histogram" in diag:
-        out["weight_histogram"] = diag["histogram"]
-    return out
-
-
-class RescoredLogprobs:
-    """Re-scored student log-probs of a shard's rows, on local disk (memory-mapped)."""
-
-    def __init__(self, shard: RankShard, rank: int):
-        self.offsets = shard.row_offsets
-        self.dir = tempfile.mkdtemp(prefix=f"raydc_rescored_r{rank}_")
-        atexit.register(shutil.rmtree, self.dir, ignore_errors=True)
-        self.name = f"rescored_rank{rank}.npy"
-        self.path = os.path.join(self.dir, self.name)
-        self.values = np.lib.format.open_memmap(
-            self.path, mode="w+", dtype=np.float32, shape=(int(self.offsets[-1]),)
-        )
-
-    def row(self, r: int) -> np.ndarray:
-        return self.values[self.offsets[r] : self.offsets[r + 1]]
-
-    def save(self, ckpt_dir: str) -> None:
-        self.values.flush()
-        shutil.copyfile(self.path, os.path.join(ckpt_dir, self.name))
-
-    def load(self, ckpt_dir: str) -> None:
-        src = os.path.join(ckpt_dir, self.name)
-        got = np.load(src, mmap_mode="r")
-        if got.shape != self.values.shape:
-            raise RuntimeError(
-                f"{src}: {got.shape[0]} re-scored tokens, the shard has {self.values.shape[0]}"
-            )
-        self.values[:] = got
-        self.values.flush()
-
-
-class _Worker:
+class Worker:
     """State of one rank: the learner, its shard, the epoch plan and the counters."""
 
     def __init__(self, config: dict):
@@ -157,18 +110,19 @@ class _Worker:
         self.shard = RankShard.open(
             config["pieces"][self.rank], config["columns"], self.tc.val_share, self.tc.seed
         )
-        self.val = self._read_val() if config.get("has_val") else None
+        self.val = self.shard.read_held_out() if config.get("has_val") else None
         self.rescored: RescoredLogprobs | None = None
         self.step = 0
         self.epoch = 0
         self.pos = 0  # micro-batches of this epoch already consumed
         self.resumed_from = 0  # the checkpoint step this attempt started from
         self.restored_metrics: dict = {}  # reported with the checkpoint resumed from
+        self.warm_started_from: int | None = None  # the previous stage's last step
         self.last_rows_fp = ""
         self.plan = None
         self.reader: WindowReader | None = None
         self.epoch_dropped_share = 0.0
-        self.window = self._new_window()
+        self.window = StepWindow()
 
     # ------------------------------------------------------------------ setup
     def _build_learner(self) -> Learner:
@@ -203,21 +157,9 @@ class _Worker:
         self.engine = engine
         return Learner(engine, scheduler, self.tc, self.wc, self.world, _all_reduce)
 
-    def _read_val(self) -> RowBlock:
-        """This rank's held-out rows (token ids and loss mask only), kept in memory."""
-        has_val = [
-            p
-            for p in range(len(self.shard.pieces))
-            if self.shard.is_val[self.shard.piece_rows[p] : self.shard.piece_rows[p + 1]].any()
-        ]
-        if not has_val:
-            return _empty_block()
-        block = self.shard.read_pieces(has_val, ["row_id", "input_ids", "loss_mask"])
-        rows = self.shard.rows_of(has_val)
-        return block.take(np.nonzero(self.shard.is_val[rows])[0])
-
     # ------------------------------------------------------------------ data plan
-    def _plan_epoch(self) -> None:
+    def plan_current_epoch(self) -> None:
+        """Plan the epoch ``self.epoch``; ``self.pos`` says how much of it was consumed."""
         tc = self.tc
         self.plan = plan_epoch(
             self.shard,
@@ -250,7 +192,7 @@ class _Worker:
         if self.pos + G > self.plan.steps * G:
             self.epoch += 1
             self.pos = 0
-            self._plan_epoch()
+            self.plan_current_epoch()
         out, ids = [], []
         for k in range(self.pos, self.pos + G):
             block, local, rows = self.reader.get(k)
@@ -271,41 +213,13 @@ class _Worker:
         self.step += 1
         if self.step == self.resumed_from + 1:
             self.first_step_s = time.time() - self.t_entry
-        win = self.window
-        win["steps"] += 1
-        win["loss_local"] += stats.loss
-        win["tokens"] += stats.tokens
-        win["slots"] += stats.slots
-        win["micro_batches"] += len(mbs)
-        win["seconds"] += stats.seconds
-        win["grad_norm"] = stats.grad_norm
-        win["lr"] = stats.lr
-        win["last"] = (stats.micro_batches, stats.weights)
-        win["rows_fp"] = self.last_rows_fp
+        self.window.add(stats, self.last_rows_fp)
         return stats
 
-    @staticmethod
-    def _new_window() -> dict:
-        return dict(
-            steps=0,
-            loss_local=0.0,
-            tokens=0,
-            slots=0,
-            micro_batches=0,
-            seconds=0.0,
-            grad_norm=float("nan"),
-            lr=0.0,
-            last=None,
-            rows_fp="",
-        )
-
     def window_metrics(self) -> dict:
-        import torch
-
-        from raydc.weights import weight_diagnostics
-
+        """The figures of the steps since the last report, over all ranks; starts a new window."""
         win = self.window
-        if win["steps"] == 0 and self.restored_metrics:
+        if win.steps == 0 and self.restored_metrics:
             # Nothing trained since the resume (the final checkpoint): its own figures.
             return dict(self.restored_metrics, resumed_from_step=self.resumed_from)
         W = self.world
@@ -313,25 +227,19 @@ class _Worker:
         mine[self.rank] = len(self.shard.train_rows)
         mine[W + self.rank] = int(self.shard.lengths[self.shard.train_rows].sum())
         loss_sum, tokens, slots, n_mb, nbytes, *per_rank = _all_reduce(
-            [
-                win["loss_local"],
-                win["tokens"],
-                win["slots"],
-                win["micro_batches"],
-                self.shard.bytes_read,
-                *mine.tolist(),
-            ]
+            [win.loss, win.tokens, win.slots, win.micro_batches, self.shard.bytes_read]
+            + mine.tolist()
         )
         seconds, bytes_max, first_s, rss, rchar = _all_reduce(
-            [win["seconds"], self.shard.bytes_read, self.first_step_s, *_process_io()], "max"
+            [win.seconds, self.shard.bytes_read, self.first_step_s, *process_io()], "max"
         )
-        n = max(1, win["steps"])
+        n = max(1, win.steps)
         metrics = {
             "step": self.step,
             "epoch": self.epoch,
             "loss": loss_sum / n,
-            "lr": win["lr"],
-            "grad_norm": win["grad_norm"],
+            "lr": win.lr,
+            "grad_norm": win.grad_norm,
             "tokens_per_s": tokens / seconds if seconds > 0 else float("nan"),
             "step_time_s": seconds / n,
             "padding_share": 1.0 - tokens / slots if slots else 0.0,
@@ -348,95 +256,50 @@ class _Worker:
             "shard_rows_per_rank": [int(x) for x in per_rank[:W]],
             "shard_tokens_per_rank": [int(x) for x in per_rank[W:]],
             "resumed_from_step": self.resumed_from,
+            "init_checkpoint_step": self.warm_started_from,
             # Rank 0's rows in the last step: equal runs must have seen equal data.
-            "rows_fingerprint": win["rows_fp"],
+            "rows_fingerprint": win.rows_fingerprint,
             "weight_source": "uniform (weight warmup)"
             if self.step <= self.tc.weight_warmup_steps
             else self.tc.student_ref,
         }
-        if win["last"] is not None:
-            # Diagnostics of this rank's micro-batches of the last step (padded together).
-            mbs, weights = win["last"]
-            T = max(w.shape[1] for w in weights)
-            pad = torch.nn.functional.pad
-            w_all = torch.cat([pad(w.cpu(), (0, T - w.shape[1])) for w in weights])
-            m_all = torch.cat(
-                [pad(mb.loss_mask.cpu(), (0, T - w.shape[1])) for mb, w in zip(mbs, weights)]
-            )
-            metrics.update(_flatten_diagnostics(weight_diagnostics(w_all, m_all, self.wc)))
+        if win.last is not None:
+            metrics.update(weight_metrics(win.last, self.wc))
         if self.val is not None:
-            metrics["val_nll"] = self.val_nll()
-        self.window = self._new_window()
+            metrics["val_nll"] = held_out_nll(self.learner, self.val, self.pad_id, self.device)
+        self.window = StepWindow()
         return metrics
-
-    def _no_grad_passes(self, block: RowBlock | None, rows: list[list[int]]):
-        """Yield (j, micro-batch, logp [B, T-1]) for the micro-batch ``rows[j]`` of
-        ``block``'s rows, no grad. Under ZeRO-3 a forward gathers parameters collectively, so every
-        rank runs the same number of forwards: a rank with fewer repeats a dummy one."""
-        (n_max,) = _all_reduce([len(rows)], "max")
-        for j in range(int(n_max)):
-            real = j < len(rows)
-            if real:
-                mb = collate(block, rows[j], self.tc.packing, self.pad_id)
-            else:
-                mb = self._dummy()
-            lp = self.learner.logprobs(mb.to(self.device))
-            if real:
-                yield j, mb, lp
-
-    def _dummy(self) -> MicroBatch:
-        import torch
-
-        ids = torch.full((1, 2), self.pad_id, dtype=torch.long)
-        z = torch.zeros((1, 1))
-        return MicroBatch(ids, None, z.bool(), z, None, z.long(), None, [], 2, 2)
-
-    def val_nll(self) -> float:
-        """Unweighted mean NLL of the held-out teacher tokens, over all ranks."""
-        from raydc.loss import weighted_token_loss
-
-        bins = plan_bins(self.val.lengths(), self.tc.micro_batch_tokens, self.tc.packing)
-        nll, tok = 0.0, 0.0
-        for _, mb, lp in self._no_grad_passes(self.val, bins):
-            m = mb.loss_mask.to(lp.device)
-            nll += float(weighted_token_loss(-lp, None, m, "none", denominator=1.0))
-            tok += float(m.sum())
-        g_nll, g_tok = _all_reduce([nll, tok])
-        return g_nll / g_tok if g_tok > 0 else float("nan")
 
     def rescore(self) -> None:
         """Replace this shard's training rows' student log-probs by the current model's."""
         if self.rescored is None:
             self.rescored = RescoredLogprobs(self.shard, self.rank)
-        plan = plan_epoch(
-            self.shard,
-            0,
-            self.rank,
-            0,
-            self.tc.micro_batch_tokens,
-            self.tc.shuffle_window_tokens,
-            self.tc.packing,
-            shuffle=False,
-        )
-        (n_windows,) = _all_reduce([len(plan.windows)], "max")
-        for w in range(int(n_windows)):
-            if w < len(plan.windows):
-                win = plan.windows[w]
-                block = self.shard.read_pieces(win.pieces)
-                local = {int(r): i for i, r in enumerate(self.shard.rows_of(win.pieces))}
-                bins = [[local[r] for r in mb] for mb in win.micro_batches]
-            else:
-                win, block, bins = None, None, []
-            for j, mb, lp in self._no_grad_passes(block, bins):
-                lp = lp.cpu()
-                lp_rows = lp if mb.layout is None else mb.layout.to_rows(lp)
-                for k, r in enumerate(win.micro_batches[j]):
-                    L = int(self.shard.lengths[r])
-                    vals = self.rescored.row(r)
-                    vals[0] = 0.0
-                    vals[1:] = lp_rows[k, : L - 1].numpy()
+        rescore_shard(self.learner, self.shard, self.rank, self.rescored, self.pad_id, self.device)
 
     # ------------------------------------------------------------------ checkpoints
+    def report(self, final: bool = False) -> None:
+        """Report the window's metrics to Ray Train, with a checkpoint every
+        ``checkpoint_every`` steps and at the end (the final one holds the exported model)."""
+        import ray.train
+
+        metrics = self.window_metrics()
+        if not final and self.step % self.tc.checkpoint_every != 0:
+            ray.train.report(metrics)
+            return
+        tmp = tempfile.mkdtemp(prefix=f"raydc_ckpt_r{self.rank}_")
+        try:
+            self.save(tmp, metrics)
+            if final:
+                self.export(os.path.join(tmp, "model"))
+            metrics["final"] = final
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=f"step_{self.step:08d}",
+            )
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def save(self, ckpt_dir: str, metrics: dict | None = None) -> None:
         state = dict(
             step=self.step,
@@ -465,9 +328,31 @@ class _Worker:
         self.step, self.epoch, self.pos = state["step"], state["epoch"], state["pos"]
         self.resumed_from = self.step
         self.restored_metrics = state.get("metrics") or {}
-        if (Path(ckpt_dir) / f"rescored_rank{self.rank}.npy").exists():
+        if (Path(ckpt_dir) / RescoredLogprobs.file_name(self.rank)).exists():
             self.rescored = RescoredLogprobs(self.shard, self.rank)
             self.rescored.load(ckpt_dir)
+
+    def warm_start(self, ckpt_dir: str) -> None:
+        """Weights and optimizer state of another run's checkpoint (the previous stage of
+        a staged run); the step count, data position and learning-rate schedule start
+        anew, as a stage trained with the same settings from there would."""
+        state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+        if state["world"] != self.world:
+            raise RuntimeError(
+                f"train.init_checkpoint={ckpt_dir}: written by {state['world']} workers; this "
+                f"stage has {self.world} (DeepSpeed ZeRO checkpoints are per rank: keep "
+                "train.num_workers across stages, or set the stage's optimizer: fresh)"
+            )
+        self.engine.load_checkpoint(
+            ckpt_dir, tag=DS_TAG, load_module_strict=True, load_lr_scheduler_states=False
+        )
+        # The loaded optimizer holds the previous stage's last learning rate; this stage's
+        # schedule starts at its own step 0.
+        for group, lr in zip(
+            self.engine.optimizer.param_groups, self.learner.scheduler.get_last_lr()
+        ):
+            group["lr"] = lr
+        self.warm_started_from = int(state["step"])
 
     def export(self, model_dir: str) -> None:
         """Full weights (gathered under ZeRO-3) -> save_pretrained + tokenizer, on rank 0."""
@@ -498,35 +383,11 @@ class _Worker:
             self.tokenizer.save_pretrained(model_dir)
 
 
-def _process_io() -> tuple[float, float]:
-    """(peak RSS in MiB, bytes read by read calls: /proc/self/io rchar, NaN elsewhere)."""
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    try:
-        with open("/proc/self/io") as f:
-            rchar = float(next(x for x in f if x.startswith("rchar")).split()[1])
-    except (OSError, StopIteration):
-        rchar = float("nan")
-    return rss, rchar
-
-
-def _empty_block() -> RowBlock:
-    z = np.zeros(0, np.int32)
-    return RowBlock(
-        [],
-        np.zeros(1, np.int64),
-        z,
-        z.astype(bool),
-        z,
-        z.astype(np.float32),
-        None,
-        np.zeros(0, bool),
-    )
-
-
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point (see the module docstring)."""
+    """Ray Train entry point: resume from the last checkpoint if there is one, train to
+    ``train.max_steps`` (re-scoring every ``rescore_every`` steps), report every
+    ``log_every`` steps and checkpoint every ``checkpoint_every``; the final report's
+    checkpoint holds the exported model."""
     if not config.get("use_gpu"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from raydc.models import offline_env
@@ -534,49 +395,29 @@ def train_loop_per_worker(config: dict) -> None:
     offline_env()
     import ray.train
 
-    w = _Worker(config)
+    w = Worker(config)
     tc = w.tc
-    after_step = config.get("after_step")
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             w.load(d)
-    w._plan_epoch()  # the epoch we stopped in, re-planned; pos skips what it consumed
-
-    def report(final: bool = False) -> None:
-        metrics = w.window_metrics()
-        do_ckpt = final or (w.step % tc.checkpoint_every == 0)
-        if not do_ckpt:
-            ray.train.report(metrics)
-            return
-        tmp = tempfile.mkdtemp(prefix=f"raydc_ckpt_r{w.rank}_")
-        try:
-            w.save(tmp, metrics)
-            if final:
-                w.export(os.path.join(tmp, "model"))
-            metrics["final"] = final
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=f"step_{w.step:08d}",
-            )
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    info = dict(
-        rank=w.rank, world=w.world, checkpoint_every=tc.checkpoint_every, run_dir=config["run_dir"]
-    )
+    elif tc.init_checkpoint:  # a staged run: where the previous stage left off
+        w.warm_start(tc.init_checkpoint)
+    w.plan_current_epoch()  # the epoch we stopped in, re-planned; pos skips what it consumed
+    after_step = config.get("after_step")
     while w.step < tc.max_steps:
         w.train_step()
         if after_step is not None:
-            after_step(StepInfo(step=w.step, epoch=w.epoch, **info))
+            after_step(
+                StepInfo(w.step, w.epoch, w.rank, w.world, tc.checkpoint_every, config["run_dir"])
+            )
         if tc.rescore_every and w.step % tc.rescore_every == 0 and w.step < tc.max_steps:
             w.rescore()
         if w.step == tc.max_steps:
             break
         if w.step % tc.log_every == 0 or w.step % tc.checkpoint_every == 0:
-            report()
-    report(final=True)
+            w.report()
+    w.report(final=True)
 
 
 def wait_for_checkpoint(run_dir: str, step: int, timeout: float = 120.0) -> bool:

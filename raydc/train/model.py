@@ -9,10 +9,11 @@ forward and backward hooks.
 
 ``load_student`` builds it the way a long-context run needs: the attention implementation
 (``train.attn_implementation``: FlashAttention-2 on GPUs runs packed rows through its varlen
-kernel; elsewhere ``sdpa_packed`` runs sdpa on each packed row's segment), non-reentrant activation checkpointing of every decoder layer
-(``train.gradient_checkpointing``, transformers' own), and under ZeRO-3 construction inside
-``deepspeed.zero.Init`` (transformers does it while an ``HfDeepSpeedConfig`` is alive), so no
-worker ever holds the whole model before it is partitioned.
+kernel; elsewhere ``sdpa_packed`` runs sdpa on each packed row's segment), non-reentrant
+activation checkpointing of every decoder layer (``train.gradient_checkpointing``,
+transformers' own), and under ZeRO-3 construction inside ``deepspeed.zero.Init``
+(transformers does it while an ``HfDeepSpeedConfig`` is alive), so no worker ever holds the
+whole model before it is partitioned.
 """
 
 from __future__ import annotations

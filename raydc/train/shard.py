@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from raydc.train.data import INDEX_COLUMN, RowBlock, ScoredDataError, is_val_key, plan_bins
+from raydc.train.batch import RowBlock, plan_bins
+from raydc.train.data import INDEX_COLUMN, ScoredDataError, is_val_key
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,18 @@ class RankShard:
                 )
             blocks.append(block)
         return RowBlock.concat(blocks)
+
+    def read_held_out(self) -> RowBlock:
+        """This shard's held-out rows (token ids and loss mask only)."""
+        has_val = [
+            p
+            for p in range(len(self.pieces))
+            if self.is_val[self.piece_rows[p] : self.piece_rows[p + 1]].any()
+        ]
+        if not has_val:
+            return RowBlock.empty()
+        block = self.read_pieces(has_val, ["row_id", "input_ids", "loss_mask"])
+        return block.take(np.nonzero(self.is_val[self.rows_of(has_val)])[0])
 
     def rows_of(self, piece_ids: list[int]) -> np.ndarray:
         """Shard row indices of the given pieces, in that order."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from raydc.loss import loss_denominators, weighted_token_loss
-from raydc.train.data import MicroBatch
+from raydc.train.batch import MicroBatch
 from raydc.weights import WeightConfig, compute_weights, loss_tokens
 
 # all_reduce(values, op) -> reduced values, op one of "sum" | "min" | "max"

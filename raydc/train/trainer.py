@@ -9,8 +9,9 @@ per-trial driver passes its ``TuneReportCallback`` as ``extra_callbacks`` and th
 fingerprint, computed once for the sweep.
 
 ``run_train`` fits it and copies the exported model (``save_pretrained`` + tokenizer, in the
-final checkpoint) to ``out_dir/model``. Re-running with the same ``out_dir`` resumes from the
-latest checkpoint under ``out_dir/ray`` (Ray Train restores a run by name and storage path).
+final checkpoint) to ``out_dir/model`` with ``export_model``, as a sweep does for each trial
+it evaluates and for its best. Re-running with the same ``out_dir`` resumes from the latest
+checkpoint under ``out_dir/ray`` (Ray Train restores a run by name and storage path).
 """
 
 from __future__ import annotations
@@ -131,7 +132,9 @@ def build_trainer(
     tc = cfg.train
     student = student_path(cfg)
     store = open_store(scored_dir)
-    check_student(store.manifest, student, scored_dir, fp=student_fingerprint)
+    # The scores' student: the one training starts from, unless a staged run scored a later
+    # stage's traces under the initial student (train.scored_student)
+    check_student(store.manifest, tc.scored_student or student, scored_dir, fp=student_fingerprint)
     columns = check_schema(store.files)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -167,6 +170,25 @@ def build_trainer(
     )
 
 
+def export_model(checkpoint, dest: str | os.PathLike) -> str:
+    """Copy the exported model of a final checkpoint (``model/``: ``save_pretrained`` +
+    tokenizer) to ``dest``, replacing what is there. ``checkpoint``: a Ray Train
+    ``Checkpoint`` or its path."""
+    from ray.train import Checkpoint
+
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = Checkpoint(checkpoint)
+    dest = Path(dest)
+    with checkpoint.as_directory() as d:
+        src = Path(d) / "model"
+        if not src.is_dir():
+            raise RuntimeError(f"the final checkpoint {checkpoint.path} holds no exported model")
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(src, dest)
+    return str(dest)
+
+
 def run_train(
     cfg: RaydcConfig,
     scored_dir: str | os.PathLike,
@@ -182,17 +204,10 @@ def run_train(
     if result.error is not None:
         raise result.error
     out = Path(out_dir).resolve()
-    model_dir = out / "model"
     ckpt = result.checkpoint
     if ckpt is None:
         raise RuntimeError("training finished without a checkpoint")
-    with ckpt.as_directory() as d:
-        src = Path(d) / "model"
-        if not src.is_dir():
-            raise RuntimeError(f"the final checkpoint {ckpt.path} holds no exported model")
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        shutil.copytree(src, model_dir)
+    model_dir = export_model(ckpt, out / "model")
     counts = manifest.get("counts") or {}
     metrics = {
         k: v
@@ -209,7 +224,7 @@ def run_train(
         "steps": metrics.get("step"),
         "metrics": metrics,
         "checkpoint": ckpt.path,
-        "model_dir": str(model_dir),
+        "model_dir": model_dir,
         "metrics_path": str(out / "metrics.jsonl"),
         "tensorboard_dir": str(out / "tensorboard"),
         "seconds": time.time() - t0,

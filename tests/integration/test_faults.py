@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from raydc.artifacts import count_rows, data_files
+from raydc.artifacts import HISTORY, MARKER, count_rows, data_files, release_output_dir
 from raydc.config import load_config
-from raydc.pipeline import DEFAULT_CONFIG, HISTORY, MARKER, Pipeline, release_output_dir
+from raydc.pipeline import DEFAULT_CONFIG, Pipeline
 
 pytestmark = pytest.mark.integration
 
@@ -172,9 +172,7 @@ def test_a_killed_vllm_engine_fails_its_actor_and_the_stage_still_finishes(
             "score": {
                 "student": tiny_student,
                 "backend": "vllm",
-                "max_model_len": 256,
-                "cpus_per_engine": 0.5,
-                "batch_size": 1,
+                "engine": {"max_model_len": 256, "cpus_per_engine": 0.5, "batch_size": 1},
             },
             "weights": {"preset": "sft"},
         }

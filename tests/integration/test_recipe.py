@@ -22,7 +22,7 @@ EXAMPLE = REPO / "raydc" / "assets" / "example" / "train.jsonl"
 def test_recipe_loads_and_validates(path):
     cfg = load_config(path)
     assert cfg.train.use_gpu and cfg.train.precision in ("bf16", "fp16")
-    assert cfg.score.dtype == "bfloat16" and cfg.score.gpus_per_engine >= 1
+    assert cfg.score.engine.dtype == "bfloat16" and cfg.score.engine.gpus_per_engine >= 1
 
 
 def test_recipe_is_the_documented_gpu_run():

@@ -11,11 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raydc.artifacts import data_files
+from raydc.artifacts import data_files, fingerprint_paths
 from raydc.config import from_dict
 from raydc.data.schema import INSPECT_DIR, INSPECT_SCHEMA, SELECTION_FILE, scored_schema
-from raydc.models import fingerprint
-from raydc.scoring.score_stage import load_teacher_tokenizer
+from raydc.scoring.teacher import load_teacher_tokenizer
 from raydc.text import align_by_char_spans
 
 pytestmark = pytest.mark.integration
@@ -62,10 +61,12 @@ def scored(tmp_path_factory, tiny_student, tiny_teacher_other_tokenizer, ray_loc
                 "student": tiny_student,
                 "teacher": tiny_teacher_other_tokenizer,
                 "backend": "vllm",
-                "max_model_len": SCORE_MAX_LEN,
-                "max_num_batched_tokens": 1024,
-                "cpus_per_engine": 0.5,
-                "batch_size": 4,
+                "engine": {
+                    "max_model_len": SCORE_MAX_LEN,
+                    "max_num_batched_tokens": 1024,
+                    "cpus_per_engine": 0.5,
+                    "batch_size": 4,
+                },
                 # fp32 log-probs, to compare with transformers at 1e-4 (the float16 default
                 # rounds to 2**-11 of the value: test_the_float16_store_round_trips); the
                 # side table holds what only people read (text, offsets, weights).
@@ -102,7 +103,7 @@ def test_counts_and_rejects(scored):
     assert summary["rows_in"] == prep["rows_out"]
     assert summary["rows_in"] == summary["rows_out"] + summary["rows_rejected"]
     rejects = pq.read_table(scored["dir"] / "rejects.parquet").to_pylist()
-    # The long row fits data.max_length (256) but not score.max_model_len (200).
+    # The long row fits data.max_length (256) but not score.engine.max_model_len (200).
     assert [(r["row_id"], r["stage"], r["field"], r["reason"].split(":")[0]) for r in rejects] == [
         ("long", "score", "input_ids", "too_long")
     ]
@@ -157,7 +158,7 @@ def test_cross_tokenizer_teacher_matches_transformers_aligned_by_spans(
         content = msgs[-1]["content"]
         cs = text.rfind(content)
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        # Teacher tokens beyond score.max_model_len are not scored: their share is unknown.
+        # Teacher tokens beyond score.engine.max_model_len are not scored: their share is unknown.
         enc = {k: v[:SCORE_MAX_LEN] for k, v in enc.items()}
         ids = torch.tensor([enc["input_ids"]])
         with torch.no_grad():
@@ -228,7 +229,7 @@ def test_weights_are_compute_weights_of_the_config(scored):
 
 def test_manifest(scored, tiny_student, tiny_teacher_other_tokenizer):
     m = json.loads((scored["dir"] / "manifest.json").read_text())
-    assert m["student"] == {"path": tiny_student, "fingerprint": fingerprint(tiny_student)}
+    assert m["student"] == {"path": tiny_student, "fingerprint": fingerprint_paths(tiny_student)}
     assert m["teacher"]["path"] == tiny_teacher_other_tokenizer
     assert m["teacher"]["same_tokenizer"] is False and m["teacher"]["scored"] is True
     assert m["teacher"]["temperature"] == TEACHER_T
@@ -239,7 +240,9 @@ def test_manifest(scored, tiny_student, tiny_teacher_other_tokenizer):
     d = m["weight_diagnostics"]
     assert d["tokens"] == m["counts"]["loss_tokens"] and 0 < d["ess_fraction"] <= 1
     assert d["sampled"] is False and sum(d["histogram"]["counts"]) == d["tokens"]
-    assert m["config"]["score"]["max_model_len"] == SCORE_MAX_LEN and m["input_fingerprint"]
+    assert (
+        m["config"]["score"]["engine"]["max_model_len"] == SCORE_MAX_LEN and m["input_fingerprint"]
+    )
 
 
 def test_select_on_scored_data_keeps_the_top_candidate(scored, tmp_path):
@@ -319,8 +322,8 @@ def test_the_float16_store_round_trips_within_its_bound(scored, tmp_path):
 
     from raydc.data.schema import SCORED_WRITE_ARGS
     from raydc.loss import weighted_token_loss
-    from raydc.scoring.score_stage import finish_batch
-    from raydc.train.data import RowBlock
+    from raydc.scoring.store import finish_batch
+    from raydc.train.batch import RowBlock
     from raydc.weights import PRESETS, compute_weights, preset
 
     names = scored_schema("float32").names

@@ -37,8 +37,7 @@ def _cfg(path, student, **data):
             "score": {
                 "student": student,
                 "backend": "transformers",
-                "max_model_len": 256,
-                "cpus_per_engine": 0.5,
+                "engine": {"max_model_len": 256, "cpus_per_engine": 0.5},
             },
         }
     )
@@ -138,7 +137,8 @@ def test_score_refuses_a_mix_of_rows_with_and_without_teacher_logprobs(
     """Without score.teacher to fill the gaps, a data set where some rows give teacher
     log-probs and others do not is refused before any engine starts, naming a row."""
     from raydc.data.ingest import run_prepare
-    from raydc.data.render import parse_row, prepare_candidate
+    from raydc.data.parse import parse_row
+    from raydc.data.render import prepare_candidate
     from raydc.models import load_tokenizer
     from raydc.scoring.base import ScoreError
     from raydc.scoring.score_stage import run_score
@@ -164,7 +164,8 @@ def test_dasd_selection_keeps_the_expected_candidates(tmp_path, tiny_student, ra
     """Per prompt three candidates; the teacher's given log-probs make one of them
     far likelier under the teacher than under the student in most sentences."""
     from raydc.data.ingest import run_prepare
-    from raydc.data.render import parse_row, prepare_candidate
+    from raydc.data.parse import parse_row
+    from raydc.data.render import prepare_candidate
     from raydc.models import load_tokenizer
     from raydc.scoring.score_stage import run_score
     from raydc.scoring.select_stage import run_select

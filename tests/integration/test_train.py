@@ -30,7 +30,8 @@ import torch
 from ray import cloudpickle
 
 from raydc.config import from_dict
-from raydc.train.data import RowBlock, collate, scored_files
+from raydc.train.batch import RowBlock, collate
+from raydc.train.data import scored_files
 from tests import train_fixtures
 from tests.train_fixtures import KillOnce, make_scored, write_scored_rows
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from raydc.artifacts import HISTORY, MARKER
 from raydc.config import load_config
-from raydc.pipeline import CONFIG_DIR, HISTORY, MARKER, Pipeline
+from raydc.pipeline import CONFIG_DIR, Pipeline
 
 pytestmark = pytest.mark.integration
 

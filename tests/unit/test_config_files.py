@@ -8,17 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from raydc.artifacts import HISTORY, MARKER, StageError, fingerprint_parts, fingerprint_paths
 from raydc.config import ConfigError, dump_config, from_dict, load_config
-from raydc.pipeline import (
-    CONFIG_DIR,
-    HISTORY,
-    MARKER,
-    Pipeline,
-    StageError,
-    fingerprint,
-    path_fingerprint,
-    resolve_path,
-)
+from raydc.pipeline import CONFIG_DIR, Pipeline
+from raydc.resolve import resolve_path
 
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
 
@@ -52,7 +45,8 @@ def test_tune_example_has_a_search_space_over_weights():
     [
         ("train.lr=-1", "train.lr"),
         ("train.zero_stage=5", "train.zero_stage"),
-        ("score.gpu_memory_utilization=2", "score.gpu_memory_utilization"),
+        ("score.engine.gpu_memory_utilization=2", "score.engine.gpu_memory_utilization"),
+        ("score.engine.backend=local", "score.engine.backend"),
         ("data.max_reject_share=1.5", "data.max_reject_share"),
         ("eval.grader=mmlu", "eval.grader"),
         ("tune.metric=accuracy", "tune.metric"),
@@ -68,6 +62,41 @@ def test_tune_example_has_a_search_space_over_weights():
 def test_a_bad_value_fails_naming_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(CONFIG_DIR / "default.yaml", [override])
+
+
+@pytest.mark.parametrize("key", ["dtype", "num_engines", "max_model_len", "batch_size"])
+def test_an_engine_key_of_the_old_score_section_names_its_new_place(key):
+    with pytest.raises(ConfigError, match=rf"'score\.{key}'.*did you mean score\.engine\.{key}\?"):
+        load_config(CONFIG_DIR / "default.yaml", [f"score.{key}=1"])
+    with pytest.raises(ConfigError, match=rf"did you mean score\.engine\.{key}\?"):
+        from_dict({"score": {key: 1}})
+
+
+def test_each_stage_keeps_its_own_engine_defaults():
+    cfg = from_dict({"score": {"engine": {"dtype": "bfloat16"}}}, ["eval.engine.dtype=bfloat16"])
+    assert cfg.score.engine.dtype == cfg.eval.engine.dtype == "bfloat16"
+    assert cfg.score.engine.batch_size == 16 and cfg.score.engine.max_num_batched_tokens == 4096
+    assert cfg.eval.engine.batch_size == 32 and cfg.eval.engine.max_num_batched_tokens is None
+
+
+def test_the_engine_arguments_derive_from_the_one_section():
+    from raydc.config import VLLMEngineConfig
+
+    tp2 = VLLMEngineConfig(
+        tensor_parallel_size=2, gpus_per_engine=2, cpus_per_engine=4, max_num_batched_tokens=1024
+    )
+    kwargs = tp2.llm_kwargs("raw_logprobs", max_model_len=2049)
+    assert kwargs["max_model_len"] == 2049 and kwargs["max_num_batched_tokens"] == 2049
+    assert kwargs["logprobs_mode"] == "raw_logprobs" and kwargs["tensor_parallel_size"] == 2
+    assert "max_num_batched_tokens" not in VLLMEngineConfig().llm_kwargs("processed_logprobs")
+    bundles = tp2.processor_args()["placement_group_config"]["bundles"]
+    assert bundles == [{"CPU": 2.0, "GPU": 1.0}] * 2
+    assert VLLMEngineConfig().processor_args()["placement_group_config"]["bundles"] == [
+        {"CPU": 1.0}
+    ]
+    pool = tp2.actor_pool_args()
+    assert pool["num_gpus"] == 2.0 and pool["num_cpus"] == 4.0 and pool["batch_size"] == 32
+    assert "num_gpus" not in VLLMEngineConfig().actor_pool_args()
 
 
 @pytest.mark.parametrize(
@@ -121,14 +150,14 @@ def test_path_fingerprint_follows_content(tmp_path):
     f = tmp_path / "d" / "a.jsonl"
     f.parent.mkdir()
     f.write_text('{"x": 1}\n')
-    a = path_fingerprint(f.parent)
-    assert a == path_fingerprint(f.parent)
+    a = fingerprint_paths(f.parent)
+    assert a == fingerprint_paths(f.parent)
     f.write_text('{"x": 2}\n')
-    assert path_fingerprint(f.parent) != a
+    assert fingerprint_paths(f.parent) != a
     (f.parent / "b.jsonl").write_text("{}\n")
-    assert path_fingerprint(f.parent) not in (a, path_fingerprint(f))
-    assert path_fingerprint("org/hub-model") != path_fingerprint("org/other")
-    assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
+    assert fingerprint_paths(f.parent) not in (a, fingerprint_paths(f))
+    assert fingerprint_paths("org/hub-model") != fingerprint_paths("org/other")
+    assert fingerprint_parts({"a": 1, "b": [1, 2]}) == fingerprint_parts({"b": [1, 2], "a": 1})
 
 
 def _pipe(tmp_path, **over):
@@ -223,8 +252,13 @@ def test_the_dasd_recipe_configs_validate():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "recipes" / "dasd.md").read_text()
     blocks = re.findall(r"```yaml\n(.*?)```", doc, re.S)
     assert len(blocks) == 2
-    stage = from_dict(yaml.safe_load(blocks[0]))
-    assert stage.generate.enabled and stage.generate.temperature == 0.6
-    assert stage.select.enabled and stage.train.zero_stage == 3
+    recipe = from_dict(yaml.safe_load(blocks[0]))
+    assert [s.name for s in recipe.stages] == ["t06", "t10", "mixed"]
+    assert recipe.select.enabled and recipe.train.zero_stage == 3
+    t06, t10, mixed = recipe.stages
+    assert t06.generate == {"enabled": True, "temperature": 0.6}
+    assert t10.generate["temperature"] == 1.0 and t10.optimizer == "carry"
+    assert mixed.mixed_policy["enabled"] and mixed.mixed_policy["length_cap"] == 1.5
     public = from_dict(yaml.safe_load(blocks[1]))
     assert public.data.teacher_token_ids_key == "token_ids" and public.data.teacher_tokenizer
+    assert public.data.teacher_logprobs_path and public.data.join_key == "sample_uuid"

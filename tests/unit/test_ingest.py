@@ -14,7 +14,8 @@ import pytest
 from raydc.artifacts import collect_parts, prepare_out_dir
 from raydc.config import DataConfig
 from raydc.data.ingest import prepare_batch
-from raydc.data.render import Candidate, RowReject, parse_row, prepare_candidate
+from raydc.data.parse import Candidate, RowReject, parse_row
+from raydc.data.render import prepare_candidate
 from raydc.data.schema import PREPARED_SCHEMA
 from raydc.models import load_tokenizer
 
@@ -386,3 +387,21 @@ def test_public_teacher_logprob_set_in_the_teachers_tokenizer(tmp_path, teacher)
         assert on_loss[-1] == pytest.approx(src["logprobs"][-1], abs=1e-6)
         assert sum(on_loss) == pytest.approx(sum(src["logprobs"]), abs=1e-4)  # float32 store
         assert student.decode(s_ids[:-1]) == src["response"]
+
+
+def test_a_mixed_policy_traces_student_prefix_trains_unless_masked(bpe):
+    """``student_prefix_chars``: the student wrote the response's first characters. They
+    carry loss by default (DASD trained on them); ``data.mask_student_prefix`` drops the
+    tokens that end within them, and a token running into the teacher's text keeps it."""
+    row = {"prompt": "Q?", "response": "Alpha beta. Gamma delta!", "student_prefix_chars": 11}
+    kept = _prep(bpe, row)
+    assert _masked_text(bpe, kept) == "Alpha beta. Gamma delta!<|im_end|>"
+    masked = _prep(bpe, row, mask_student_prefix=True)
+    assert _masked_text(bpe, masked).lstrip() == "Gamma delta!<|im_end|>"
+    # exactly the loss tokens of `kept` whose text lies within "Alpha beta." went
+    dropped = [i for i, (a, b) in enumerate(zip(kept.loss_mask, masked.loss_mask)) if a != b]
+    assert bpe.decode([kept.input_ids[i] for i in dropped]) == "Alpha beta."
+    # a wrong type is a reject naming the column
+    with pytest.raises(RowReject) as e:
+        _prep(bpe, dict(row, student_prefix_chars="11"), mask_student_prefix=True)
+    assert (e.value.field, e.value.code) == ("student_prefix_chars", "wrong_type")

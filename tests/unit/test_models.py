@@ -6,7 +6,8 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from raydc.models import build_tiny_model, fingerprint, load_tokenizer
+from raydc.artifacts import fingerprint_paths
+from raydc.models import build_tiny_model, load_tokenizer
 
 from ..conftest import QWEN2_TOKENIZER
 
@@ -42,8 +43,8 @@ def test_tiny_models_load_and_differ(tiny_student, tiny_teacher):
 def test_fingerprint_tracks_weights(tmp_path, tiny_student):
     a = build_tiny_model(tmp_path / "a", "student", seed=0)
     b = build_tiny_model(tmp_path / "b", "student", seed=1)
-    assert fingerprint(a) == fingerprint(tiny_student)
-    assert fingerprint(a) != fingerprint(b)
+    assert fingerprint_paths(a) == fingerprint_paths(tiny_student)
+    assert fingerprint_paths(a) != fingerprint_paths(b)
 
 
 def test_shipped_tokenizers_and_chat_template():
@@ -83,7 +84,7 @@ def test_fingerprint_reads_a_bounded_amount_and_sees_header_and_blocks(tmp_path)
         f.write(len(header).to_bytes(8, "little") + header.encode())
         f.truncate(8 + len(header) + (256 << 20))  # a sparse 256 MiB file
     before = _rchar()
-    fp = fingerprint(model)
+    fp = fingerprint_paths(model)
     read = _rchar() - before
     # ten 1 MiB blocks, the header and the config: not the 256 MiB of weights
     assert read < 16 << 20, read
@@ -91,12 +92,12 @@ def test_fingerprint_reads_a_bounded_amount_and_sees_header_and_blocks(tmp_path)
     with open(weights, "r+b") as f:
         f.seek(8 + len(header) + 100)
         f.write(b"\x01")
-    fp2 = fingerprint(model)
+    fp2 = fingerprint_paths(model)
     assert fp2 != fp
     other = header.replace("F32", "F16")
     with open(weights, "r+b") as f:
         f.write(len(other).to_bytes(8, "little") + other.encode())
-    assert fingerprint(model) not in (fp, fp2)
+    assert fingerprint_paths(model) not in (fp, fp2)
     # the size is part of the identity
     os.truncate(weights, (256 << 20) + 1024)
-    assert len({fp, fp2, fingerprint(model)}) == 3
+    assert len({fp, fp2, fingerprint_paths(model)}) == 3

@@ -1,142 +1,22 @@
-"""raydc.train.data: scored rows (checks naming row and field), packing and bucketing,
-typed micro-batches, the scored-folder checks."""
+"""raydc.train.data: the scored-folder checks, the student check, the store format and
+selections, the held-out split."""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 
 from raydc.train.data import (
-    RowBlock,
     ScoredDataError,
-    bucket_rows,
     check_schema,
     check_student,
-    collate,
     is_val_key,
-    pack_rows,
+    open_store,
     scored_files,
 )
-
-
-def _table(**over):
-    cols = {
-        "row_id": ["a", "b", "c"],
-        "input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]],
-        "loss_mask": [[False, True, True], [False, True], [False, False, True, True]],
-        "sentence_ids": [[0, 0, 1], [0, 0], [0, 0, 0, 1]],
-        "student_logprobs": [[0.0, -1.0, -2.0], [0.0, -0.5], [0.0, -0.1, -0.2, -0.3]],
-        "teacher_logprobs": [[0.0, -1.5, -2.5], [0.0, -0.1], [0.0, -0.3, -0.2, -0.1]],
-    }
-    cols.update(over)
-    return pa.table(cols)
-
-
-def test_pack_rows_fills_bins_and_covers_every_row_once():
-    rng = np.random.default_rng(0)
-    lengths = np.clip(rng.lognormal(6.5, 1.0, size=2000).astype(int), 100, 8000)
-    budget = 8192
-    bins = pack_rows(lengths, budget)
-    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
-    for b in bins:
-        assert len(b) == 1 or lengths[b].sum() <= budget
-    fill = lengths.sum() / (len(bins) * budget)
-    assert fill > 0.97, fill  # first-fit decreasing leaves little room empty
-    # Bucketing the same rows needs more micro-batches: rows x longest must fit the budget,
-    # so a bucket of rows of one length stops short of it.
-    buckets = bucket_rows(lengths, budget)
-    assert len(buckets) > 1.1 * len(bins)
-
-
-def test_pack_and_bucket_are_deterministic_and_long_rows_go_alone():
-    lengths = np.array([10, 3000, 20, 30, 95])
-    assert pack_rows(lengths, 100) == pack_rows(lengths, 100)
-    assert [1] in pack_rows(lengths, 100)
-    assert pack_rows(lengths, 100) == [[1], [4], [3, 2, 0]]
-    assert bucket_rows(lengths, 100) == [[0, 2, 3], [4], [1]]
-
-
-def test_row_block_checks_name_the_row_and_field():
-    with pytest.raises(ScoredDataError, match=r"row 'b'.*student_logprobs has 3 values"):
-        RowBlock.from_table(
-            _table(student_logprobs=[[0.0, -1.0, -2.0], [0.0, -0.5, -1.0], [0.0] * 4])
-        )
-    with pytest.raises(ScoredDataError, match=r"row 'a'.*loss_mask is True at position 0"):
-        RowBlock.from_table(
-            _table(loss_mask=[[True, True, True], [False, True], [False, False, True, True]])
-        )
-    with pytest.raises(ScoredDataError, match=r"row 'b'.*student_logprobs is null"):
-        RowBlock.from_table(_table(student_logprobs=[[0.0, -1.0, -2.0], None, [0.0] * 4]))
-    with pytest.raises(ScoredDataError, match=r"row 'c'.*not finite"):
-        RowBlock.from_table(
-            _table(student_logprobs=[[0.0, -1.0, -2.0], [0.0, -0.5], [0.0, -0.1, float("nan"), 0]])
-        )
-    with pytest.raises(ScoredDataError, match=r"row 'b'.*input_ids has 1 tokens"):
-        RowBlock.from_table(
-            _table(
-                input_ids=[[1, 2, 3], [4], [6, 7, 8, 9]],
-                loss_mask=[[False] * 3, [False], [False] * 4],
-                student_logprobs=[[0.0] * 3, [0.0], [0.0] * 4],
-                sentence_ids=[[0] * 3, [0], [0] * 4],
-                teacher_logprobs=[[0.0] * 3, [0.0], [0.0] * 4],
-            )
-        )
-    block = RowBlock.from_table(_table(teacher_logprobs=[[0.0, -1.5, -2.5], None, [0.0] * 4]))
-    with pytest.raises(ScoredDataError, match=r"row 'b'.*teacher_logprobs is null while"):
-        collate(block, [0, 1], packed=True)
-    assert collate(block, [0, 2], packed=True).teacher_logprobs is not None
-
-
-def test_row_block_reads_sliced_tables_and_takes_rows():
-    table = _table()
-    block = RowBlock.from_table(table.slice(1, 2))
-    assert block.row_ids == ["b", "c"]
-    assert block.input_ids.tolist() == [4, 5, 6, 7, 8, 9]
-    assert block.offsets.tolist() == [0, 2, 6]
-    taken = RowBlock.from_table(table).take([2, 0])
-    assert taken.row_ids == ["c", "a"] and taken.input_ids.tolist() == [6, 7, 8, 9, 1, 2, 3]
-    both = RowBlock.concat([block, taken])
-    assert both.row_ids == ["b", "c", "c", "a"] and both.offsets[-1] == 13
-
-
-def test_padded_micro_batch_is_shifted_once():
-    mb = collate(RowBlock.from_table(_table()), [0, 1], packed=False, pad_id=7)
-    assert mb.input_ids.tolist() == [[1, 2, 3], [4, 5, 7]]
-    assert mb.position_ids is None and mb.layout is None
-    # Per-target tensors are [B, T-1]: position j describes input_ids[:, j + 1].
-    assert mb.loss_mask.tolist() == [[True, True], [True, False]]
-    assert mb.student_logprobs.tolist() == [[-1.0, -2.0], [-0.5, 0.0]]
-    assert mb.teacher_logprobs[1].tolist() == pytest.approx([-0.1, 0.0])
-    assert mb.sentence_ids.tolist() == [[0, 1], [0, 0]]
-    assert (mb.tokens, mb.slots, mb.loss_tokens) == (5, 6, 3)
-
-
-def test_packed_micro_batch_restarts_positions_and_views_rows():
-    block = RowBlock.from_table(_table())
-    mb = collate(block, [0, 1, 2], packed=True)
-    assert mb.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]
-    assert mb.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
-    # The target after each row's last token is the next row's first: never a loss token.
-    assert mb.loss_mask.tolist() == [[True, True, False, True, False, False, True, True]]
-    assert (mb.tokens, mb.slots) == (9, 9)
-    padded = collate(block, [0, 1, 2], packed=False)
-    # Viewed per row, a packed micro-batch is the right-padded one.
-    lay = mb.layout
-    assert torch.equal(lay.to_rows(mb.student_logprobs), padded.student_logprobs)
-    assert torch.equal(lay.to_rows(mb.teacher_logprobs), padded.teacher_logprobs)
-    assert torch.equal(lay.to_rows(mb.loss_mask, fill=False), padded.loss_mask)
-    assert torch.equal(lay.to_rows(mb.sentence_ids), padded.sentence_ids)
-    back = lay.from_rows(padded.student_logprobs, mb.student_logprobs.shape)
-    assert torch.equal(back * mb.loss_mask, mb.student_logprobs * mb.loss_mask)
-    # Re-scored log-probs replace the stored ones for the rows named.
-    new = {1: np.array([0.0, -9.0], np.float32)}
-    assert (
-        collate(block, [0, 1, 2], packed=True, student_logprobs=new).student_logprobs[0, 3] == -9.0
-    )
+from tests.unit.test_train_batch import scored_table
 
 
 def test_scored_files_skip_rejects_and_schema_names_missing_columns(tmp_path):
@@ -153,21 +33,21 @@ def test_scored_files_skip_rejects_and_schema_names_missing_columns(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ScoredDataError, match="no scored"):
         scored_files(tmp_path / "empty")
-    pq.write_table(_table(), tmp_path / "x.parquet")
+    pq.write_table(scored_table(), tmp_path / "x.parquet")
     with pytest.raises(ScoredDataError, match=r"x.parquet: scored column\(s\) \['num_tokens'\]"):
         check_schema([str(tmp_path / "x.parquet")])
 
 
 def test_other_students_scores_are_refused(tmp_path):
-    from raydc.models import fingerprint
+    from raydc.artifacts import fingerprint_paths
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
     (a / "config.json").write_text(json.dumps({"x": 1}))
     (b / "config.json").write_text(json.dumps({"x": 2}))
-    manifest = {"student": {"path": str(a), "fingerprint": fingerprint(a)}}
-    assert check_student(manifest, str(a)) == fingerprint(a)
+    manifest = {"student": {"path": str(a), "fingerprint": fingerprint_paths(a)}}
+    assert check_student(manifest, str(a)) == fingerprint_paths(a)
     with pytest.raises(ScoredDataError, match="made with student .* re-score"):
         check_student(manifest, str(b))
     # A fingerprint given by the caller is used as is (a sweep computes it once).
@@ -183,32 +63,16 @@ def test_val_split_is_deterministic_and_near_the_share():
     assert not any(is_val_key(k, 0.0, 0) for k in keys)
 
 
-def test_the_teacher_mask_travels_into_micro_batches_and_neutralises_weights():
-    from raydc.train.step import micro_batch_weights
-    from raydc.weights import preset
-
-    known = [[True, True, False], [True, True], [True, True, True, True]]
-    block = RowBlock.from_table(_table(teacher_mask=known))
-    for packed in (True, False):
-        mb = collate(block, [0, 1, 2], packed=packed)
-        w = micro_batch_weights(mb, preset("discord"))
-        rows = mb.layout.to_rows(w) if packed else w
-        assert rows[0, 1] == 1.0  # token 2 of row a: the teacher said nothing
-        assert rows[0, 0] != 1.0 and rows[2, 2] != 1.0
-    assert RowBlock.from_table(_table()).teacher_mask is None
-
-
 def _store(folder, manifest, rows=("a", "b", "c")):
     import pyarrow.parquet as pq
 
     folder.mkdir()
-    pq.write_table(_table(row_id=list(rows)), folder / "part-0.parquet")
+    pq.write_table(scored_table(row_id=list(rows)), folder / "part-0.parquet")
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_a_store_newer_than_this_raydc_is_refused_and_format_1_is_read(tmp_path):
     from raydc.data.schema import STORE_FORMAT
-    from raydc.train.data import open_store
 
     _store(tmp_path / "new", {"store": {"format": STORE_FORMAT + 1}})
     with pytest.raises(ScoredDataError, match=f"format {STORE_FORMAT + 1} is newer.*re-score"):
@@ -224,7 +88,6 @@ def test_a_selection_reads_its_source_and_refuses_a_changed_one(tmp_path):
     import pyarrow.parquet as pq
 
     from raydc.data.schema import SELECTION_FILE, SELECTION_SCHEMA
-    from raydc.train.data import open_store
 
     _store(tmp_path / "score", {"store": {"format": 2}})
     sel = tmp_path / "select"
@@ -246,7 +109,7 @@ def test_a_selection_reads_its_source_and_refuses_a_changed_one(tmp_path):
     assert store.files == [str((tmp_path / "score" / "part-0.parquet").resolve())]
     # The store was scored again with other rows after the selection: refused.
     pq.write_table(
-        _table(row_id=["a", "b", "c"], input_ids=[[1] * 9, [4, 5], [6]]),
+        scored_table(row_id=["a", "b", "c"], input_ids=[[1] * 9, [4, 5], [6]]),
         tmp_path / "score" / "part-0.parquet",
     )
     assert os.path.getsize(tmp_path / "score" / "part-0.parquet") != size

@@ -14,7 +14,7 @@ import torch
 
 from raydc.config import TrainConfig
 from raydc.loss import loss_denominators, weighted_token_loss
-from raydc.train.data import collate
+from raydc.train.batch import collate
 from raydc.train.model import StudentLogprobs, load_student
 from raydc.train.step import Learner, micro_batch_weights, no_reduce
 from raydc.weights import preset

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from raydc.config import from_dict
-from raydc.pipeline import PACKAGE_DIR
-from raydc.tune import reverse_kl
+from raydc.eval.reverse_kl import reverse_kl
+from raydc.resolve import PACKAGE_DIR
 
 pytestmark = pytest.mark.integration
 
@@ -16,7 +16,11 @@ pytestmark = pytest.mark.integration
 def _cfg(teacher: str):
     return from_dict(
         {
-            "score": {"backend": "transformers", "teacher": teacher, "max_model_len": 512},
+            "score": {
+                "backend": "transformers",
+                "teacher": teacher,
+                "engine": {"max_model_len": 512},
+            },
             "eval": {
                 "path": str(PACKAGE_DIR / "assets" / "example" / "eval.jsonl"),
                 "num_prompts": 6,

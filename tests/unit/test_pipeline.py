@@ -18,17 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from raydc.artifacts import HISTORY, MARKER, OWNED, OutputDirBusy, StageError
 from raydc.cli import main
 from raydc.config import ConfigError, load_config
-from raydc.pipeline import (
-    HISTORY,
-    LOG,
-    MARKER,
-    OWNED,
-    OutputDirBusy,
-    Pipeline,
-    StageError,
-)
+from raydc.pipeline import LOG, Pipeline
 
 
 def _cfg(out: Path, *overrides: str):
@@ -119,7 +112,7 @@ def test_a_second_job_on_one_output_folder_is_refused_naming_the_holder(tmp_path
                 f"""
                 import sys, time
                 from pathlib import Path
-                from raydc.pipeline import lock_output_dir
+                from raydc.artifacts import lock_output_dir
                 Path({str(out)!r}).mkdir(parents=True)
                 lock_output_dir(Path({str(out)!r}))
                 print("locked", flush=True)

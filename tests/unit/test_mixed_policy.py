@@ -1,0 +1,38 @@
+"""Mixed-policy traces: the pure parts (length cap, cut point), hand-computed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from raydc.mixed_policy import cut_point, length_cap
+
+
+def test_length_cap_is_the_multiple_rounded_up_and_never_zero():
+    assert length_cap(10, 1.5) == 15
+    assert length_cap(7, 1.5) == 11  # 10.5 -> 11
+    assert length_cap(0, 1.5) == 1
+    assert length_cap(3, 1.0) == 3
+
+
+@pytest.mark.parametrize("n,after", [(2, 0.5), (3, 0.5), (10, 0.5), (10, 0.0), (10, 0.95), (101, 0.5)])
+def test_cut_point_lies_past_the_fraction_and_before_the_end(n, after):
+    lo = min(max(1, math.ceil(after * n)), n - 1)
+    seen = {cut_point(n, after, f"row{i}", seed=0) for i in range(400)}
+    assert min(seen) >= lo and max(seen) <= n - 1
+    # uniform over [lo, n-1]: with 400 draws every value of a short range shows up
+    if n - lo <= 10:
+        assert seen == set(range(lo, n))
+
+
+def test_cut_point_is_reproducible_per_row_and_seed():
+    a = [cut_point(50, 0.5, f"r{i}", seed=3) for i in range(20)]
+    assert a == [cut_point(50, 0.5, f"r{i}", seed=3) for i in range(20)]
+    assert a != [cut_point(50, 0.5, f"r{i}", seed=4) for i in range(20)]
+
+
+def test_a_response_of_fewer_than_two_tokens_cannot_be_cut():
+    assert cut_point(0, 0.5, "r", 0) is None
+    assert cut_point(1, 0.5, "r", 0) is None
+    assert cut_point(2, 0.5, "r", 0) == 1
