@@ -254,8 +254,10 @@ class Pipeline:
     def _traces(self) -> tuple[str, str]:
         """Where prepare reads its traces, and their fingerprint: the mixed-policy or the
         generated traces when those stages are on, else ``data.path``."""
-        for name, enabled in (("mixed_policy", self.cfg.mixed_policy.enabled),
-                              ("generate", self.cfg.generate.enabled)):
+        for name, enabled in (
+            ("mixed_policy", self.cfg.mixed_policy.enabled),
+            ("generate", self.cfg.generate.enabled),
+        ):
             if enabled:
                 made = self.results.get(name) or getattr(self, name)()
                 return str(made.out_dir / "traces.parquet"), made.fingerprint

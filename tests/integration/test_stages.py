@@ -128,8 +128,9 @@ def test_stage_two_starts_where_stage_one_ended(staged):
     manifest = json.loads((out / "stages" / "t10" / "score" / "manifest.json").read_text())
     assert manifest["student"]["fingerprint"] == fingerprint_paths(s1["model_dir"])
     # its first step started from stage 1's last weights (lr ~0 since), not the initial
-    w0, w1, w2 = (_weights(d) for d in (SUMTASK / "models" / "student", s1["model_dir"],
-                                         s2["model_dir"]))
+    w0, w1, w2 = (
+        _weights(d) for d in (SUMTASK / "models" / "student", s1["model_dir"], s2["model_dir"])
+    )
     moved = max(float((w1[k].float() - w0[k].float()).abs().max()) for k in w1)
     kept = max(float((w2[k] - w1[k]).abs().max()) for k in w1)
     assert moved > 1e-4 and kept < 1e-6

@@ -16,7 +16,9 @@ def test_length_cap_is_the_multiple_rounded_up_and_never_zero():
     assert length_cap(3, 1.0) == 3
 
 
-@pytest.mark.parametrize("n,after", [(2, 0.5), (3, 0.5), (10, 0.5), (10, 0.0), (10, 0.95), (101, 0.5)])
+@pytest.mark.parametrize(
+    "n,after", [(2, 0.5), (3, 0.5), (10, 0.5), (10, 0.0), (10, 0.95), (101, 0.5)]
+)
 def test_cut_point_lies_past_the_fraction_and_before_the_end(n, after):
     lo = min(max(1, math.ceil(after * n)), n - 1)
     seen = {cut_point(n, after, f"row{i}", seed=0) for i in range(400)}

@@ -20,13 +20,27 @@ def _job(**extra):
             "weights": {"preset": "das_token"},
             "train": {"lr": 1e-3, "max_steps": 10},
             "stages": [
-                {"name": "t06", "generate": {"enabled": True, "prompts": "/d/p.jsonl",
-                                             "temperature": 0.6}},
-                {"name": "t10", "generate": {"enabled": True, "prompts": "/d/p.jsonl",
-                                             "temperature": 1.0, "engine": {"batch_size": 8}},
-                 "train": {"max_steps": 20}, "weights": {"preset": "sft"}},
-                {"name": "mixed", "mixed_policy": {"enabled": True}, "scores_from": "initial",
-                 "optimizer": "fresh"},
+                {
+                    "name": "t06",
+                    "generate": {"enabled": True, "prompts": "/d/p.jsonl", "temperature": 0.6},
+                },
+                {
+                    "name": "t10",
+                    "generate": {
+                        "enabled": True,
+                        "prompts": "/d/p.jsonl",
+                        "temperature": 1.0,
+                        "engine": {"batch_size": 8},
+                    },
+                    "train": {"max_steps": 20},
+                    "weights": {"preset": "sft"},
+                },
+                {
+                    "name": "mixed",
+                    "mixed_policy": {"enabled": True},
+                    "scores_from": "initial",
+                    "optimizer": "fresh",
+                },
             ],
             **extra,
         }
