@@ -353,8 +353,8 @@ def release_output_dir(root: Path) -> None:
 
 # Files up to HASH_WHOLE_LIMIT are hashed whole. A bigger one is hashed by its name, size,
 # header (safetensors: the JSON of tensor names, dtypes, shapes and offsets) and sampled
-# blocks of its data (the first and last MiB and 8 blocks between them): O(1) reads, so a
-# 15 GB student is fingerprinted in milliseconds (bench/fingerprint.py). Training changes
+# blocks of its data (the first and last MiB and 8 blocks between them): 10 MiB read
+# whatever the size, so a 15 GB student costs what a small file does. Training changes
 # every tensor, so two checkpoints of one architecture differ in every sampled block; an
 # edit of a big data file that keeps its size and misses every block goes unseen.
 HASH_WHOLE_LIMIT = 64 << 20

@@ -76,7 +76,7 @@ def _all_reduce(values, op: str = "sum"):
     return t.tolist()
 
 
-def _adamw(params, lr: float, weight_decay: float):
+def adamw(params, lr: float, weight_decay: float):
     """torch AdamW, its fused kernel where this torch has one for the device (CPU included):
     one pass over the flat ZeRO partition instead of a loop of small kernels."""
     import torch
@@ -149,7 +149,7 @@ class Worker:
 
             opt = DeepSpeedCPUAdam(params, lr=self.tc.lr, weight_decay=self.tc.weight_decay)
         else:
-            opt = _adamw(params, lr=self.tc.lr, weight_decay=self.tc.weight_decay)
+            opt = adamw(params, lr=self.tc.lr, weight_decay=self.tc.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.tc))
         engine, _, _, scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg, dist_init_required=False

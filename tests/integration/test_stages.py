@@ -170,3 +170,19 @@ def test_eval_runs_once_after_the_last_stage(staged):
     ev = pipe.results["eval"].summary
     assert "pass@1" in ev and ev["model"] == pipe.results["stages/mixed"].summary["model_dir"]
     assert not (out / "stages" / "t06" / "eval").exists()
+
+
+def test_a_stage_opens_on_its_own_for_tune_reusing_the_stages_before(staged):
+    """``raydc tune --stage t10``: the stages before it are reused (nothing reruns), and
+    the stage's own Pipeline starts from stage 1's model and checkpoint."""
+    pipe, out = staged
+    history = (out / "stages" / "t06" / "stages.jsonl").read_text()
+    child = pipe.stage_pipeline("t10")
+    try:
+        s1 = pipe.results["stages/t06"].summary
+        assert child.cfg.train.student == s1["model_dir"] == child.cfg.score.student
+        assert child.cfg.train.init_checkpoint == str(s1["checkpoint"])
+        assert child.run_until("train").skipped  # done before, same fingerprint
+    finally:
+        child.close()
+    assert (out / "stages" / "t06" / "stages.jsonl").read_text() == history

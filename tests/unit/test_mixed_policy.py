@@ -38,3 +38,25 @@ def test_a_response_of_fewer_than_two_tokens_cannot_be_cut():
     assert cut_point(0, 0.5, "r", 0) is None
     assert cut_point(1, 0.5, "r", 0) is None
     assert cut_point(2, 0.5, "r", 0) == 1
+
+
+def test_a_continuation_is_kept_only_when_its_answer_grades_correct():
+    from types import SimpleNamespace
+
+    from raydc.config import from_dict
+    from raydc.mixed_policy import Item, _verdict
+
+    cfg = from_dict({"mixed_policy": {"require_correct": True, "grader": "gsm8k"}})
+    it = Item("r", "p", "Sum mod 10: a b", gold="a3=3\nb1=4\n#### 4", extra={})
+    stop = SimpleNamespace(finish_reason="stop")
+    assert _verdict(cfg, it, stop, "a3=3\nb1=4\n#### 4") is None
+    assert _verdict(cfg, it, stop, "a3=3\nb2=5\n#### 5").startswith("wrong_answer: ")
+    cut = SimpleNamespace(finish_reason="length")
+    assert _verdict(cfg, it, cut, "a3=3\nb1=4\n#### 4").startswith("truncated")
+    # without require_correct only truncation drops a trace
+    loose = from_dict({"mixed_policy": {"require_correct": False}})
+    assert _verdict(loose, it, stop, "#### 5") is None
+    # a gold without an answer is a reject with its reason, not a crash
+    assert _verdict(cfg, Item("r", "p", "q", gold="none", extra={}), stop, "#### 4").startswith(
+        "no_gold_answer"
+    )
