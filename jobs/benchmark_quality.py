@@ -1,26 +1,23 @@
-"""The built-in quality benchmark: does distribution-corrected weighting give a better
-student than SFT on the same offline teacher traces? (issue 7; task in raydc/quality/)
+"""The built-in quality benchmark: which weighting of the teacher's offline traces gives
+the best student, in a regime where distillation helps? (issue 15; raydc/quality/)
 
+The task and models are the embedded default's (raydc/assets/sumtask): a running sum mod
+10 over lists of codes; the shipped teacher knows all 40 codes, the shipped student 24.
 Stages, top to bottom:
-  1. the task: problems for the teacher, the student's prior, the traces, eval/val/side sets;
-  2. the teacher: a Qwen2 model trained with raydc's loss (``sft`` preset) on a mixture of
-     trace styles (mostly ``backward``), saved with save_pretrained;
-  3. the student's prior: a smaller Qwen2 model pre-trained on its own style (``forward``,
-     shorter lists) and a side task the teacher never shows;
-  4. offline traces: vLLM samples several candidates per prompt from the teacher at T = 1.0
-     (clean) and T = 1.5 (noisy), with the teacher's T = 1 log-probs of each token;
-  5. scoring: every trace under the initial student once; DASD selection picks one
-     candidate per prompt from those scores;
-  6. a small in-process search over the weight family on a validation split (the
-     ``tune`` arm);
-  7. the arms: every weighting on the same traces, step budgets and seeds;
-  8. the report: results.json, table.md, results.png, load.json.
-Each stage is a function of ``raydc.quality.stages`` (the report: ``raydc.quality.report``),
-recorded in the run's state so ``--resume`` skips what finished.
+  1. the problem sets (eval, val, the prior's known-code lists, trace prompts) and the
+     teacher's T = 1 samples of the eval prompts (ExAccErr's eps);
+  2. offline traces: teacher samples at T = 1 (2 candidates a prompt; DASD selection picks
+     one by the student's scores) and at T = 0.6, with teacher and student log-probs;
+  3. the tune arm's search: Ray Tune over the weight family on the validation split;
+  4. the initial student's measures (step 0) and the core arms, every seed, on 2 worker
+     processes, each run measured at every eval step;
+  5. the arms that use the best and the riskiest preset (stages_best, the protections);
+  6. the report: results.json, table.md, PNG plots, load; with --docs, docs/results.md.
 
 Usage:
-  python jobs/benchmark_quality.py --out runs/quality            # the full benchmark
-  python jobs/benchmark_quality.py --out /tmp/q --quick          # a smoke run (~2 min)
+  python jobs/benchmark_quality.py --out runs/quality --docs docs   # the full benchmark
+  python jobs/benchmark_quality.py --out /tmp/q --quick              # a smoke run
+  python jobs/benchmark_quality.py --report runs/quality --docs docs # report again
 """
 
 from __future__ import annotations
@@ -30,131 +27,133 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import torch  # noqa: E402
 
-from raydc import quality as q  # noqa: E402
 from raydc.models import offline_env  # noqa: E402
-from raydc.quality import stages  # noqa: E402
-from raydc.quality.run import ARMS, TRACE_SETS, BenchmarkRun, Plan  # noqa: E402
+from raydc.quality import report, stages  # noqa: E402
+from raydc.quality.jobs import worker_init  # noqa: E402
+from raydc.quality.machine import LoadMonitor  # noqa: E402
+from raydc.quality.run import ARMS, LATER_ARMS, BenchmarkRun, Plan  # noqa: E402
 
 FULL = dict(
-    teacher_pool=20000,
-    teacher_steps=1800,
-    teacher_backward_share=0.7,
-    student_pool=20000,
-    student_steps=3000,
-    # The student's pre-training: at lr 2e-3 and batch 32 it sat on a loss plateau for
-    # 4,000 steps (11% greedy on its own task); at 3e-3 and 64 it leaves the plateau within
-    # about 1,000 steps (probes: 98-99% on its own task), the side task at its own pace.
-    student_lr=3e-3,
-    student_batch=64,
-    pretrain_lr=2e-3,
-    pretrain_batch=32,
-    side_share=0.3,
-    trace_prompts=1000,
-    candidates=4,
-    temperatures=(1.0, 1.5),
     eval_n=200,
-    side_n=100,
-    val_n=200,
-    tune_trials=6,
+    val_n=100,
+    prior_n=100,
+    trace_prompts=1000,
+    candidates=2,
     lr=1e-3,
     batch_size=32,
     warmup_steps=10,
 )
-QUICK = dict(
-    FULL,
-    teacher_pool=512,
-    teacher_steps=30,
-    student_pool=512,
-    student_steps=30,
-    trace_prompts=24,
-    candidates=2,
-    eval_n=24,
-    side_n=8,
-    val_n=12,
-    tune_trials=2,
-)
+QUICK = dict(FULL, eval_n=24, val_n=12, prior_n=12, trace_prompts=40)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/quality")
-    ap.add_argument("--seeds", type=int, default=8, help="seeds per arm")
-    ap.add_argument("--budgets", default="50,120", help="fine-tuning step budgets")
+    ap.add_argument("--seeds", type=int, default=8, help="seeds per core arm")
+    ap.add_argument("--later-seeds", type=int, default=8, help=f"seeds of {LATER_ARMS} and tune")
+    ap.add_argument("--evals", default="10,20,40,80,120", help="eval steps; the last ends a run")
     ap.add_argument("--arms", default=",".join(ARMS))
-    ap.add_argument("--traces", default=",".join(TRACE_SETS))
+    ap.add_argument("--tune-trials", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2, help="training processes")
     ap.add_argument(
-        "--threads", type=int, default=2, help="torch threads of the main process (stages 2-5)"
+        "--minutes", type=float, default=55.0, help="no fine-tuning job starts that would end later"
     )
-    ap.add_argument("--student-ref", default="current", choices=["current", "init"])
     ap.add_argument("--quick", action="store_true", help="tiny smoke configuration")
-    ap.add_argument("--seed", type=int, default=0, help="task, teacher and student seed")
-    ap.add_argument(
-        "--resume",
-        action="store_true",
-        help="reuse the finished stages and fine-tuning runs found in --out",
-    )
-    return ap.parse_args()
+    ap.add_argument("--docs", default=None, help="write results.md and its plots here too")
+    ap.add_argument("--report", default=None, help="only rewrite the report of this run folder")
+    return ap.parse_args(argv)
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
     plan = Plan(
-        params=dict(QUICK if args.quick else FULL),
-        budgets=sorted(int(b) for b in args.budgets.split(",")),
+        sizes=dict(QUICK if args.quick else FULL),
+        evals=sorted(int(b) for b in args.evals.split(",")),
         arms=[a for a in args.arms.split(",") if a],
-        traces=[t for t in args.traces.split(",") if t],
         seeds=args.seeds,
-        seed=args.seed,
-        student_ref=args.student_ref,
+        later_seeds=min(args.later_seeds, args.seeds),
+        tune_trials=args.tune_trials,
+        deadline_s=60.0 * args.minutes,
     )
-    unknown = sorted(set(plan.arms) - set(ARMS)) + sorted(set(plan.traces) - set(TRACE_SETS))
+    unknown = sorted(set(plan.arms) - set(ARMS))
     if unknown:
-        sys.exit(f"unknown arms/traces {unknown}; arms: {ARMS}; traces: clean, noisy")
+        sys.exit(f"unknown arms {unknown}; arms: {ARMS}")
     return plan
 
 
-def main() -> None:
-    """Arguments -> the task -> the teacher and the student's prior -> offline traces ->
-    the tune arm's search -> the arms -> the report."""
-    args = parse_args()
-    offline_env()
-    torch.set_num_threads(args.threads)
-    plan = make_plan(args)
-    run = BenchmarkRun(args.out, args.resume)
-    monitor = q.LoadMonitor().start()
-    t_start = time.time()
-    run.log(
-        f"params {plan.params}; budgets {plan.budgets}; seeds {plan.seeds}; arms {plan.arms}; "
-        f"traces {plan.traces}"
-    )
-    task = stages.make_task(run, plan.params)
-    workers = mp.get_context("spawn").Pool(args.workers, q.worker_init, (1,))
-    # The teacher trains here while the student's prior trains in a worker, one core each:
-    # two threads here would oversubscribe the two cores and slow both.
-    student = stages.start_student(run, plan, workers)
-    torch.set_num_threads(1 if student is not None else args.threads)
-    stages.train_teacher(run, plan, task)
-    stages.finish_student(run, student)
-    torch.set_num_threads(args.threads)
-    stages.make_traces(run, plan, task)
-    base = stages.base_job(run, plan, task)
+def run_benchmark(args: argparse.Namespace, plan: Plan, run: BenchmarkRun) -> dict:
+    """Stages 1-5; returns the timings and the choices later arms used."""
+    t = {"start": time.time()}
+    task = stages.make_data(run, plan.sizes)
+    stages.make_traces(run, plan.sizes, task)
+    del task
+    t["setup_s"] = time.time() - t["start"]
+    chosen: dict = {}
     if "tune" in plan.arms:
-        stages.tune_weights(run, plan, workers, base)
+        t0 = time.time()
+        base = dict(stages.base_job(run, plan), phases=[(run.trace_path("t10"), plan.steps)])
+        tuned = tune_search(base, plan, run)
+        chosen["tune"] = tuned["chosen"]
+        run.info["tune"] = tuned
+        run.log(
+            f"tune: chose {tuned['chosen_fields']} ({time.time() - t0:.0f} s): {tuned['trials']}"
+        )
+    workers = mp.get_context("spawn").Pool(args.workers, worker_init, (1,))
     t0 = time.time()
-    jobs, done = stages.arm_jobs(run, plan, base)
-    run.log(f"running {len(jobs)} fine-tuning runs on {args.workers} workers ({done} done)")
-    stages.run_arms(run, workers, jobs)
+    base = {**stages.base_job(run, plan), "phases": [], "evals": [0], "tags": {"arm": "initial"}}
+    first = [a for a in plan.arms if a not in LATER_ARMS]
+    later = stages.later_arms(plan)
+    jobs = [dict(base, seed=s) for s in range(plan.seeds)]
+    jobs += [
+        stages.arm_job(run, plan, a, s, chosen)
+        for s in range(plan.seeds)
+        for a in first
+        if s < plan.seeds_of(a)
+    ]
+    run.log(f"running {len(jobs)} jobs on {args.workers} workers")
+    deadline = t["start"] + plan.deadline_s
+    # Time kept for the later arms: half their planned seeds at least.
+    reserve = len(later) * max(1, plan.later_seeds // 2)
+    records = stages.run_jobs(run, workers, args.workers, jobs, deadline, reserve)
+    if later:
+        chosen.update(stages.choose_best_and_risky(records, plan.steps))
+        run.info["chosen"] = {k: chosen[k] for k in ("best", "risky", "means")}
+        run.log(f"best preset {chosen['best']}, riskiest {chosen['risky']}: {chosen['means']}")
+        jobs = [
+            stages.arm_job(run, plan, a, s, chosen) for s in range(plan.later_seeds) for a in later
+        ]
+        stages.run_jobs(run, workers, args.workers, jobs, deadline)
     workers.close()
     workers.join()
-    timings = {"arms_s": time.time() - t0}
-    q.write_report(
-        run, plan, stages.finished_records(run, plan), monitor, timings, t_start, len(jobs)
-    )
+    t["arms_s"] = time.time() - t0
+    return t
+
+
+def tune_search(base: dict, plan: Plan, run: BenchmarkRun) -> dict:
+    from raydc.quality.tuning import tune_weights
+
+    return tune_weights(base, plan.tune_trials, run.out)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    offline_env()
+    if args.report:
+        report.rewrite(Path(args.report), args.docs)
+        return
+    torch.set_num_threads(2)
+    plan = make_plan(args)
+    run = BenchmarkRun(args.out)
+    monitor = LoadMonitor().start()
+    run.log(f"plan {plan}")
+    timings = run_benchmark(args, plan, run)
+    command = "python jobs/benchmark_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    report.write_report(run, plan, monitor, timings, command, args.docs)
 
 
 if __name__ == "__main__":

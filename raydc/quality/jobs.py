@@ -1,20 +1,23 @@
-"""The benchmark's jobs as they run in worker processes: one arm, the student's prior."""
+"""One arm's fine-tuning run, as it runs in a worker process: the trainer's steps over one
+or more trace sets in turn (one optimizer throughout), evaluated on the way."""
 
 from __future__ import annotations
 
-import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 
-from raydc.quality.evaluate import evaluate, free_generation_metrics, generate, max_new_tokens_for
-from raydc.quality.finetune import TrainSpec, train
-from raydc.quality.models import STUDENT_SIZE, build_model, load_model, save_model
-from raydc.quality.task import Problem, encode, make_problems
-from raydc.quality.traces import TraceSet, examples_to_trace_set
-from raydc.weights import WeightConfig
+from raydc.quality.evaluate import evaluate
+from raydc.quality.finetune import TrainSpec, train_steps
+from raydc.quality.models import load_model, load_tokenizer
+from raydc.quality.task import MODELS, PAD
+from raydc.quality.traces import TraceSet
+from raydc.train.batch import MicroBatch, collate
+from raydc.weights import WeightConfig, preset
 
+WEIGHT_BINS = np.linspace(0.0, 4.0, 41)  # the weight histogram's bins (the last takes > 4)
 _CACHE: dict = {}
 
 
@@ -32,76 +35,88 @@ def worker_init(threads: int = 1) -> None:
     torch.set_num_threads(threads)
 
 
-def run_job(job: dict) -> list[dict]:
-    """Fine-tune the initial student on one trace set with one weighting and seed; evaluate
-    at each budget (the budgets nest: one run, evaluated on the way). Returns one record a
-    budget. Job keys: tags (copied into each record), traces (TraceSet path), student_dir, weights (WeightConfig dict
-    or None for sft), seed, budgets, lr, batch_size, warmup_steps, student_ref, problems
-    (path of a torch-saved dict with eval/side/val problem lists), eval_set (eval | val),
-    max_digits, full_eval (False: greedy accuracy only)."""
-    ts = _cached(job["traces"], lambda: TraceSet.load(job["traces"]))
-    problems = _cached(job["problems"], lambda: torch.load(job["problems"], weights_only=False))
-    model = load_model(job["student_dir"])
-    budgets = sorted(int(b) for b in job["budgets"])
-    wcfg = WeightConfig(**job["weights"]) if job.get("weights") else None
-    records: list[dict] = []
-    eval_problems = problems[job.get("eval_set", "eval")]
-    t_eval = [0.0]
+def measure(model, job: dict, step: int) -> dict:
+    """The evaluation of ``model`` after ``step`` steps, as a record of the job's run."""
+    tok = _cached("tok", load_tokenizer)
+    teacher = _cached("teacher", lambda: load_model(MODELS / "teacher"))
+    data = _cached(job["data"], lambda: torch.load(job["data"], weights_only=False))
+    view = data if job.get("eval_set", "eval") == "eval" else data["val_view"]
+    t0 = time.time()
+    res = evaluate(
+        model,
+        teacher,
+        view,
+        lambda ids: tok.decode(ids, skip_special_tokens=True),
+        seed=1000 * job["seed"] + step,
+        full=job.get("full_eval", True),
+    )
+    return {
+        **job.get("tags", {}),
+        "seed": job["seed"],
+        "step": step,
+        "eval_s": time.time() - t0,
+        **res,
+    }
 
-    def on_step(step: int, m) -> None:
-        if step not in budgets:
-            return
-        t0 = time.time()
-        if job.get("full_eval", True):
-            res = evaluate(m, eval_problems, problems["side"], job["seed"], job["max_digits"])
-        else:
-            outs = generate(
-                m, [encode(p.prompt) for p in eval_problems], max_new_tokens_for(job["max_digits"])
-            )
-            res = {"greedy": free_generation_metrics(eval_problems, outs)}
-        t_eval[0] += time.time() - t0
-        records.append({**job.get("tags", {}), "seed": job["seed"], "budget": step, **res})
 
+def _batches(job: dict, model, records: list[dict]) -> Iterator[list[MicroBatch]]:
+    """Each step's micro-batch: ``batch_size`` rows drawn with replacement from the phase's
+    trace set; the model is measured (into ``records``) before the step after each of the
+    job's eval steps, and after the last."""
+    g = torch.Generator().manual_seed(job["seed"])
+    step, evals = 0, set(job["evals"])
+    for path, n in job["phases"]:
+        ts = _cached(path, lambda p=path: TraceSet.load(p))
+        block = ts.row_block()
+        for _ in range(n):
+            if step in evals and step > 0:
+                records.append(measure(model, job, step))
+            rows = torch.randint(0, len(ts), (job["batch_size"],), generator=g).tolist()
+            yield [collate(block, rows, packed=False, pad_id=PAD)]
+            step += 1
+    if step in evals:
+        records.append(measure(model, job, step))
+
+
+def weight_histogram(weights: list[torch.Tensor], masks: list[torch.Tensor]) -> list[int]:
+    """Counts of the loss tokens' weights in WEIGHT_BINS (weights above 4 in the last)."""
+    if not weights:
+        return [0] * (len(WEIGHT_BINS) - 1)
+    w = torch.cat([x[m.bool()].flatten() for x, m in zip(weights, masks)]).numpy()
+    return np.histogram(np.clip(w, 0.0, WEIGHT_BINS[-1]), bins=WEIGHT_BINS)[0].tolist()
+
+
+def run_arm(job: dict) -> list[dict]:
+    """Fine-tune the shipped student with one weighting and seed over the job's phases
+    (list of (trace set path, steps): the optimizer and model continue across them);
+    measure at the job's eval steps. Returns one record per eval step, each with the run's
+    training figures. Job keys: tags, data, phases, weights (WeightConfig dict or None for
+    sft), weight_warmup_steps, seed, evals, lr, batch_size, warmup_steps, student_ref,
+    eval_set (eval | val), full_eval."""
+    torch.manual_seed(job["seed"])
+    model = load_model(MODELS / "student")
+    steps = sum(n for _, n in job["phases"])
     spec = TrainSpec(
-        steps=budgets[-1],
+        steps=steps,
         batch_size=job["batch_size"],
         lr=job["lr"],
         warmup_steps=job["warmup_steps"],
-        weights=wcfg,
         student_ref=job["student_ref"],
         seed=job["seed"],
+        weight_warmup_steps=job.get("weight_warmup_steps", 0),
     )
+    wc = WeightConfig(**job["weights"]) if job.get("weights") else preset("sft")
+    records: list[dict] = []
     t0 = time.time()
-    info = train(model, ts, spec, on_step=on_step)
+    stats = train_steps(model, _batches(job, model, records), spec.train_config(), wc)
+    info = {
+        "wall_s": time.time() - t0,
+        "eval_s": sum(r["eval_s"] for r in records),
+        "loss": [s.loss for s in stats[:: max(1, steps // 12)]],
+        "weight_hist": weight_histogram(
+            [s.weights[0] for s in stats], [s.micro_batches[0].loss_mask for s in stats]
+        ),
+    }
     for r in records:
         r["train"] = info
-        r["job_wall_s"] = time.time() - t0
-        r["eval_wall_s"] = t_eval[0]
     return records
-
-
-def pretrain_student_job(job: dict) -> dict:
-    """The student's own prior (runs in a worker, beside the teacher's training): forward
-    traces of shorter lists plus the side task, then its evaluation. Saves the model to
-    job["dir"] and returns its training info and evaluations. Job keys: dir, seed, pool,
-    lengths, side_share, steps, batch_size, lr, problems (path), eval_lengths_max."""
-    t0 = time.time()
-    rng = random.Random(job["seed"] + 1)
-    pool = make_problems(job["pool"], rng, tuple(job["lengths"]))
-    pool = [Problem("D", p.digits) if rng.random() < job["side_share"] else p for p in pool]
-    student = build_model(STUDENT_SIZE, seed=job["seed"] + 1)
-    spec = TrainSpec(job["steps"], job["batch_size"], job["lr"], seed=job["seed"] + 1, decay=True)
-    info = train(student, examples_to_trace_set(pool, ["forward"] * len(pool)), spec)
-    save_model(student, job["dir"])
-    problems = torch.load(job["problems"], weights_only=False)
-    short = make_problems(len(problems["eval"]), random.Random(10_005), tuple(job["lengths"]))
-    return {
-        "train": info,
-        "eval": evaluate(
-            student, problems["eval"], problems["side"], job["seed"], job["eval_lengths_max"]
-        ),
-        "own_lengths": evaluate(
-            student, short, problems["side"], job["seed"], job["lengths"][1], "forward"
-        ),
-        "wall_s": time.time() - t0,
-    }

@@ -1,37 +1,50 @@
-"""The benchmark's Qwen2 models: build, save, load, count."""
+"""The shipped sumtask models (teacher 192 x 3, student 128 x 2) and the chat-format ids."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 
-from raydc.models import qwen2_config
-from raydc.quality.task import EOS, PAD, VOCAB_SIZE
-
-# (hidden, layers, heads, kv heads, intermediate); head_dim = hidden / heads = 64.
-TEACHER_SIZE = (192, 3, 3, 1, 512)
-STUDENT_SIZE = (128, 3, 2, 1, 256)
-
-
-def build_model(sizes: tuple[int, int, int, int, int], seed: int, max_len: int = 256):
-    """A random-init Qwen2 causal LM over the task vocabulary."""
-    from transformers import Qwen2ForCausalLM
-
-    config = qwen2_config(sizes, VOCAB_SIZE, EOS, PAD, max_len)
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config).float()
-
-
-def save_model(model, path: str | os.PathLike) -> str:
-    model.save_pretrained(path, safe_serialization=True)
-    return str(path)
+from raydc.quality.task import MODELS, PAD
 
 
 def load_model(path: str | os.PathLike):
-    from transformers import Qwen2ForCausalLM
+    """A shipped (float16) model as float32, in eval mode."""
+    from transformers import AutoModelForCausalLM
 
-    return Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def load_tokenizer():
+    from raydc.models import load_tokenizer as load
+
+    tok = load(MODELS / "student")
+    if tok.pad_token_id != PAD:
+        raise ValueError(f"the shipped tokenizer's pad id is {tok.pad_token_id}, not {PAD}")
+    return tok
+
+
+def prompt_ids(tok, prompts: Sequence[str]) -> list[list[int]]:
+    """Chat-format prompt ids up to the assistant turn (what prepare renders)."""
+    out = []
+    for p in prompts:
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        out.append(tok(text, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def response_ids(tok, responses: Sequence[str]) -> list[list[int]]:
+    """Response ids ending with the end-of-turn token (the model's EOS)."""
+    return [tok(r + tok.eos_token, add_special_tokens=False)["input_ids"] for r in responses]
+
+
+def newline_ids(tok) -> set[int]:
+    """Token ids whose text holds a newline (they close a scratchpad line: a sentence)."""
+    return {i for i in range(len(tok)) if "\n" in tok.decode([i])}
 
 
 def count_params(model) -> int:

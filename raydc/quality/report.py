@@ -1,5 +1,5 @@
-"""The benchmark's report: aggregating records, the markdown table, the plot, and
-``write_report`` (results.json, table.md, results.png, load.json)."""
+"""The benchmark's report: per-(arm, step) aggregates over seeds, the verdict, the plots,
+results.json, table.md, and (``raydc.quality.results_md``) docs/results.md."""
 
 from __future__ import annotations
 
@@ -10,209 +10,237 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from raydc.quality.models import count_params, load_model
-from raydc.quality.run import TUNE_BASE, TUNE_SPACE, write_json_safe
+from raydc.quality.jobs import WEIGHT_BINS
+from raydc.quality.results_md import results_markdown
+from raydc.quality.run import ARMS, PRESET_ARMS, write_json_safe
 
 if TYPE_CHECKING:
     from raydc.quality.machine import LoadMonitor
     from raydc.quality.run import BenchmarkRun, Plan
 
 
-def _msd(xs: Sequence[float]) -> tuple[float, float]:
-    n = len(xs)
-    if n == 0:
-        return float("nan"), float("nan")
-    m = sum(xs) / n
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
-    return m, sd
+def _num(x) -> float:
+    return float("nan") if x is None else float(x)
 
 
-# (column, getter) of the per-seed figures the table and results.json aggregate.
+# (key, getter) of the per-seed figures results.json aggregates.
 METRICS: dict[str, Callable[[dict], float]] = {
     "greedy_acc": lambda r: r["greedy"]["accuracy"],
     "sampled_acc": lambda r: r["sampled"]["accuracy"],
     "derailed_greedy": lambda r: r["greedy"]["derailed"],
     "derailed_sampled": lambda r: r["sampled"]["derailed"],
-    "length_error_sd": lambda r: r["sampled"]["length_error_sd"],
-    "forward_share": lambda r: r["greedy"]["forward_share"],
-    "backward_share": lambda r: r["greedy"]["backward_share"],
-    "side_acc": lambda r: r["side_accuracy"],
-    "tf_predicted": lambda r: r["tf_predicted_best"],
-    "tf_predicted_backward": lambda r: r["teacher_forced"]["predicted_accuracy"],
-    "tf_step_acc": lambda r: r["teacher_forced"]["step_accuracy"],
+    "lines_error_sd": lambda r: r["sampled"]["lines_error_sd"],
+    "length_mean": lambda r: r["length_mean"],
+    "prior_acc": lambda r: r["prior_accuracy"],
+    "tf_predicted": lambda r: r["teacher_forced"]["predicted_accuracy"],
     "exposure_gap": lambda r: r["exposure_gap"],
+    "exacc_16": lambda r: _num(r["exacc_err"]["16"]),
+    "exacc_32": lambda r: _num(r["exacc_err"]["32"]),
 }
 
 
+def mean_sd(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation of the finite values (NaN if none)."""
+    xs = [x for x in xs if math.isfinite(x)]
+    n = len(xs)
+    if n == 0:
+        return float("nan"), float("nan")
+    m = sum(xs) / n
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0)
+
+
 def aggregate(records: Sequence[dict]) -> list[dict]:
-    """One row per (traces, arm, budget): mean, sd and per-seed values of each metric."""
+    """One row per (arm, step): mean, sd and per-seed values of each metric. Every arm's
+    step 0 is the initial student's record of the same seed (arm ``initial``)."""
+    initial = {r["seed"]: r for r in records if r["arm"] == "initial"}
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r["traces"], r["arm"], r["budget"]), []).append(r)
+        if r["arm"] != "initial":
+            groups.setdefault((r["arm"], r["step"]), []).append(r)
+    for arm in {a for a, _ in groups}:
+        seeds = {r["seed"] for (a, _), rs in groups.items() if a == arm for r in rs}
+        if any(s in initial for s in seeds):
+            groups[(arm, 0)] = [initial[s] for s in sorted(seeds) if s in initial]
     rows = []
-    for (traces, arm, budget), rs in groups.items():
+    for (arm, step), rs in groups.items():
         rs = sorted(rs, key=lambda r: r["seed"])
-        row = {"traces": traces, "arm": arm, "budget": budget, "seeds": len(rs)}
+        row = {"arm": arm, "step": step, "seeds": len(rs)}
         for name, get in METRICS.items():
             vals = [float(get(r)) for r in rs]
-            row[name], row[name + "_sd"] = _msd(vals)
+            row[name], row[name + "_sd"] = mean_sd(vals)
             row[name + "_per_seed"] = vals
         rows.append(row)
-    return rows
+    order = {a: i for i, a in enumerate(ARMS)}
+    return sorted(rows, key=lambda r: (order.get(r["arm"], 99), r["step"]))
 
 
-def markdown_table(rows: Sequence[dict], arms_order: Sequence[str]) -> str:
-    """The results table (mean ± sd over seeds)."""
-    order = {a: i for i, a in enumerate(arms_order)}
-    rows = sorted(rows, key=lambda r: (r["traces"], r["budget"], order.get(r["arm"], 99)))
-    head = (
-        "| traces | steps | arm | seeds | greedy acc. | sampled acc. (T=1) | derailed (greedy) "
-        "| derailed (sampled) | length err. sd | forward style (prior) | side task (prior) "
-        "| TF-predicted | exposure gap |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-    )
+def verdict(rows: Sequence[dict], steps: int, metric: str = "greedy_acc") -> dict:
+    """At the last step: each arm's mean minus sft's, in units of the two arms' pooled
+    seed spread (sqrt((sd_a^2 + sd_sft^2) / 2)); the best arm by mean."""
+    final = {r["arm"]: r for r in rows if r["step"] == steps}
+    if not final:
+        return {}
+    best = max(final, key=lambda a: final[a][metric])
+    out = {"metric": metric, "steps": steps, "best": best, "vs_sft": {}}
+    if "sft" in final:
+        s = final["sft"]
+        for arm, r in final.items():
+            pooled = math.sqrt((r[metric + "_sd"] ** 2 + s[metric + "_sd"] ** 2) / 2)
+            diff = r[metric] - s[metric]
+            out["vs_sft"][arm] = {
+                "mean": r[metric],
+                "sd": r[metric + "_sd"],
+                "diff": diff,
+                "spreads": diff / pooled if pooled > 0 else float("nan"),
+            }
+    return out
 
-    def f(r, k, sd=True):
-        return f"{r[k]:.3f} ± {r[k + '_sd']:.3f}" if sd else f"{r[k]:.3f}"
 
-    lines = [
-        f"| {r['traces']} | {r['budget']} | {r['arm']} | {r['seeds']} | {f(r, 'greedy_acc')} "
-        f"| {f(r, 'sampled_acc')} | {f(r, 'derailed_greedy', False)} "
-        f"| {f(r, 'derailed_sampled', False)} | {f(r, 'length_error_sd', False)} "
-        f"| {f(r, 'forward_share', False)} | {f(r, 'side_acc')} | {f(r, 'tf_predicted', False)} "
-        f"| {f(r, 'exposure_gap')} |"
-        for r in rows
+def best_weighted(rows: Sequence[dict], steps: int) -> str | None:
+    """The arm with the highest final greedy accuracy among those whose weights vary."""
+    final = [
+        r for r in rows if r["step"] == steps and r["arm"] not in ("sft", "dasd_sft", "stages_sft")
     ]
-    return head + "\n".join(lines) + "\n"
+    return max(final, key=lambda r: r["greedy_acc"])["arm"] if final else None
 
 
-def plot(rows: Sequence[dict], arms_order: Sequence[str], path: str | os.PathLike) -> None:
-    """Greedy accuracy, sampled accuracy and the two prior measures per arm; one row of
-    panels per trace set, one bar per budget, seeds as dots."""
+def weight_hists(records: Sequence[dict]) -> dict[str, list[int]]:
+    """Per arm, the loss tokens' weight counts in WEIGHT_BINS summed over its seeds."""
+    out: dict[str, list[int]] = {}
+    seen = set()
+    for r in records:
+        key = (r["arm"], r["seed"])
+        if r["arm"] == "initial" or key in seen:
+            continue
+        seen.add(key)
+        h = r["train"]["weight_hist"]
+        out[r["arm"]] = [a + b for a, b in zip(out.get(r["arm"], [0] * len(h)), h)]
+    return out
+
+
+CURVES = [
+    ("greedy_acc", "greedy accuracy (eval)"),
+    ("sampled_acc", "sampled accuracy, T = 1"),
+    ("prior_acc", "prior kept: known-code lists"),
+    ("derailed_sampled", "derailed share (sampled)"),
+    ("exacc_16", "ExAccErr(16) %"),
+    ("lines_error_sd", "length spread: line-count error rms"),
+]
+
+
+def plot_curves(rows: Sequence[dict], path: str | os.PathLike) -> None:
+    """Learning curves: mean over seeds with a +- sd band, one line per arm."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    traces = sorted({r["traces"] for r in rows})
-    budgets = sorted({r["budget"] for r in rows})
-    arms = [a for a in arms_order if any(r["arm"] == a for r in rows)]
-    panels = [
-        ("greedy_acc", "greedy accuracy"),
-        ("sampled_acc", "sampled accuracy (T=1)"),
-        ("forward_share", "own style kept (forward share)"),
-        ("side_acc", "side-task accuracy (prior)"),
-    ]
-    fig, axes = plt.subplots(
-        len(traces), len(panels), figsize=(4.2 * len(panels), 3.2 * len(traces)), squeeze=False
-    )
-    width = 0.8 / max(1, len(budgets))
-    for i, tr in enumerate(traces):
-        for j, (key, title) in enumerate(panels):
-            ax = axes[i][j]
-            for k, b in enumerate(budgets):
-                xs, ms, sds = [], [], []
-                for a_i, a in enumerate(arms):
-                    r = next(
-                        (r for r in rows if (r["traces"], r["arm"], r["budget"]) == (tr, a, b)),
-                        None,
-                    )
-                    if r is None:
-                        continue
-                    x = a_i + (k - (len(budgets) - 1) / 2) * width
-                    xs.append(x)
-                    ms.append(r[key])
-                    sds.append(r[key + "_sd"])
-                    ax.scatter(
-                        [x] * len(r[key + "_per_seed"]),
-                        r[key + "_per_seed"],
-                        s=6,
-                        color="black",
-                        zorder=3,
-                    )
-                ax.bar(xs, ms, width=width, yerr=sds, label=f"{b} steps", alpha=0.75, capsize=2)
-            ax.set_xticks(range(len(arms)))
-            ax.set_xticklabels(arms, rotation=60, ha="right", fontsize=7)
-            ax.set_ylim(0, 1.05)
-            ax.set_title(f"{tr}: {title}", fontsize=9)
-            if i == 0 and j == 0:
-                ax.legend(fontsize=7)
+    arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    cmap = plt.get_cmap("tab20")
+    for ax, (key, title) in zip(axes.flat, CURVES):
+        for i, arm in enumerate(arms):
+            rs = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["step"])
+            xs = [r["step"] for r in rs]
+            m = [r[key] for r in rs]
+            sd = [r[key + "_sd"] for r in rs]
+            style = "-" if arm in PRESET_ARMS else "--"
+            ax.plot(xs, m, style, marker="o", ms=3, color=cmap(i), label=arm)
+            ax.fill_between(
+                xs,
+                [a - b for a, b in zip(m, sd)],
+                [a + b for a, b in zip(m, sd)],
+                color=cmap(i),
+                alpha=0.08,
+            )
+        ax.set_title(title)
+        ax.set_xlabel("optimizer steps")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_report(
-    run: BenchmarkRun,
-    plan: Plan,
-    records: list[dict],
-    monitor: LoadMonitor,
-    timings: dict[str, float],
-    t_start: float,
-    fine_tuning_runs: int,
-) -> None:
-    """8. The report: this invocation's session (its load) added to the state, then
-    results.json, table.md, results.png and load.json; the table logged."""
-    timings["total_s"] = time.time() - t_start
-    load = monitor.stop()
-    # One entry per invocation: a resumed run reports the load of every part it ran in.
-    sessions = run.state.get("sessions", []) + [
-        {
-            "command": " ".join(sys.argv),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t_start)),
-            "timings_s": timings,
-            "load": load,
-            "fine_tuning_runs": fine_tuning_runs,
-        }
-    ]
-    run.save_state(sessions=sessions)
-    contended = any(s["load"].get("contended") for s in sessions)
+def plot_weights(hist: Sequence[int], arm: str, path: str | os.PathLike) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    lefts = WEIGHT_BINS[:-1]
+    ax.bar(lefts, hist, width=WEIGHT_BINS[1] - WEIGHT_BINS[0], align="edge")
+    ax.set_yscale("log")
+    ax.set_xlabel("per-token weight (the last bin holds weights >= 3.9)")
+    ax.set_ylabel("loss tokens (all steps, all seeds)")
+    ax.set_title(f"weights of {arm}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_results(run: BenchmarkRun, plan: Plan, load: dict, timings: dict, command: str) -> dict:
+    records = run.records()
     rows = aggregate(records)
-    table = markdown_table(rows, plan.arms)
-    plot(rows, plan.arms, run.out / "results.png")
-    (run.out / "table.md").write_text(table)
-    (run.out / "load.json").write_text(
-        json.dumps(write_json_safe({"summary": load, "samples": monitor.samples}), indent=1)
+    hists = weight_hists(records)
+    best_w = best_weighted(rows, plan.steps)
+    return write_json_safe(
+        {
+            "command": command,
+            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "plan": {**plan.__dict__, "steps": plan.steps},
+            "arms": [a for a in ARMS if a in plan.arms],
+            "seeds_per_arm": {r["arm"]: r["seeds"] for r in rows if r["step"] == plan.steps},
+            "rows": rows,
+            "verdict": verdict(rows, plan.steps),
+            "verdict_sampled": verdict(rows, plan.steps, "sampled_acc"),
+            "best_weighted": best_w,
+            "weight_bins": WEIGHT_BINS.tolist(),
+            "weight_hists": hists,
+            "timings": {k: v for k, v in timings.items() if k != "start"},
+            "wall_s": time.time() - timings["start"],
+            "load": load,
+            "contended": load.get("contended"),
+            "machine": {
+                "python": sys.version.split()[0],
+                "platform": platform.platform(),
+                "cpu_count": os.cpu_count(),
+            },
+            **run.info,
+        }
     )
-    results = _results(run, plan, rows, records, contended)
-    (run.out / "results.json").write_text(json.dumps(write_json_safe(results), indent=1))
-    label = "CONTENDED" if contended else "uncontended"
-    run.log(
-        f"done in {timings['total_s']:.0f} s ({label}: foreign CPU "
-        f"{load.get('foreign_cores_mean', float('nan')):.2f} cores, load1 mean "
-        f"{load.get('load1_mean', float('nan')):.1f})\n{table}"
-    )
 
 
-def _results(run: BenchmarkRun, plan: Plan, rows, records, contended: bool) -> dict:
-    """results.json: the plan, the machine, every stage's state, the rows and records."""
-    import torch
+def write_outputs(res: dict, out: Path, docs: str | None) -> None:
+    """results.json, table.md, learning_curves.png, weights.png in ``out``; with ``docs``,
+    results.md and the two plots (as results_*.png) there too."""
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    targets = [(out, "learning_curves.png", "weights.png")]
+    if docs:
+        targets.append((Path(docs), "results_curves.png", "results_weights.png"))
+    for folder, curves, weights in targets:
+        folder.mkdir(parents=True, exist_ok=True)
+        plot_curves(res["rows"], folder / curves)
+        arm = res["best_weighted"]
+        if arm:
+            plot_weights(res["weight_hists"][arm], arm, folder / weights)
+    md = results_markdown(res, "results_curves.png", "results_weights.png")
+    (out / "table.md").write_text(md)
+    if docs:
+        (Path(docs) / "results.md").write_text(md)
 
-    state = run.state
-    return {
-        "command": " ".join(["python", *sys.argv]),
-        "params": plan.params,
-        "budgets": plan.budgets,
-        "seeds": plan.seeds,
-        "arms": plan.arms,
-        "student_ref": plan.student_ref,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-        },
-        "contended": contended,
-        "sessions": state["sessions"],
-        "models": {
-            "teacher_params": count_params(load_model(run.teacher_dir)),
-            "student_params": count_params(load_model(run.student_dir)),
-        },
-        "teacher": state["teacher"],
-        "student_init": state["student"],
-        "traces": state["traces"],
-        "tune": {"space": TUNE_SPACE, "base": TUNE_BASE, **state.get("tune", {})},
-        "rows": rows,
-        "records": records,
-    }
+
+def write_report(run, plan, monitor: LoadMonitor, timings: dict, command: str, docs) -> dict:
+    res = build_results(run, plan, monitor.stop(), timings, command)
+    write_outputs(res, run.out, docs)
+    run.log(f"report: {run.out / 'results.json'} ({res['wall_s']:.0f} s in all)")
+    return res
+
+
+def rewrite(out: Path, docs: str | None) -> None:
+    """The report again from a finished run's results.json (no new measurement)."""
+    write_outputs(json.loads((out / "results.json").read_text()), out, docs)

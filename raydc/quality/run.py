@@ -1,6 +1,5 @@
-"""The quality benchmark's definition (arms, the tune arm's search space, list lengths),
-one invocation's ``Plan``, and a run's folder and state (``BenchmarkRun``, written
-JSON-safe)."""
+"""The quality benchmark's definition (arms, the tune search space, the sizes), one
+invocation's ``Plan``, and a run's folder (``BenchmarkRun``: log, records, JSON-safe)."""
 
 from __future__ import annotations
 
@@ -11,20 +10,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ARMS = ["sft", "dft", "discord", "das_token", "iw_seq", "tis", "dasd_sft", "tune"]
 PRESET_ARMS = ["sft", "dft", "discord", "das_token", "iw_seq", "tis"]
-TRACE_SETS = ["clean", "noisy"]  # sampled at params["temperatures"][0] and [1]
+# Arms run after the presets: they use the best and the riskiest weighted preset, chosen
+# from the presets' mean final greedy accuracy.
+LATER_ARMS = ["stages_best", "risky_floor", "risky_warmup"]
+ARMS = [*PRESET_ARMS, "dasd_sft", "stages_sft", *LATER_ARMS, "tune"]
+# The protections on the riskiest preset: a floor on every weight, uniform weights at first.
+PROTECTIONS = {"risky_floor": {"floor": 0.3}, "risky_warmup": {"weight_warmup_steps": 20}}
 
-# The tune arm's search space, in the library's Tune conventions (dotted config fields),
-# around the discord preset: the direction (sign), the temperature and the floor.
-TUNE_BASE = "discord"
+# The tune arm: token-level clip(exp(sign * (log p_S - log p_T) / tau), w_min, w_max) with
+# a floor, self-normalised; Ray Tune searches these dotted fields on the validation split.
+TUNE_BASE = ("iw_seq", {"granularity": "token", "normalization": "self_norm"})
 TUNE_SPACE = {
     "weights.sign": [1, -1],
     "weights.tau": [0.5, 1.0, 2.0, 4.0],
     "weights.floor": [0.0, 0.1, 0.3],
+    "weights.w_min": [0.0, 0.25],
+    "weights.w_max": [2.0, 4.0],
 }
-TEACHER_LENGTHS = (8, 14)  # the task the teacher knows and the benchmark evaluates
-STUDENT_LENGTHS = (3, 10)  # the student's prior: shorter lists, its own style
 
 
 def write_json_safe(obj):
@@ -40,37 +43,39 @@ def write_json_safe(obj):
 
 @dataclass
 class Plan:
-    """What one invocation runs: the size preset's ``params`` (jobs/benchmark_quality.py's
-    FULL or QUICK), the step budgets, arms, trace sets and seeds."""
+    """What one invocation runs (jobs/benchmark_quality.py's FULL or QUICK sizes)."""
 
-    params: dict
-    budgets: list[int]
+    sizes: dict
+    evals: list[int]  # eval steps; the last is the run's length
     arms: list[str]
-    traces: list[str]
-    seeds: int  # seeds per arm: 0 .. seeds - 1
-    seed: int  # task, teacher and student seed
-    student_ref: str
+    seeds: int  # seeds per core arm: 0 .. seeds - 1
+    later_seeds: int  # seeds per arm of LATER_ARMS
+    deadline_s: float  # no job starts that would end after this many seconds of the run
+    tune_trials: int
+
+    @property
+    def steps(self) -> int:
+        return self.evals[-1]
+
+    def seeds_of(self, arm: str) -> int:
+        return self.later_seeds if arm in LATER_ARMS else self.seeds
 
 
 class BenchmarkRun:
-    """The run's folder: its log (log.txt, echoed to stdout), the finished stages
-    (state.json) and each fine-tuning run's records (records.jsonl, appended as it
-    completes), so ``resume`` continues an interrupted run and a report can always be
-    written from what finished."""
+    """The run's folder: log.txt (echoed to stdout), records.jsonl (each fine-tuning run's
+    records as it completes), data.pt and the trace sets under traces/."""
 
-    def __init__(self, out: str | os.PathLike, resume: bool):
-        self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(out).resolve()  # absolute: Ray Tune trials run in their own folders
+        (self.out / "traces").mkdir(parents=True, exist_ok=True)
         self._log = open(self.out / "log.txt", "w")
-        self.state_path, self.records_path = self.out / "state.json", self.out / "records.jsonl"
-        self.state = (
-            json.loads(self.state_path.read_text()) if resume and self.state_path.exists() else {}
-        )
-        if not resume and self.records_path.exists():
-            self.records_path.unlink()
-        self.problems_path = self.out / "problems.pt"
-        self.teacher_dir = str(self.out / "models" / "teacher")
-        self.student_dir = str(self.out / "models" / "student_init")
+        self.records_path = self.out / "records.jsonl"
+        self.records_path.unlink(missing_ok=True)
+        self.data_path = str(self.out / "data.pt")
+        self.info: dict = {}
+
+    def trace_path(self, name: str) -> str:
+        return str(self.out / "traces" / f"{name}.pt")
 
     def log(self, msg: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
@@ -78,6 +83,12 @@ class BenchmarkRun:
         self._log.write(line + "\n")
         self._log.flush()
 
-    def save_state(self, **kv) -> None:
-        self.state.update(kv)
-        self.state_path.write_text(json.dumps(write_json_safe(self.state), indent=1))
+    def append(self, records: list[dict]) -> None:
+        with open(self.records_path, "a") as fh:
+            for r in records:
+                fh.write(json.dumps(write_json_safe(r)) + "\n")
+
+    def records(self) -> list[dict]:
+        if not self.records_path.exists():
+            return []
+        return [json.loads(x) for x in self.records_path.read_text().splitlines()]

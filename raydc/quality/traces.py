@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from raydc.loss import chunked_token_logprobs
-from raydc.quality.task import _STOI, EOS, PAD, Problem, encode, solution
+from raydc.quality.task import PAD
 from raydc.train.batch import RowBlock
 
 
@@ -18,7 +18,7 @@ from raydc.train.batch import RowBlock
 class TraceSet:
     """Padded token rows and per-target arrays (position t scores token t + 1).
 
-    ids_BL: prompt + response + EOS, right-padded with PAD. Target arrays are [B, L - 1]:
+    ids_BL: prompt + response (ending with EOS if it finished), right-padded with PAD. Target arrays are [B, L - 1]:
     loss_mask (response tokens and EOS), teacher_lp (teacher log-probs, 0 where unknown),
     student_lp (the initial student's log-probs, filled by ``score_traces``), sentence_ids
     (one sentence per step line). prompt_id groups candidates of one problem.
@@ -84,9 +84,11 @@ def build_trace_set(
     responses: Sequence[list[int]],
     teacher_lps: Sequence[Sequence[float]] | None = None,
     prompt_ids: Sequence[int] | None = None,
+    newlines: set[int] = frozenset(),
 ) -> TraceSet:
     """Rows from prompt ids and response ids (each response already ends with EOS if it
-    finished). teacher_lps[i][j] is the teacher's log-prob of responses[i][j]."""
+    finished). teacher_lps[i][j] is the teacher's log-prob of responses[i][j]; a token in
+    ``newlines`` closes its sentence (one sentence per scratchpad line)."""
     n = len(prompts)
     if len(responses) != n:
         raise ValueError(f"{n} prompts but {len(responses)} responses")
@@ -96,7 +98,6 @@ def build_trace_set(
     mask = torch.zeros(n, L - 1, dtype=torch.bool)
     tlp = torch.zeros(n, L - 1, dtype=torch.float32)
     sid = torch.zeros(n, L - 1, dtype=torch.long)
-    nl = _STOI["\n"]
     for i, (p, r) in enumerate(zip(prompts, responses)):
         if not p or not r:
             raise ValueError(f"row {i}: empty prompt or response")
@@ -113,16 +114,10 @@ def build_trace_set(
         s = 0
         for j, tok in enumerate(r):
             sid[i, a + j] = s
-            if tok == nl:
+            if tok in newlines:
                 s += 1
     pid = torch.tensor(list(prompt_ids) if prompt_ids is not None else range(n))
     return TraceSet(ids, mask, tlp, torch.zeros_like(tlp), sid, pid, torch.tensor(lens))
-
-
-def examples_to_trace_set(problems: Sequence[Problem], styles: Sequence[str]) -> TraceSet:
-    prompts = [encode(p.prompt) for p in problems]
-    responses = [encode(solution(p, s)) + [EOS] for p, s in zip(problems, styles)]
-    return build_trace_set(prompts, responses)
 
 
 def model_token_logprobs(model, ids_BL: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:

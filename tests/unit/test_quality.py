@@ -1,244 +1,140 @@
-"""The quality benchmark's task generator, grader, trace rows, generation and reporting."""
+"""The quality benchmark's task, grader, measures (ExAccErr on a hand example), trace rows
+and report aggregation."""
 
 from __future__ import annotations
 
 import math
 import random
-import time
 
 import pytest
 import torch
 
-from raydc import quality as q
-from raydc.weights import preset
+from raydc.quality import task
+from raydc.quality.evaluate import exacc_err, free_generation_metrics, generate, step_kl
+from raydc.quality.jobs import WEIGHT_BINS, weight_histogram
+from raydc.quality.report import aggregate, mean_sd, verdict
+from raydc.quality.traces import build_trace_set
 
 
-def test_encode_decode_roundtrip_and_unknown_character():
-    text = "Sa0b1:a0=0\nb1=1\n#1"
-    assert q.decode(q.encode(text) + [q.EOS, 5, 6]) == text
-    assert q.decode([q.PAD] + q.encode("Da1b2:")) == "Da1b2:"
-    with pytest.raises(ValueError, match="'x'"):
-        q.encode("Sa1x")
+def test_code_table_is_the_shipped_models():
+    assert len(task.VALUES) == 40 and len(task.KNOWN) == 24 and len(task.NEW) == 16
+    assert task.VALUES["sus"] == 0 and task.VALUES["sux"] == 9 and task.VALUES["jev"] == 5
 
 
-def test_solution_styles_and_answer():
-    p = q.Problem("S", (3, 9, 4))
-    assert p.prompt == "Sa3b9c4:"
-    assert q.solution(p, "forward") == "a3=3\nb9=2\nc4=6\n#6"
-    assert q.solution(p, "backward") == "c4=4\nb9=3\na3=6\n#6"
-    assert p.answer == "6"
-    with pytest.raises(ValueError, match="1 to 14"):
-        q.Problem("S", tuple(range(10)) * 2)
-    assert q.Problem("D", (3, 9, 4)).answer == "=a6b8c8"
-    with pytest.raises(ValueError, match="style"):
-        q.solution(p, "sideways")
+def test_solution_and_prompt():
+    p = task.Problem(("sus", "sux", "jev"))
+    assert p.prompt == "Sum mod 10: sus sux jev"
+    assert task.solution(p) == "sus0=0\nsux9=9\njev5=4\n#### 4"
+    assert task.running_sums(p) == [0, 9, 4]
+    assert not p.has_new
 
 
-@pytest.mark.parametrize("style", q.STYLES)
-def test_correct_solutions_grade_valid(style):
-    rng = random.Random(0)
-    for p in q.make_problems(200, rng, (1, 14)):
-        g = q.grade(p, q.solution(p, style))
-        assert g.valid and g.correct and g.finished
-        assert g.n_steps == len(p.digits)
-        if p.digits != tuple(reversed(p.digits)):
-            assert g.style == style
+def test_grade_correct_derailed_and_length():
+    p = task.Problem(("sus", "sux", "jev"))
+    assert task.grade(p, task.solution(p)) == task.Grade(True, False, 0)
+    # A wrong value, still in the task's form.
+    assert task.grade(p, "sus0=0\nsux8=8\njev5=3\n#### 3") == task.Grade(False, False, 0)
+    # A skipped code: derailed, one line short, the answer right by chance.
+    assert task.grade(p, "sus0=0\njev5=4\n#### 4") == task.Grade(True, True, -1)
+    # A code out of order, no answer line, an extra line.
+    assert task.grade(p, "sux9=9\nsus0=9\njev5=4\n#### 4").derailed
+    assert task.grade(p, "sus0=0\nsux9=9\njev5=4").correct is False
+    assert task.grade(p, "sus0=0\nsux9=9\njev5=4\njev5=9\n#### 9") == task.Grade(False, True, 1)
 
 
-def test_grade_catches_each_kind_of_slip():
-    p = q.Problem("S", (3, 9, 4))
-    skipped = "a3=3\nc4=7\n#7"  # an item never consumed: the answer is wrong too
-    assert not q.grade(p, skipped).valid and not q.grade(p, skipped).correct
-    repeated = "a3=3\na3=6\nc4=0\n#0"  # a twice, b never
-    g = q.grade(p, repeated)
-    assert not g.valid and g.style == "other"
-    bad_sum = "a3=3\nb9=3\nc4=7\n#6"  # wrong running sum, right answer by luck
-    g = q.grade(p, bad_sum)
-    assert g.correct and not g.valid
-    wrong_digit = "a3=3\nb8=1\nc4=5\n#6"
-    assert not q.grade(p, wrong_digit).valid
-    no_such_item = "a3=3\nb9=2\nc4=6\nd1=7\n#6"
-    assert not q.grade(p, no_such_item).valid
-    mixed = "a3=3\nc4=7\nb9=6\n#6"  # forward start, backward drift: all consumed once
-    g = q.grade(p, mixed)
-    assert g.valid and g.style == "other"
-    unfinished = "a3=3\nb9=2\n"
-    g = q.grade(p, unfinished)
-    assert not g.finished and not g.valid
-    assert not q.grade(p, "a3=3\nb9=2\nc4=6\n#66").finished
-    assert not q.grade(p, "a3=3\nxx\n#6").valid
+def test_make_problems_pools_lengths_and_exclusion():
+    first = task.make_problems(50, random.Random(0))
+    known = task.make_problems(50, random.Random(1), "known", exclude=first)
+    assert len(set(first)) == 50 and not set(first) & set(known)
+    assert all(2 <= len(p.codes) <= 6 for p in first + known)
+    assert all(not p.has_new for p in known)
+    assert any(p.has_new for p in first)
 
 
-def test_grade_side_task():
-    p = q.Problem("D", (3, 9, 4))
-    assert q.grade(p, "=a6b8c8").valid
-    assert not q.grade(p, "=a6b8c9").valid
-    assert not q.grade(p, "688").valid and not q.grade(p, "a6b8c8").valid
+def test_free_generation_metrics_by_hand():
+    p = task.Problem(("sus", "sux"))  # sus0=0, sux9=9, #### 9
+    texts = ["sus0=0\nsux9=9\n#### 9", "sus0=0\n#### 9", "sus0=0\nsux9=9\nsux9=8\n#### 8"]
+    m = free_generation_metrics([p] * 3, texts)
+    assert m["accuracy"] == pytest.approx(2 / 3)
+    assert m["derailed"] == pytest.approx(2 / 3)
+    assert m["lines_error_sd"] == pytest.approx(math.sqrt((0 + 1 + 1) / 3))
 
 
-def test_valid_next_tokens_contains_reference_and_exactly_the_remaining_digits():
-    rng = random.Random(1)
-    for p in q.make_problems(100, rng, (2, 14)):
-        for style in q.STYLES:
-            ref = q.solution(p, style)
-            ids = q.encode(ref) + [q.EOS]
-            allowed = q.valid_next_tokens(p, ref)
-            assert len(allowed) == len(ids)
-            assert all(t in s for t, s in zip(ids, allowed))
-    p = q.Problem("S", (5, 5, 2))
-    allowed = q.valid_next_tokens(p, q.solution(p, "forward"))
-    ids = lambda *cs: {q.encode(str(c))[0] for c in cs}  # noqa: E731
-    assert allowed[0] == ids("a", "b", "c")
-    assert allowed[5] == ids("b", "c")  # a consumed
-    assert allowed[10] == ids("c")
-    assert allowed[1] == ids(5) and allowed[3] == ids(5) and allowed[8] == ids(0)
+def test_exacc_err_hand_example():
+    # Teacher forcing: 0.1 nats a step, so eps(l) = 0.1. On its own prefixes the student's
+    # error grows: 0.1, 0.2, 0.3, 0.4. R(2) = 0.3, R(4) = 1.0:
+    # ExAccErr(2) = (0.3 - 0.2) / 0.2 = 50 %, ExAccErr(4) = (1.0 - 0.4) / 0.4 = 150 %.
+    own = [[0.1, 0.2, 0.3, 0.4]] * 10
+    forced = [[0.1] * 4] * 10
+    out = exacc_err(own, forced, lengths=(2, 4, 5))
+    assert out["2"] == pytest.approx(50.0)
+    assert out["4"] == pytest.approx(150.0)
+    assert math.isnan(out["5"])  # no sample reaches 5 tokens
+    # Samples shorter than l do not count; equal errors give 0.
+    out = exacc_err([[0.1] * 4] * 10 + [[9.0]] * 5, forced, lengths=(3,))
+    assert out["3"] == pytest.approx(0.0)
+    # Fewer than MIN_SAMPLES samples: not estimated.
+    assert math.isnan(exacc_err(own[:3], forced, lengths=(2,))["2"])
 
 
-def test_build_trace_set_masks_and_alignment():
-    prompts = [q.encode("Sa1:"), q.encode("Sa3b4:")]
-    responses = [q.encode("a1=1\nb2=3\n#3") + [q.EOS], q.encode("a3=3\n")]
-    lps = [[-0.1 * (j + 1) for j in range(len(r))] for r in responses]
-    ts = q.build_trace_set(prompts, responses, lps, prompt_ids=[7, 8])
-    assert ts.ids_BL.shape == (2, 4 + 13)
-    # Targets of response tokens start at index len(prompt) - 1.
-    assert ts.loss_mask[0].nonzero().flatten().tolist() == list(range(3, 3 + 13))
-    assert ts.loss_mask[1].sum() == 5
-    assert torch.allclose(ts.teacher_lp[0, 3:16], torch.tensor(lps[0]))
-    assert ts.teacher_lp[0, :3].abs().sum() == 0
-    # One sentence per step line; the newline belongs to its line.
-    assert ts.sentence_ids[0, 3:16].tolist() == [0] * 5 + [1] * 5 + [2] * 3
-    assert ts.prompt_id.tolist() == [7, 8]
-    sub = ts.subset([1])
-    assert len(sub) == 1 and sub.prompt_id.tolist() == [8]
-    with pytest.raises(ValueError, match="row 0"):
-        q.build_trace_set(prompts[:1], responses[:1], [[-0.1]])
+def test_step_kl_of_a_model_with_itself_is_zero_and_generation_solves():
+    from raydc.quality.models import load_model, load_tokenizer, prompt_ids
+
+    tok = load_tokenizer()
+    teacher = load_model(task.MODELS / "teacher")
+    probs = [task.Problem(("sus", "jol", "qux")), task.Problem(("fag", "lum"))]
+    prompts = prompt_ids(tok, [p.prompt for p in probs])
+    outs = generate(teacher, prompts, tok.eos_token_id)
+    assert all(o[-1] == tok.eos_token_id for o in outs)
+    texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
+    assert [task.grade(p, t).correct for p, t in zip(probs, texts)] == [True, True]
+    kl = step_kl(teacher, teacher, prompts, outs)
+    assert [len(k) for k in kl] == [len(o) for o in outs]
+    assert max(abs(x) for k in kl for x in k) < 1e-4
 
 
-def _naive_greedy(model, prompt, n):
-    ids = list(prompt)
-    out = []
-    for _ in range(n):
-        logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
-        tok = int(logits.argmax())
-        out.append(tok)
-        if tok == q.EOS:
-            break
-        ids.append(tok)
-    return out
+def test_trace_rows_sentences_and_weight_histogram():
+    ts = build_trace_set([[5, 6], [5]], [[7, 9, 8, 2], [9, 2]], newlines={9})
+    assert ts.loss_mask[0].tolist() == [False, True, True, True, True]
+    assert ts.sentence_ids[0, 1:5].tolist() == [0, 0, 1, 1]
+    assert ts.ids_BL[1].tolist() == [5, 9, 2, task.PAD, task.PAD, task.PAD]
+    w = torch.tensor([[0.05, 1.0, 10.0]])
+    h = weight_histogram([w], [torch.tensor([[True, True, True]])])
+    assert sum(h) == 3 and h[0] == 1 and h[-1] == 1 and len(h) == len(WEIGHT_BINS) - 1
 
 
-def test_generate_with_cache_and_left_padding_matches_naive_decoding():
-    torch.manual_seed(0)
-    model = q.build_model((64, 1, 1, 1, 64), seed=3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-    model.eval()
-    prompts = [q.encode("Sa1:"), q.encode("Sa1b2c3d4e5f6g7h8:"), q.encode("Da9b9:")]
-    got = q.generate(model, prompts, 12)
-    with torch.no_grad():
-        want = [_naive_greedy(model, p, 12) for p in prompts]
-    assert got == want
-    s1 = q.generate(model, prompts, 12, temperature=1.0, seed=5)
-    s2 = q.generate(model, prompts, 12, temperature=1.0, seed=5)
-    assert s1 == s2
+def _record(arm, seed, step, acc):
+    gen = {"accuracy": acc, "derailed": 0.0, "lines_error_sd": 0.0}
+    return {
+        "arm": arm,
+        "seed": seed,
+        "step": step,
+        "greedy": gen,
+        "sampled": gen,
+        "prior_accuracy": 1.0,
+        "teacher_forced": {"predicted_accuracy": acc},
+        "exposure_gap": 0.0,
+        "exacc_err": {"16": 10.0, "32": None},
+        "length_mean": 20.0,
+    }
 
 
-def test_train_uses_the_library_loss_and_learns():
-    rng = random.Random(0)
-    probs = q.make_problems(64, rng, (2, 4))
-    ts = q.examples_to_trace_set(probs, ["forward"] * len(probs))
-    ts.teacher_lp = torch.where(ts.loss_mask, torch.full_like(ts.teacher_lp, -0.5), 0.0)
-    model = q.build_model((64, 1, 1, 1, 64), seed=0)
-    before = float(q.score_traces(model, ts)[ts.loss_mask].mean())
-    info = q.train(
-        model, ts, q.TrainSpec(steps=20, batch_size=16, lr=3e-3, weights=preset("discord"))
-    )
-    after = float(q.score_traces(model, ts)[ts.loss_mask].mean())
-    assert after > before + 0.5
-    assert 0 < info["mean_weight"] < 2 and 0 < info["mean_ess_fraction"] <= 1
-    # Budgets nest: the model after 4 steps of a 12-step run is the 4-step model.
-    m1, m2 = q.build_model((64, 1, 1, 1, 64), 0), q.build_model((64, 1, 1, 1, 64), 0)
-    snap = {}
-    q.train(
-        m1,
-        ts,
-        q.TrainSpec(steps=12, batch_size=4),
-        on_step=lambda s, m: (
-            snap.update({k: v.clone() for k, v in m.state_dict().items()}) if s == 4 else None
-        ),
-    )
-    q.train(m2, ts, q.TrainSpec(steps=4, batch_size=4))
-    for k, v in m2.state_dict().items():
-        assert torch.allclose(v, snap[k]), k
-
-
-def test_teacher_forced_metrics_of_a_model_that_knows_nothing():
-    model = q.build_model((64, 1, 1, 1, 64), seed=0)
-    probs = q.make_problems(8, random.Random(0), (3, 5))
-    tf = q.teacher_forced_metrics(model, probs, "backward")
-    assert 0 <= tf["token_accuracy"] < 0.5
-    assert tf["predicted_accuracy"] == 0.0
-    assert tf["independent_prediction"] <= tf["step_accuracy"]
-
-
-def test_aggregate_and_table():
-    def rec(arm, seed, acc):
-        fg = {
-            "accuracy": acc,
-            "derailed": 1 - acc,
-            "length_error_sd": 1.0,
-            "forward_share": 0.5,
-            "backward_share": 0.5,
-        }
-        return {
-            "traces": "clean",
-            "arm": arm,
-            "budget": 10,
-            "seed": seed,
-            "greedy": fg,
-            "sampled": fg,
-            "side_accuracy": 0.9,
-            "exposure_gap": 0.1,
-            "tf_predicted_best": 0.7,
-            "teacher_forced": {"predicted_accuracy": 0.8, "step_accuracy": 0.9},
-        }
-
-    rows = q.aggregate([rec("sft", 0, 0.5), rec("sft", 1, 0.7), rec("dft", 0, 0.1)])
-    sft = next(r for r in rows if r["arm"] == "sft")
-    assert sft["seeds"] == 2 and math.isclose(sft["greedy_acc"], 0.6)
-    assert math.isclose(sft["greedy_acc_sd"], math.sqrt(0.02))
-    table = q.markdown_table(rows, ["sft", "dft"])
-    lines = table.strip().splitlines()
-    assert len(lines) == 4 and "| clean | 10 | sft | 2 | 0.600 ± 0.141 |" in lines[2]
-
-
-def test_load_monitor_samples_the_machine():
-    mon = q.LoadMonitor(interval_s=0.05).start()
-    t = time.time()
-    # Busy until two samples exist (a loaded machine may delay the sampling thread).
-    while len(mon.samples) < 2 and time.time() - t < 30:
-        sum(range(10000))
-    s = mon.stop()
-    assert s["samples"] >= 2
-    assert s["ours_cores_mean"] >= 0 and s["foreign_cores_mean"] >= 0
-    assert isinstance(s["contended"], bool)
-
-
-def test_evaluate_reports_every_figure_in_range():
-    model = q.build_model((64, 1, 1, 1, 64), seed=0)
-    probs = q.make_problems(4, random.Random(0), (2, 3))
-    side = q.make_problems(2, random.Random(1), (2, 3), "D")
-    res = q.evaluate(model, probs, side, seed=0, max_digits=3)
-    for key in ("greedy", "sampled"):
-        fg = res[key]
-        assert fg["n"] == 4 and fg["accuracy"] + fg["derailed"] == 1.0
-        assert math.isclose(fg["forward_share"] + fg["backward_share"] + fg["other_share"], 1.0)
-    assert 0 <= res["side_accuracy"] <= 1
-    assert set(res["teacher_forced_forward"]) == set(res["teacher_forced"])
-    best = max(
-        r["predicted_accuracy"] for r in (res["teacher_forced"], res["teacher_forced_forward"])
-    )
-    assert res["tf_predicted_best"] == best
-    assert math.isclose(res["exposure_gap"], best - res["greedy"]["accuracy"])
+def test_aggregate_adds_the_initial_step_and_verdict_counts_spreads():
+    recs = [_record("initial", s, 0, 0.2) for s in (0, 1)]
+    recs += [_record("sft", 0, 4, 0.5), _record("sft", 1, 4, 0.7)]
+    recs += [_record("das_token", 0, 4, 0.8), _record("das_token", 1, 4, 1.0)]
+    rows = aggregate(recs)
+    assert [(r["arm"], r["step"], r["seeds"]) for r in rows] == [
+        ("sft", 0, 2),
+        ("sft", 4, 2),
+        ("das_token", 0, 2),
+        ("das_token", 4, 2),
+    ]
+    assert rows[0]["greedy_acc"] == pytest.approx(0.2)
+    assert math.isnan(rows[1]["exacc_32"]) and rows[1]["exacc_16"] == 10.0
+    v = verdict(rows, 4)
+    sd = math.sqrt(0.02)  # the sample sd of (0.5, 0.7) and of (0.8, 1.0)
+    assert v["best"] == "das_token"
+    assert v["vs_sft"]["das_token"]["diff"] == pytest.approx(0.3)
+    assert v["vs_sft"]["das_token"]["spreads"] == pytest.approx(0.3 / sd)
+    assert mean_sd([1.0, float("nan"), 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
