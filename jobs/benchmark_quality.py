@@ -57,7 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default="runs/quality")
     ap.add_argument("--seeds", type=int, default=8, help="seeds per core arm")
     ap.add_argument("--later-seeds", type=int, default=8, help=f"seeds of {LATER_ARMS} and tune")
-    ap.add_argument("--evals", default="10,20,40,80,120", help="eval steps; the last ends a run")
+    ap.add_argument(
+        "--evals", default="10,20,40,80,120,200", help="eval steps; the last ends a run"
+    )
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--tune-trials", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2, help="training processes")

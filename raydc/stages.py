@@ -57,23 +57,33 @@ def stage_config(
     return from_dict(tree)
 
 
-def run_stages(pipeline_cls, cfg: RaydcConfig, root: Path, log, connect: bool) -> list:
-    """Run every stage in order, each as a Pipeline of its own; returns their model
-    stages' results (the last one's model is the job's)."""
+def _open(pipeline_cls, cfg, spec, root, previous, log, connect):
+    prefix = f"[raydc] {spec.name}/"
+
+    def stage_log(msg: str) -> None:
+        log(msg.replace("[raydc] ", prefix, 1))
+
+    return pipeline_cls(stage_config(cfg, spec, root, previous), log=stage_log, connect_ray=connect)
+
+
+def run_stages(
+    pipeline_cls, cfg: RaydcConfig, root: Path, log, connect: bool, until: str | None = None
+):
+    """Run the stages in order, each as a Pipeline of its own. Returns their model stages'
+    results (the last one's model is the job's); with ``until``, stops before that stage
+    and returns its Pipeline instead, ready to run (``raydc tune --stage NAME``)."""
+    names = [s.name for s in cfg.stages]
+    if until is not None and until not in names:
+        raise StageError(f"--stage {until!r}: no such stage (stages: {names})")
     previous, results = None, []
     for spec in cfg.stages:
-        prefix = f"[raydc] {spec.name}/"
-
-        def stage_log(msg: str, prefix: str = prefix) -> None:
-            log(msg.replace("[raydc] ", prefix, 1))
-
-        child = pipeline_cls(
-            stage_config(cfg, spec, root, previous), log=stage_log, connect_ray=connect
-        )
+        child = _open(pipeline_cls, cfg, spec, root, previous, log, connect)
+        if spec.name == until:
+            return child
         try:
             child.run_all()
+            previous = child.model_stage()
         finally:
             child.close()
-        previous = child.model_stage()
         results.append(previous)
     return results
