@@ -223,6 +223,8 @@ def test_a_sigkilled_driver_leaves_no_ray_process_behind(tmp_path):
     from raydc.runtime import processes_with_token
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # the driver runs in tmp_path: it imports this checkout's raydc, installed or not
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(JOB.parents[1]), env.get("PYTHONPATH")]))
     driver = subprocess.Popen(
         [sys.executable, "-c", DRIVER], env=env, stdout=subprocess.PIPE, text=True, cwd=tmp_path
     )
