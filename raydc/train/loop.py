@@ -105,6 +105,11 @@ class Worker:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.on_gpu = self.device.type != "cpu"
+        # Ray sets OMP_NUM_THREADS to an actor's CPUs only when it starts the process; a
+        # reused worker keeps the thread count it started with, and a different count
+        # changes the order of float sums. The worker's CPU ops run on its reserved CPUs.
+        torch.set_num_threads(max(1, int(self.tc.cpus_per_worker)))
+        self.threads = torch.get_num_threads()
         torch.manual_seed(self.tc.seed)
         self.learner = self._build_learner()
         self.shard = RankShard.open(
@@ -252,6 +257,7 @@ class Worker:
             # From the worker's start (model load, shard index) to its first step's end.
             "seconds_to_first_step": first_s,
             "worker_peak_rss_mib": rss,
+            "torch_threads": self.threads,  # each worker's intra-op threads (cpus_per_worker)
             "worker_rchar_max": rchar,  # every byte the busiest worker read, model included
             "shard_rows_per_rank": [int(x) for x in per_rank[:W]],
             "shard_tokens_per_rank": [int(x) for x in per_rank[W:]],

@@ -7,16 +7,16 @@ train_steps`` on the same micro-batches: the ones the worker's own planning code
 (``build_index`` -> ``assign_pieces`` -> ``RankShard`` -> ``plan_epoch`` ->
 ``WindowReader`` -> ``collate``), epoch after epoch, checked against the rows fingerprint
 the worker reports for each step. The per-step learning rates must be equal, the losses
-agree to 1e-5 relative, and the parameter updates (final minus initial, all parameters as
-one vector) agree to 1e-3 in relative L2 norm; the same steps under plain SFT weights land
-~0.3 away, so a wrong weighting fails the bound by two orders of magnitude.
+agree to 1e-5 relative, every parameter to 1e-5, and the parameter updates (final minus
+initial, all parameters as one vector) to 1e-3 in relative L2 norm; the same steps under
+plain SFT weights land ~0.3 away, so a wrong weighting fails that bound by two orders of
+magnitude.
 
-Why the update is compared by norm and not element by element: the order of float sums
-depends on the thread count (Ray sets the worker's OMP_NUM_THREADS to its CPUs; the
-in-process run uses as many threads, but a CI machine may differ), and Adam's first steps
-turn that noise on near-zero gradients into single elements that differ by ~1e-4 (1 vs 2
-threads, measured here: max element 1.1e-4, relative L2 3e-5), while equal thread counts
-agree to ~1e-7.
+Both sides run on one thread, and the worker reports its count (``torch_threads``): the
+order of float sums depends on the thread count, and Adam's first steps turn that noise on
+near-zero gradients into single elements that differ by ~1e-4 (1 vs 2 threads, measured
+here: max element 1.08e-4, relative L2 3e-5; CI once failed with exactly 1.08e-4 before the
+worker set its own thread count), while equal thread counts agree to ~1e-7.
 """
 
 from __future__ import annotations
@@ -42,12 +42,15 @@ pytestmark = pytest.mark.integration
 STEPS = 4
 LOSS_RTOL = 1e-5
 UPDATE_RTOL = 1e-3
+PARAM_ATOL = 1e-5
+THREADS = 1  # the worker's cpus_per_worker; the worker sets its torch threads to it
 
 
 def _cfg(student: str):
     train = dict(
         student=student,
         num_workers=1,
+        cpus_per_worker=THREADS,
         zero_stage=0,  # DeepSpeed steps the client AdamW itself: no flat fp32 partition
         precision="fp32",
         max_steps=STEPS,
@@ -137,7 +140,7 @@ def test_in_process_steps_equal_raydc_train(ray_local, tiny_student, scored, tmp
 
     init = AutoModelForCausalLM.from_pretrained(tiny_student, dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(tiny_student, dtype=torch.float32)
-    with _threads(cfg.train.cpus_per_worker):
+    with _threads(THREADS):
         stats = train_steps(model, steps, cfg.train, cfg.weights)
 
     loss_diff = max(abs(st.loss - by_step[s]["loss"]) for s, st in enumerate(stats, 1))
@@ -152,7 +155,7 @@ def test_in_process_steps_equal_raydc_train(ray_local, tiny_student, scored, tmp
     # the parameters, so the bound above is shown to be one a wrong weighting breaks.
     sft = from_dict({"train": dataclasses.asdict(cfg.train), "weights": {"preset": "sft"}})
     other = AutoModelForCausalLM.from_pretrained(tiny_student, dtype=torch.float32)
-    with _threads(cfg.train.cpus_per_worker):
+    with _threads(THREADS):
         train_steps(other, steps, sft.train, sft.weights)
     sft_diff = float((_update(other, init) - ours_update).norm() / ours_update.norm())
     print(
@@ -160,19 +163,19 @@ def test_in_process_steps_equal_raydc_train(ray_local, tiny_student, scored, tmp
         f"L2 diff {update_diff:.3g} (max element {max_diff:.3g}); sft vs das_token {sft_diff:.3g}"
     )
     assert float(ours_update.abs().max()) > 1e-3, "training barely moved the parameters"
+    assert {m["torch_threads"] for m in by_step.values()} == {THREADS}
     assert lr_diff < 1e-12
     for s, st in enumerate(stats, 1):
         assert st.loss == pytest.approx(by_step[s]["loss"], rel=LOSS_RTOL, abs=1e-7), s
     assert update_diff < UPDATE_RTOL
+    assert max_diff < PARAM_ATOL  # element by element, on equal thread counts
     assert sft_diff > 20 * UPDATE_RTOL, "a different weighting should move the parameters apart"
 
 
 def _update(model, init) -> torch.Tensor:
     """Every parameter's change from the start, flattened into one vector."""
     start = dict(init.named_parameters())
-    return torch.cat(
-        [(p - start[n]).detach().flatten() for n, p in model.named_parameters()]
-    )
+    return torch.cat([(p - start[n]).detach().flatten() for n, p in model.named_parameters()])
 
 
 @contextlib.contextmanager
