@@ -6,7 +6,7 @@ random-init Qwen2-shaped model of ~0.5B parameters (Qwen2.5-0.5B's shape: hidden
 layers, 14 heads, 2 KV heads, intermediate 4,864, vocabulary 151,936) in bf16, packs
 long-tailed rows (lognormal lengths) into one sequence of 8K and of 32K tokens with raydc's
 own collate, and times raydc's step maths on it: ``StudentLogprobs`` (the transformer body,
-then the LM head through ``raydc.loss.chunked_token_logprobs``), the ``discord`` weights per
+then the LM head through ``raydc.method.loss.chunked_token_logprobs``), the ``discord`` weights per
 row and the self-normalised weighted loss, and the backward; with and without activation
 checkpointing. Attention: FlashAttention-2's varlen kernel when flash-attn is installed,
 else ``sdpa_packed`` (sdpa on each row's segment). Reports tokens/s, MFU (6 x parameters x
@@ -101,9 +101,9 @@ def attention_flops(lens, shape) -> float:
 def time_cell(model, lm, mb, lens, shape, checkpointing: bool, steps: int, device: str) -> dict:
     import torch
 
-    from raydc.loss import loss_denominators, weighted_token_loss
+    from raydc.method.loss import loss_denominators, weighted_token_loss
+    from raydc.method.weights import preset
     from raydc.train.step import micro_batch_weights
-    from raydc.weights import preset
 
     if checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -19,7 +19,7 @@ as contended):
   with 1, 2 and 4 workers for 2 steps: time to the first step, peak RSS per worker, bytes
   read per worker (the data plane's count of Parquet column chunks and /proc rchar).
 - ``fingerprint``: seconds per GB of weights, hashing every byte (the old identity check)
-  against ``raydc.artifacts.fingerprint_paths``.
+  against ``raydc.infra.artifacts.fingerprint_paths``.
 
     python bench/long_traces.py --out bench/results/long_traces.json
 """
@@ -54,7 +54,7 @@ SCALE_WORKERS = (1, 2, 4)
 
 
 def build_model(out: Path, vocab: int | None = None) -> str:
-    from raydc.models import build_tiny_model
+    from raydc.infra.models import build_tiny_model
 
     m = MODEL
     if vocab is None:
@@ -89,7 +89,7 @@ def write_scored(model_dir: str, out: Path, lengths, seed: int = 0, row_group_si
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raydc.artifacts import fingerprint_paths
+    from raydc.infra.artifacts import fingerprint_paths
 
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,7 +141,7 @@ def lognormal_lengths(n: int, lo: int, hi: int, seed: int = 0):
 def run_arm(argv: list[str], retries: int, max_foreign: float, timeout: int) -> dict:
     """Run ``child argv`` in a fresh process; foreign CPU share = (machine busy - the
     child's tree) / wall / cores, sampled each second."""
-    from raydc.quality.machine import TreeCPU
+    from bench.machine import TreeCPU
 
     result = {}
     for attempt in range(retries + 1):
@@ -181,7 +181,7 @@ def run_arm(argv: list[str], retries: int, max_foreign: float, timeout: int) -> 
 def _ray_start(cpus: int = 2) -> None:
     import ray
 
-    from raydc.models import offline_env
+    from raydc.infra.models import offline_env
 
     offline_env()
     ray.init(
@@ -248,7 +248,7 @@ def arm_memory(work: str, tokens: int, checkpointing: bool) -> dict:
     import torch
 
     from raydc.config import TrainConfig
-    from raydc.loss import weighted_token_loss
+    from raydc.method.loss import weighted_token_loss
     from raydc.train.model import StudentLogprobs, load_student
 
     torch.set_num_threads(2)
@@ -337,7 +337,7 @@ def arm_scale(work: str, rows: int, workers: int) -> dict:
 def arm_fingerprint(work: str) -> dict:
     import hashlib
 
-    from raydc.artifacts import fingerprint_paths
+    from raydc.infra.artifacts import fingerprint_paths
 
     folder = Path(work) / "fp_model"
     size = 1 << 30

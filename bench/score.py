@@ -68,7 +68,7 @@ def arm_prepare(a) -> dict:
     import ray
 
     from raydc.config import from_dict
-    from raydc.data.ingest import run_prepare
+    from raydc.prepare.stage import run_prepare
 
     traces = Path(a.work) / "traces.jsonl"
     with open(ROOT / "raydc/assets/gsm8k/train.jsonl") as src, open(traces, "w") as dst:
@@ -85,7 +85,7 @@ def arm_prepare(a) -> dict:
     s = run_prepare(cfg, Path(a.work) / "prepared")
     import pyarrow.parquet as pq
 
-    from raydc.artifacts import data_files
+    from raydc.infra.artifacts import data_files
 
     t = pq.read_table(data_files(Path(a.work) / "prepared"), columns=["row_id", "input_ids"])
     pq.write_table(t, Path(a.work) / "ids.parquet")
@@ -101,7 +101,7 @@ def _ids(a):
 def arm_raydc(a) -> dict:
 
     from raydc.config import from_dict
-    from raydc.scoring.score_stage import run_score
+    from raydc.score.stage import run_score
 
     ray_init()
     cfg = from_dict(
@@ -129,7 +129,7 @@ def arm_raydc_actor(a) -> dict:
     import ray
 
     from raydc.config import ScoreConfig, VLLMEngineConfig
-    from raydc.scoring.engines import StudentScorer
+    from raydc.score.actors import StudentScorer
 
     ray_init()
     engine = VLLMEngineConfig(**engine_settings(a.max_len))
@@ -203,7 +203,7 @@ def arm_raydata_llm(a) -> dict:
 
 def arm_vllm(a) -> dict:
     from raydc.config import VLLMEngineConfig
-    from raydc.scoring.vllm_backend import VLLMScorer
+    from raydc.engines.vllm import VLLMScorer
 
     rows = _ids(a)
     t0 = time.perf_counter()
@@ -224,7 +224,7 @@ def arm_hf(a) -> dict:
     import torch
 
     from raydc.config import VLLMEngineConfig
-    from raydc.scoring.hf import TransformersScorer
+    from raydc.engines.hf import TransformersScorer
 
     torch.set_num_threads(2)
     rows = _ids(a)
@@ -247,7 +247,7 @@ def arm_hf(a) -> dict:
 
 def run_arm(arm: str, model: str, work: str, rows: int, max_len: int) -> dict:
     """Run one arm in a child process; poll its tree's RSS and the machine's load."""
-    from raydc.quality.machine import TreeCPU
+    from bench.machine import TreeCPU
 
     cmd = [
         sys.executable,
@@ -321,7 +321,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--work", default=None)
     a = ap.parse_args()
-    from raydc.models import offline_env
+    from raydc.infra.models import offline_env
 
     offline_env()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -334,7 +334,7 @@ def main() -> None:
         (Path(a.work) / f"result-{a.child}.json").write_text(json.dumps(res))
         return
 
-    from raydc.models import build_tiny_model
+    from raydc.infra.models import build_tiny_model
 
     report = {
         "machine": {

@@ -60,7 +60,7 @@ def build_model(out: Path) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from raydc.models import load_tokenizer
+    from raydc.infra.models import load_tokenizer
 
     cfg = LlamaConfig(
         vocab_size=VOCAB,
@@ -95,7 +95,7 @@ def write_scored(model_dir: str, out: Path) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raydc.artifacts import fingerprint_paths
+    from raydc.infra.artifacts import fingerprint_paths
 
     ids = make_rows(BATCH * 8)
     n = ids.shape[0]
@@ -234,7 +234,7 @@ def _start_ray() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import ray
 
-    from raydc.models import offline_env
+    from raydc.infra.models import offline_env
 
     offline_env()
     ray.init(
@@ -309,7 +309,7 @@ def arm_raydc(model_dir: str, scored: str, preset: str) -> dict:
 
 def _cpu_by_process() -> dict[int, tuple[str, float]]:
     """pid -> (name, user + system CPU seconds) of every process on the machine."""
-    from raydc.quality.machine import HZ, cmdline, processes
+    from bench.machine import HZ, cmdline, processes
 
     out = {}
     for pid, p in processes().items():
@@ -381,8 +381,8 @@ def _same_window_loop(config: dict) -> None:
     import numpy as np
     import ray.train
 
+    from raydc.method.weights import preset
     from raydc.train.loop import Worker
-    from raydc.weights import preset
 
     w = Worker(config)
     w.plan_current_epoch()
@@ -517,7 +517,7 @@ def arm_memory(variant: str) -> dict:
     if variant == "naive":
         logp = torch.log_softmax(h @ w.t(), dim=-1).gather(1, y[:, None])[:, 0]
     elif variant == "raydc":
-        from raydc.loss import chunked_token_logprobs
+        from raydc.method.loss import chunked_token_logprobs
 
         logp = chunked_token_logprobs(h, w, y, chunk_size=MEM_CHUNK)
     else:
@@ -545,7 +545,7 @@ def arm_memory(variant: str) -> dict:
 
 def run_arm(argv: list[str], retries: int, max_foreign: float) -> dict:
     """Run one arm in a fresh process; measure foreign CPU while it runs; rerun if loaded."""
-    from raydc.quality.machine import HZ, TreeCPU, cmdline
+    from bench.machine import HZ, TreeCPU, cmdline
 
     attempts = []
     for attempt in range(retries + 1):
@@ -601,7 +601,7 @@ def run_arm(argv: list[str], retries: int, max_foreign: float) -> dict:
 
 
 def child(argv: list[str]) -> None:
-    from raydc.models import offline_env
+    from raydc.infra.models import offline_env
 
     offline_env()
     name = argv[0]

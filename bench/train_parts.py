@@ -45,7 +45,7 @@ else:
     import functools
 
     import raydc.train.model as model_mod
-    from raydc.loss import DEFAULT_KEEP_BYTES, chunked_token_logprobs
+    from raydc.method.loss import DEFAULT_KEEP_BYTES, chunked_token_logprobs
     from raydc.train.model import StudentLogprobs
 
     keep = 0 if "recompute" in variant else DEFAULT_KEEP_BYTES

@@ -1,5 +1,5 @@
 """The built-in quality benchmark: which weighting of the teacher's offline traces gives
-the best student, in a regime where distillation helps? (issue 15; raydc/quality/)
+the best student, in a regime where distillation helps? (issue 15; bench/quality/)
 
 The task and models are the embedded default's (raydc/assets/sumtask): a running sum mod
 10 over lists of codes; the shipped teacher knows all 40 codes, the shipped student 24.
@@ -30,14 +30,15 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ and this checkout's raydc
 
 import torch  # noqa: E402
 
-from raydc.models import offline_env  # noqa: E402
-from raydc.quality import report, stages  # noqa: E402
-from raydc.quality.jobs import worker_init  # noqa: E402
-from raydc.quality.machine import LoadMonitor  # noqa: E402
-from raydc.quality.run import ARMS, LATER_ARMS, BenchmarkRun, Plan  # noqa: E402
+from bench.machine import LoadMonitor  # noqa: E402
+from bench.quality import report, stages  # noqa: E402
+from bench.quality.jobs import worker_init  # noqa: E402
+from bench.quality.run import ARMS, LATER_ARMS, BenchmarkRun, Plan  # noqa: E402
+from raydc.infra.models import offline_env  # noqa: E402
 
 FULL = dict(
     eval_n=200,
@@ -137,7 +138,7 @@ def run_benchmark(args: argparse.Namespace, plan: Plan, run: BenchmarkRun) -> di
 
 
 def tune_search(base: dict, plan: Plan, run: BenchmarkRun) -> dict:
-    from raydc.quality.tuning import tune_weights
+    from bench.quality.tuning import tune_weights
 
     return tune_weights(base, plan.tune_trials, run.out)
 

@@ -103,9 +103,9 @@ def execute(command: str, args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         return 0
 
-    from raydc.artifacts import StageError
+    from raydc.infra.artifacts import StageError
     from raydc.pipeline import Pipeline
-    from raydc.summary import format_summary, summarize_run
+    from raydc.pipeline.summary import format_summary, summarize_run
 
     try:
         pipe = Pipeline(cfg)

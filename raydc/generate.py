@@ -3,7 +3,7 @@
 For users who have a teacher but no traces. ``run_generate(cfg, teacher_dir, prompts_path,
 out_dir)`` renders each prompt with the teacher's chat template, samples
 ``generate.n_samples`` responses per prompt at ``generate.temperature`` with vLLM (Ray
-Data actors on a cluster, an in-process engine otherwise; ``raydc.eval.generation``) and
+Data actors on a cluster, an in-process engine otherwise; ``raydc.engines.sampler``) and
 records the teacher's log-prob of every sampled token *at the sampling temperature*: the
 log-softmax of logits / T (after top-p), the distribution the token was drawn from, as
 METHOD.md's ``t_t`` requires (DASD trains on T=0.6 traces, then T=1.0 traces).
@@ -43,9 +43,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from raydc.artifacts import write_json
-from raydc.data.align import char_spans, token_pieces
-from raydc.eval.generation import (
+from raydc.engines.sampler import (
     ParquetSink,
     Sampling,
     fit_prompts,
@@ -53,9 +51,11 @@ from raydc.eval.generation import (
     sample_requests,
     sampling_figures,
 )
+from raydc.infra.artifacts import write_json
+from raydc.method.align import char_spans, token_pieces
 
 if TYPE_CHECKING:
-    from raydc.eval.generation import LocalEngine, Sample
+    from raydc.engines.sampler import LocalEngine, Sample
 
 PROMPT_KEYS = ("prompt", "question", "problem")
 
@@ -89,7 +89,7 @@ def run_generate(
 ) -> dict:
     """Sample teacher traces for the prompts in ``prompts_path``; returns the summary
     (also ``out_dir/summary.json``). ``engine``: a started LocalEngine of this teacher."""
-    from raydc.models import load_tokenizer
+    from raydc.infra.models import load_tokenizer
 
     t0 = time.perf_counter()
     gcfg = cfg.generate

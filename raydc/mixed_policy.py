@@ -30,8 +30,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from raydc.data.align import char_spans, token_pieces
-from raydc.eval.generation import (
+from raydc.engines.sampler import (
     ParquetSink,
     Request,
     Sampling,
@@ -46,7 +45,8 @@ from raydc.eval.generation import (
 )
 from raydc.eval.graders import GoldAnswerError, gold_answer, grade
 from raydc.generate import trace_schema
-from raydc.runtime import connect_ray
+from raydc.infra.runtime import connect_ray
+from raydc.method.align import char_spans, token_pieces
 
 PROMPT_KEYS = ("prompt", "question", "problem")
 ANSWER_KEYS = ("answer", "solution")
@@ -281,7 +281,7 @@ def run_mixed_policy(
 ) -> dict:
     """Mixed-policy traces for the traces in ``traces_path``; returns the summary (also
     ``out_dir/summary.json``)."""
-    from raydc.models import load_tokenizer
+    from raydc.infra.models import load_tokenizer
 
     t0 = now()
     mcfg = cfg.mixed_policy

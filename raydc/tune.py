@@ -40,8 +40,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raydc.artifacts import write_json
 from raydc.config import ConfigError, RaydcConfig, from_dict
+from raydc.infra.artifacts import write_json
 
 EXPERIMENT = "sweep"
 EVAL_METRICS = {  # tune metric -> keys raydc.eval's summary may hold it under

@@ -14,7 +14,7 @@ three letters, values fixed by a seed):
 
 one scratchpad line per code (the code, its value, the sum so far), the answer after
 ``####`` (the stock ``gsm8k`` grader reads it). Both models are the built-in tiny Qwen2
-shapes (raydc.models.TINY_SIZES) with the shipped ``tiny-bpe`` tokenizer, trained from
+shapes (raydc.infra.models.TINY_SIZES) with the shipped ``tiny-bpe`` tokenizer, trained from
 scratch on fresh problems in the chat format prepare renders (loss on the answer and its
 end-of-turn token, as in raydc's trainer), saved as float16 and measured as saved:
 
@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from raydc.models import build_tiny_model, load_tokenizer
+from raydc.infra.models import build_tiny_model, load_tokenizer
 
 # The world: 40 three-letter codes, each worth a digit. The student was trained where only
 # the first 24 exist; the teacher knows all 40.

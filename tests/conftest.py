@@ -12,7 +12,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-from raydc.models import build_tiny_model, offline_env  # noqa: E402
+from raydc.infra.models import build_tiny_model, offline_env  # noqa: E402
 
 offline_env()
 

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from raydc.artifacts import fingerprint_paths
-from raydc.models import ASSETS, offline_env
+from raydc.infra.artifacts import fingerprint_paths
+from raydc.infra.models import ASSETS, offline_env
 
 
 def _logprobs(model_dir: str, ids_list: list[list[int]]) -> list[np.ndarray]:

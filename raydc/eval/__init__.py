@@ -8,15 +8,15 @@ from __future__ import annotations
 
 
 def run_eval(cfg, model_dir, out_dir, engine=None) -> dict:
-    """See :func:`raydc.eval.report.run_eval`."""
-    from raydc.eval.report import run_eval as _run_eval
+    """See :func:`raydc.eval.stage.run_eval`."""
+    from raydc.eval.stage import run_eval as _run_eval
 
     return _run_eval(cfg, model_dir, out_dir, engine=engine)
 
 
 def run_eval_stage(cfg, model_dir, out_dir, initial_dir=None) -> dict:
-    """See :func:`raydc.eval.report.run_eval_stage`."""
-    from raydc.eval.report import run_eval_stage as _run_eval_stage
+    """See :func:`raydc.eval.stage.run_eval_stage`."""
+    from raydc.eval.stage import run_eval_stage as _run_eval_stage
 
     return _run_eval_stage(cfg, model_dir, out_dir, initial_dir)
 

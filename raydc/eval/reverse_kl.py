@@ -3,7 +3,7 @@ where the student actually goes (the sweep metric ``val_reverse_kl``, ``raydc.tu
 
 ``reverse_kl(cfg, model_dir, out_dir)`` samples one response per prompt of ``eval.path``
 from ``model_dir`` at temperature 1, recording the log-prob ``log p_S`` of each sampled
-token; scores the same tokens under ``score.teacher`` (``score.backend``, ``raydc.scoring``)
+token; scores the same tokens under ``score.teacher`` (``score.backend``, ``raydc.engines``)
 for ``log p_T``; and averages ``log p_S - log p_T`` over the sampled tokens: a Monte Carlo
 estimate of the per-token KL(student || teacher) along the student's trajectories. The
 teacher must share the student's tokenizer, since the log-probs are compared token by token.
@@ -15,9 +15,8 @@ import os
 import time
 from pathlib import Path
 
-from raydc.artifacts import write_json
 from raydc.config import ConfigError
-from raydc.eval.generation import (
+from raydc.engines.sampler import (
     LocalEngine,
     Sample,
     Sampling,
@@ -25,7 +24,8 @@ from raydc.eval.generation import (
     read_prompts,
     sample_requests,
 )
-from raydc.eval.report import PROMPT_KEYS, user_message
+from raydc.eval.stage import PROMPT_KEYS, user_message
+from raydc.infra.artifacts import write_json
 
 
 def reverse_kl(
@@ -63,7 +63,7 @@ def reverse_kl(
 
 def _check_teacher(cfg, model_dir: str) -> str:
     """``score.teacher``, once it is known to share the student's tokenizer."""
-    from raydc.artifacts import tokenizer_fingerprint
+    from raydc.infra.artifacts import tokenizer_fingerprint
 
     teacher = cfg.score.teacher
     if not teacher:
@@ -81,7 +81,7 @@ def _student_samples(
 ) -> tuple[list[list[int]], list[Sample]]:
     """The prompts' token ids and one non-empty sample per prompt (key: the prompt's index),
     drawn at temperature 1 with the sampled tokens' log-probs."""
-    from raydc.models import load_tokenizer
+    from raydc.infra.models import load_tokenizer
 
     ecfg = cfg.eval
     records, pkey = read_prompts(ecfg.path, ecfg, PROMPT_KEYS)
@@ -103,7 +103,7 @@ def _student_samples(
 
 def _teacher_logprobs(cfg, teacher: str, prompt_ids: list[list[int]], samples: list[Sample]):
     """The teacher's log-prob of every token of each prompt + sample (one array each)."""
-    from raydc.scoring import make_scorer
+    from raydc.engines import make_scorer
 
     scorer = make_scorer(cfg.score, teacher)
     try:

@@ -29,7 +29,7 @@ class ScoredDataError(ValueError):
 
 def scored_files(scored_dir: str | Path) -> list[str]:
     """The scored Parquet parts of a scoring output folder, sorted (rejects excluded)."""
-    from raydc.artifacts import data_files
+    from raydc.infra.artifacts import data_files
 
     d = Path(scored_dir)
     if not d.is_dir():
@@ -54,7 +54,7 @@ class ScoredStore:
 def check_format(manifest: dict, folder: str | Path) -> int:
     """The store's format; one newer than this raydc reads is refused. Format 1 (before the
     compact store: float32 log-probs, text and weights in the rows) is read as it is."""
-    from raydc.data.schema import STORE_FORMAT
+    from raydc.infra.schemas import STORE_FORMAT
 
     fmt = int((manifest.get("store") or {}).get("format", 1))
     if fmt > STORE_FORMAT:
@@ -71,7 +71,7 @@ def open_store(folder: str | Path) -> ScoredStore:
     it names; refused when that store changed since the selection)."""
     import pyarrow.parquet as pq
 
-    from raydc.data.schema import SELECTION_FILE
+    from raydc.infra.schemas import SELECTION_FILE
 
     d = Path(folder)
     manifest = read_manifest(d)
@@ -119,7 +119,7 @@ def check_student(
 
     ``fp`` is the student's fingerprint when the caller has it already (a Tune sweep
     computes it once, not per trial)."""
-    from raydc.artifacts import fingerprint_paths
+    from raydc.infra.artifacts import fingerprint_paths
 
     fp = fp or fingerprint_paths(student_path)
     scored = (manifest.get("student") or {}).get("fingerprint")

@@ -37,7 +37,7 @@ from raydc.train.step import Learner, StepStats
 STATE_FILE = "raydc_state.json"
 DS_TAG = "ds"
 
-# The training figures the run summary keeps, as this module emits them (raydc.summary
+# The training figures the run summary keeps, as this module emits them (raydc.pipeline.summary
 # reads this list; tests/unit/test_cli.py checks that weight_ess arrives).
 HEADLINE = (
     "step",
@@ -396,7 +396,7 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint holds the exported model."""
     if not config.get("use_gpu"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from raydc.models import offline_env
+    from raydc.infra.models import offline_env
 
     offline_env()
     import ray.train

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from raydc.method.weights import WeightConfig, weight_diagnostics
 from raydc.train.step import StepStats
-from raydc.weights import WeightConfig, weight_diagnostics
 
 
 @dataclass

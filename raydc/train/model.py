@@ -2,7 +2,7 @@
 
 ``StudentLogprobs`` wraps a Hugging Face causal LM. Its forward runs the transformer body
 (``lm.model``: final hidden states, normed) and then the LM head *as a module call* whose
-forward is ``raydc.loss.chunked_token_logprobs``: the [tokens x vocab] logits exist one
+forward is ``raydc.method.loss.chunked_token_logprobs``: the [tokens x vocab] logits exist one
 chunk at a time. Calling the head module (not reading ``lm_head.weight`` directly) keeps
 ZeRO-3 correct: DeepSpeed gathers a module's partitioned parameters in that module's
 forward and backward hooks.
@@ -24,7 +24,7 @@ import types
 import torch
 from torch import nn
 
-from raydc.loss import chunked_token_logprobs
+from raydc.method.loss import chunked_token_logprobs
 
 
 def _head_logprobs(self, hidden_BTH, targets_BT, chunk_size):

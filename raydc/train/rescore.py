@@ -85,7 +85,7 @@ def _dummy(pad_id: int) -> MicroBatch:
 
 def held_out_nll(learner: Learner, val: RowBlock, pad_id: int, device) -> float:
     """Unweighted mean NLL of the held-out teacher tokens, over all ranks."""
-    from raydc.loss import weighted_token_loss
+    from raydc.method.loss import weighted_token_loss
 
     tc = learner.tc
     bins = plan_bins(val.lengths(), tc.micro_batch_tokens, tc.packing)

@@ -2,7 +2,7 @@
 
 Per optimizer step a rank takes ``grad_accum`` micro-batches, computes their weights
 (``micro_batch_weights``: per row, from the stored student log-probs or the live forward,
-detached), sums its loss tokens and weights (``raydc.loss.loss_denominators``) and
+detached), sums its loss tokens and weights (``raydc.method.loss.loss_denominators``) and
 all-reduces them, so the loss is normalised over the *global* batch: every rank and every
 micro-batch of the step. The all-reduce is an argument (``AllReduce``), so the same code
 runs in a Ray Train worker (torch.distributed) and in one process (the identity).
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from raydc.loss import loss_denominators, weighted_token_loss
+from raydc.method.loss import loss_denominators, weighted_token_loss
+from raydc.method.weights import WeightConfig, compute_weights, loss_tokens
 from raydc.train.batch import MicroBatch
-from raydc.weights import WeightConfig, compute_weights, loss_tokens
 
 # all_reduce(values, op) -> reduced values, op one of "sum" | "min" | "max"
 AllReduce = Callable[[Sequence[float], str], list]

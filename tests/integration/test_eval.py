@@ -54,7 +54,7 @@ def _cfg(path, *overrides):
 
 @pytest.fixture(scope="module")
 def engine(tiny_student):
-    from raydc.eval.generation import LocalEngine
+    from raydc.engines.sampler import LocalEngine
 
     eng = LocalEngine(tiny_student, _cfg("unused").eval.engine)
     yield eng
@@ -131,9 +131,9 @@ def test_local_generate_logprobs_match_transformers(engine, tiny_student, eval_f
     import torch
     from transformers import AutoModelForCausalLM
 
-    from raydc.eval.generation import render_prompts
+    from raydc.engines.sampler import render_prompts
     from raydc.generate import run_generate
-    from raydc.models import load_tokenizer
+    from raydc.infra.models import load_tokenizer
 
     t = 1.3
     cfg = from_dict(

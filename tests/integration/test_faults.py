@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from raydc.artifacts import HISTORY, MARKER, count_rows, data_files, release_output_dir
 from raydc.config import load_config
+from raydc.infra.artifacts import HISTORY, MARKER, count_rows, data_files, release_output_dir
 from raydc.pipeline import DEFAULT_CONFIG, Pipeline
 
 pytestmark = pytest.mark.integration
@@ -153,10 +153,10 @@ def test_a_killed_vllm_engine_fails_its_actor_and_the_stage_still_finishes(
 
     import psutil
 
-    from raydc.artifacts import PARTS_DIR
     from raydc.config import from_dict
-    from raydc.data.ingest import run_prepare
-    from raydc.scoring.score_stage import run_score
+    from raydc.infra.artifacts import PARTS_DIR
+    from raydc.prepare.stage import run_prepare
+    from raydc.score.stage import run_score
 
     rows = []
     with open("raydc/assets/gsm8k/train.jsonl") as fh:
@@ -207,7 +207,7 @@ def test_a_killed_vllm_engine_fails_its_actor_and_the_stage_still_finishes(
 DRIVER = """
 import os, sys, time
 import ray
-from raydc.runtime import REAP_TOKEN_VAR, connect_ray
+from raydc.infra.runtime import REAP_TOKEN_VAR, connect_ray
 
 connect_ray(None)
 @ray.remote
@@ -220,7 +220,7 @@ time.sleep(600)
 
 
 def test_a_sigkilled_driver_leaves_no_ray_process_behind(tmp_path):
-    from raydc.runtime import processes_with_token
+    from raydc.infra.runtime import processes_with_token
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # the driver runs in tmp_path: it imports this checkout's raydc, installed or not

@@ -2,7 +2,7 @@
 
 One `raydc train` run (1 CPU worker, ZeRO stage 0, fp32, right-padded rows as the
 benchmark collates them, ``das_token`` with ``student_ref=current``, gradient accumulation,
-weight warmup and a cosine schedule with warmup) against ``raydc.quality.finetune.
+weight warmup and a cosine schedule with warmup) against ``bench.quality.finetune.
 train_steps`` on the same micro-batches: the ones the worker's own planning code gives
 (``build_index`` -> ``assign_pieces`` -> ``RankShard`` -> ``plan_epoch`` ->
 ``WindowReader`` -> ``collate``), epoch after epoch, checked against the rows fingerprint
@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.quality.finetune import train_steps
 from raydc.config import from_dict
-from raydc.quality.finetune import train_steps
 from raydc.train.batch import MicroBatch, collate
 from raydc.train.data import check_schema, open_store
 from raydc.train.shard import RankShard, WindowReader, assign_pieces, build_index, plan_epoch

@@ -102,8 +102,8 @@ def test_logprobs_are_at_the_sampling_temperature(generated, tiny_teacher):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from raydc.eval.generation import render_prompts
-    from raydc.models import load_tokenizer
+    from raydc.engines.sampler import render_prompts
+    from raydc.infra.models import load_tokenizer
 
     cfg, _, traces, _, _ = generated
     d = cfg.data
@@ -127,8 +127,8 @@ def test_logprobs_are_at_the_sampling_temperature(generated, tiny_teacher):
 
 
 def test_raydc_prepare_reuses_the_stage_and_reads_its_traces(generated, capsys):
-    from raydc.artifacts import data_files
     from raydc.cli import main
+    from raydc.infra.artifacts import data_files
 
     cfg, _, traces, out, _ = generated
     config, *overrides = json.loads(out.parent.parent.joinpath("cli").read_text())

@@ -86,7 +86,7 @@ def test_default_job_via_ray_job_submit_on_a_token_auth_cluster(tmp_path):
     # of this job took 18.8 B a token) and the selection holds ids, not a copy of the rows.
     import pyarrow.parquet as pq
 
-    from raydc.artifacts import data_files
+    from raydc.infra.artifacts import data_files
 
     shards = data_files(out / "score")
     tokens = sum(

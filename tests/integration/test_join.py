@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from raydc.config import from_dict
-from raydc.data.ingest import PrepareError, run_prepare
-from raydc.models import load_tokenizer
+from raydc.infra.models import load_tokenizer
+from raydc.prepare.stage import PrepareError, run_prepare
 from tests.conftest import QWEN2_TOKENIZER
 from tests.unit.test_ingest import DASD_TEXTS, _dasd_rows
 

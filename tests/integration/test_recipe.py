@@ -70,7 +70,7 @@ def _generate_style_traces(path: Path, tokenizer_dir: str, n: int = 12) -> int:
 
 @pytest.mark.integration
 def test_recipe_prepare_stage_runs_on_tiny_models(tiny_student, ray_local, tmp_path):
-    from raydc.data.ingest import run_prepare
+    from raydc.prepare.stage import run_prepare
 
     traces = tmp_path / "traces.parquet"
     n = _generate_style_traces(traces, tiny_student)
@@ -88,7 +88,7 @@ def test_recipe_prepare_stage_runs_on_tiny_models(tiny_student, ray_local, tmp_p
     assert summary["rows_out"] == n
     assert summary["given_teacher_rows"] == n  # the teacher log-probs were carried over
     assert summary["loss_tokens"] > 0
-    from raydc.artifacts import data_files
+    from raydc.infra.artifacts import data_files
 
     out = [r for f in data_files(summary["paths"]["data"]) for r in pq.read_table(f).to_pylist()]
     assert len(out) == n

@@ -8,7 +8,7 @@ import pytest
 
 from raydc.config import from_dict
 from raydc.eval.reverse_kl import reverse_kl
-from raydc.resolve import PACKAGE_DIR
+from raydc.pipeline.resolve import PACKAGE_DIR
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ def _cfg(teacher: str):
 def test_reverse_kl_is_zero_against_itself_and_positive_against_another_teacher(
     tiny_student, tiny_teacher, tmp_path
 ):
-    from raydc.eval.generation import LocalEngine
+    from raydc.engines.sampler import LocalEngine
 
     cfg = _cfg(tiny_student)
     engine = LocalEngine(tiny_student, cfg.eval.engine)

@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raydc.artifacts import data_files, fingerprint_paths
 from raydc.config import from_dict
-from raydc.data.schema import INSPECT_DIR, INSPECT_SCHEMA, SELECTION_FILE, scored_schema
-from raydc.scoring.teacher import load_teacher_tokenizer
-from raydc.text import align_by_char_spans
+from raydc.infra.artifacts import data_files, fingerprint_paths
+from raydc.infra.schemas import INSPECT_DIR, INSPECT_SCHEMA, SELECTION_FILE, scored_schema
+from raydc.method.spans import align_by_char_spans
+from raydc.score.teacher import load_teacher_tokenizer
 
 pytestmark = pytest.mark.integration
 
@@ -49,8 +49,8 @@ def _traces(path, n=6):
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory, tiny_student, tiny_teacher_other_tokenizer, ray_local):
-    from raydc.data.ingest import run_prepare
-    from raydc.scoring.score_stage import run_score
+    from raydc.prepare.stage import run_prepare
+    from raydc.score.stage import run_score
 
     tmp = tmp_path_factory.mktemp("score")
     _traces(tmp / "traces.jsonl")
@@ -207,7 +207,7 @@ def test_cross_tokenizer_teacher_matches_transformers_aligned_by_spans(
 
 
 def test_weights_are_compute_weights_of_the_config(scored):
-    from raydc.weights import compute_weights
+    from raydc.method.weights import compute_weights
 
     cfg = scored["cfg"]
     for r in scored["rows"].values():
@@ -246,8 +246,8 @@ def test_manifest(scored, tiny_student, tiny_teacher_other_tokenizer):
 
 
 def test_select_on_scored_data_keeps_the_top_candidate(scored, tmp_path):
-    from raydc.scoring.select_stage import run_select
-    from raydc.select import divergence_scores
+    from raydc.method.selection import divergence_scores
+    from raydc.select import run_select
 
     cfg = scored["cfg"]
     cfg.select.top_k = 1
@@ -281,7 +281,7 @@ def test_training_reads_the_score_stage_output_with_real_sentence_ids(
     """Training fed by the real score and select stages (not a hand-written fixture): rows
     with several sentences, sentence granularity, one worker, two steps, through the
     selection's row-id list: exactly the kept rows."""
-    from raydc.scoring.select_stage import run_select
+    from raydc.select import run_select
     from raydc.train import run_train
 
     assert max(max(r["sentence_ids"]) for r in scored["rows"].values()) >= 2
@@ -320,11 +320,11 @@ def test_the_float16_store_round_trips_within_its_bound(scored, tmp_path):
     states; the log-probs within round-to-nearest (2**-11 of the value)."""
     import pyarrow as pa
 
-    from raydc.data.schema import SCORED_WRITE_ARGS
-    from raydc.loss import weighted_token_loss
-    from raydc.scoring.store import finish_batch
+    from raydc.infra.schemas import SCORED_WRITE_ARGS
+    from raydc.method.loss import weighted_token_loss
+    from raydc.method.weights import PRESETS, compute_weights, preset
+    from raydc.score.store import finish_batch
     from raydc.train.batch import RowBlock
-    from raydc.weights import PRESETS, compute_weights, preset
 
     names = scored_schema("float32").names
     rows = sorted(scored["rows"].values(), key=lambda r: r["row_id"])

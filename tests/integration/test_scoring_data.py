@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raydc.artifacts import data_files
 from raydc.config import from_dict
-from raydc.data.schema import PREPARED_SCHEMA, SELECTION_FILE
+from raydc.infra.artifacts import data_files
+from raydc.infra.schemas import PREPARED_SCHEMA, SELECTION_FILE
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,7 @@ def _check_prepared(out, summary, source_name):
 
 
 def test_prepare_reads_jsonl_parquet_and_hf_folders(tmp_path, tiny_student, ray_local):
-    from raydc.data.ingest import run_prepare
+    from raydc.prepare.stage import run_prepare
 
     with open(tmp_path / "t.jsonl", "w") as fh:
         for r in ROWS:
@@ -106,7 +106,7 @@ def test_prepare_reads_jsonl_parquet_and_hf_folders(tmp_path, tiny_student, ray_
 
 
 def test_prepare_fails_when_rejects_exceed_the_share(tmp_path, tiny_student, ray_local):
-    from raydc.data.ingest import PrepareError, run_prepare
+    from raydc.prepare.stage import PrepareError, run_prepare
 
     with open(tmp_path / "t.jsonl", "w") as fh:
         for r in ROWS:
@@ -119,9 +119,9 @@ def test_prepare_fails_when_rejects_exceed_the_share(tmp_path, tiny_student, ray
 
 
 def test_score_refuses_data_of_another_tokenizer(tmp_path, tiny_student, ray_local):
-    from raydc.data.ingest import run_prepare
-    from raydc.scoring.base import ScoreError
-    from raydc.scoring.score_stage import run_score
+    from raydc.engines.base import ScoreError
+    from raydc.prepare.stage import run_prepare
+    from raydc.score.stage import run_score
 
     with open(tmp_path / "t.jsonl", "w") as fh:
         fh.write(json.dumps(ROWS[0]) + "\n")
@@ -136,12 +136,12 @@ def test_score_refuses_a_mix_of_rows_with_and_without_teacher_logprobs(
 ):
     """Without score.teacher to fill the gaps, a data set where some rows give teacher
     log-probs and others do not is refused before any engine starts, naming a row."""
-    from raydc.data.ingest import run_prepare
-    from raydc.data.parse import parse_row
-    from raydc.data.render import prepare_candidate
-    from raydc.models import load_tokenizer
-    from raydc.scoring.base import ScoreError
-    from raydc.scoring.score_stage import run_score
+    from raydc.engines.base import ScoreError
+    from raydc.infra.models import load_tokenizer
+    from raydc.prepare.parse import parse_row
+    from raydc.prepare.render import prepare_candidate
+    from raydc.prepare.stage import run_prepare
+    from raydc.score.stage import run_score
 
     tok = load_tokenizer(tiny_student)
     cfg = _cfg(tmp_path / "t.jsonl", tiny_student)
@@ -163,12 +163,12 @@ def test_score_refuses_a_mix_of_rows_with_and_without_teacher_logprobs(
 def test_dasd_selection_keeps_the_expected_candidates(tmp_path, tiny_student, ray_local):
     """Per prompt three candidates; the teacher's given log-probs make one of them
     far likelier under the teacher than under the student in most sentences."""
-    from raydc.data.ingest import run_prepare
-    from raydc.data.parse import parse_row
-    from raydc.data.render import prepare_candidate
-    from raydc.models import load_tokenizer
-    from raydc.scoring.score_stage import run_score
-    from raydc.scoring.select_stage import run_select
+    from raydc.infra.models import load_tokenizer
+    from raydc.prepare.parse import parse_row
+    from raydc.prepare.render import prepare_candidate
+    from raydc.prepare.stage import run_prepare
+    from raydc.score.stage import run_score
+    from raydc.select import run_select
 
     tok = load_tokenizer(tiny_student)
     cfg0 = _cfg(tmp_path / "t.jsonl", tiny_student)

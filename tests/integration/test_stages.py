@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raydc.artifacts import fingerprint_paths
 from raydc.config import from_dict
+from raydc.infra.artifacts import fingerprint_paths
 from raydc.pipeline import Pipeline
-from raydc.resolve import PACKAGE_DIR
+from raydc.pipeline.resolve import PACKAGE_DIR
 
 pytestmark = pytest.mark.integration
 

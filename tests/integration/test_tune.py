@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from raydc.artifacts import HISTORY, MARKER
 from raydc.config import load_config
+from raydc.infra.artifacts import HISTORY, MARKER
 from raydc.pipeline import CONFIG_DIR, Pipeline
 
 pytestmark = pytest.mark.integration

@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from raydc.data.align import AlignmentError, align_turn, disjoint_spans, offsets_from_strings
-from raydc.models import load_tokenizer
-from raydc.text import credit_by_char_spans
+from raydc.infra.models import load_tokenizer
+from raydc.method.align import AlignmentError, align_turn, disjoint_spans, offsets_from_strings
+from raydc.method.spans import credit_by_char_spans
 
 
 def test_disjoint_spans_hand_checked():

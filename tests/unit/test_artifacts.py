@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raydc.artifacts import (
+from raydc.infra.artifacts import (
     PARTS_DIR,
     REJECTS_FILE,
     TOKENIZER_FILES,

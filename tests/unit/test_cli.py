@@ -101,8 +101,8 @@ def test_tune_with_an_empty_space_exits_2_before_any_stage_runs(tmp_path, capsys
 def test_the_run_summary_reports_rows_throughput_metrics_and_paths(tmp_path):
     from pathlib import Path
 
-    from raydc.artifacts import StageResult
-    from raydc.summary import format_summary, stage_line, summarize_run
+    from raydc.infra.artifacts import StageResult
+    from raydc.pipeline.summary import format_summary, stage_line, summarize_run
 
     def res(name, summary, skipped=False):
         return StageResult(name, Path(tmp_path / name), "fp", summary, skipped)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from raydc.artifacts import HISTORY, MARKER, StageError, fingerprint_parts, fingerprint_paths
 from raydc.config import ConfigError, dump_config, from_dict, load_config
+from raydc.infra.artifacts import HISTORY, MARKER, StageError, fingerprint_parts, fingerprint_paths
 from raydc.pipeline import CONFIG_DIR, Pipeline
-from raydc.resolve import resolve_path
+from raydc.pipeline.resolve import resolve_path
 
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
 

@@ -9,16 +9,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from raydc.config import ConfigError, from_dict
-from raydc.data.align import offsets_from_strings, token_pieces
-from raydc.eval.generation import (
+from raydc.engines.sampler import (
     pick_key,
     read_records,
     render_prompts,
     resolve_backend,
     stop_token_ids,
 )
-from raydc.eval.report import format_metrics, pass_at_k, run_eval, summarize
-from raydc.models import load_tokenizer
+from raydc.eval.stage import format_metrics, pass_at_k, run_eval, summarize
+from raydc.infra.models import load_tokenizer
+from raydc.method.align import offsets_from_strings, token_pieces
 from tests.conftest import QWEN2_TOKENIZER
 
 
@@ -167,7 +167,7 @@ def test_run_eval_rejects_bad_rows_before_starting_an_engine(tmp_path):
 
 
 def test_char_spans_keep_byte_tokens_on_their_character():
-    from raydc.data.align import char_spans
+    from raydc.method.align import char_spans
 
     tok = load_tokenizer("tiny-bpe")
     ids = tok("ab 😀!", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -182,7 +182,7 @@ def test_char_spans_keep_byte_tokens_on_their_character():
     # ...ordinary tokens keep their piece's span, and the stop token sits after the text.
     assert text[slice(*spans[-2])] == "!" and spans[-1] == (len(text), len(text))
     # Summing values by the token whose span ends inside a character range loses none.
-    from raydc.text import align_by_char_spans
+    from raydc.method.spans import align_by_char_spans
 
     values = [float(-(i + 1)) for i in range(len(ids) - 1)]
     whole = align_by_char_spans(spans[:-1], values, [(0, len(text))])
@@ -190,7 +190,7 @@ def test_char_spans_keep_byte_tokens_on_their_character():
 
 
 def test_finish_reason_and_sampled_logprobs():
-    from raydc.eval.generation import GenerationError, _sampled_logprobs, finish_reason
+    from raydc.engines.sampler import GenerationError, _sampled_logprobs, finish_reason
 
     assert finish_reason([5, 6, 7], 3, {2}) == "length"
     assert finish_reason([5, 6, 2], 3, {2}) == "stop"  # stopped on the last allowed token

@@ -11,13 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raydc.artifacts import collect_parts, prepare_out_dir
 from raydc.config import DataConfig
-from raydc.data.ingest import prepare_batch
-from raydc.data.parse import Candidate, RowReject, parse_row
-from raydc.data.render import prepare_candidate
-from raydc.data.schema import PREPARED_SCHEMA
-from raydc.models import load_tokenizer
+from raydc.infra.artifacts import collect_parts, prepare_out_dir
+from raydc.infra.models import load_tokenizer
+from raydc.infra.schemas import PREPARED_SCHEMA
+from raydc.prepare.parse import Candidate, RowReject, parse_row
+from raydc.prepare.render import prepare_candidate
+from raydc.prepare.stage import prepare_batch
 
 QWEN2 = os.path.join(os.path.dirname(__file__), "..", "assets", "qwen2-tokenizer")
 GSM8K = os.path.join(

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from raydc.scoring.base import ScoreMismatchError, check_result
-from raydc.scoring.vllm_backend import to_logprobs
+from raydc.engines.base import ScoreMismatchError, check_result
+from raydc.engines.vllm import to_logprobs
 
 
 def _entries(ids, lps):
@@ -55,7 +55,7 @@ def test_check_result_length():
 def test_transformers_scorer_equals_plain_log_softmax(tiny_student):
     from transformers import AutoModelForCausalLM
 
-    from raydc.scoring import score_rows
+    from raydc.engines import score_rows
 
     rng = np.random.default_rng(0)
     rows = [rng.integers(0, 2000, n).tolist() for n in (3, 40, 17, 64, 1)]
@@ -76,7 +76,7 @@ def test_transformers_scorer_equals_plain_log_softmax(tiny_student):
 
 
 def test_score_rows_rejects_unknown_settings(tiny_student):
-    from raydc.scoring import score_rows
+    from raydc.engines import score_rows
 
     with pytest.raises(TypeError, match="unknown scorer settings"):
         score_rows(tiny_student, [[1, 2]], "transformers", max_len=3)
@@ -85,7 +85,7 @@ def test_score_rows_rejects_unknown_settings(tiny_student):
 def test_transformers_scorer_at_a_temperature_is_log_softmax_of_scaled_logits(tiny_student):
     from transformers import AutoModelForCausalLM
 
-    from raydc.scoring import score_rows
+    from raydc.engines import score_rows
 
     rows = [[5, 17, 300, 42, 9, 1200, 77]]
     model = AutoModelForCausalLM.from_pretrained(tiny_student, dtype=torch.float32).eval()

@@ -1,16 +1,16 @@
-"""raydc.loss: chunked CE against plain CE, the reductions, global denominators."""
+"""raydc.method.loss: chunked CE against plain CE, the reductions, global denominators."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from raydc.loss import (
+from raydc.method.loss import (
     chunked_token_logprobs,
     loss_denominators,
     token_logprobs,
     weighted_token_loss,
 )
-from raydc.weights import compute_weights, preset
+from raydc.method.weights import compute_weights, preset
 
 torch.manual_seed(0)
 B, T, H, V = 3, 7, 16, 50

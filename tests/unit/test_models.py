@@ -6,15 +6,15 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from raydc.artifacts import fingerprint_paths
-from raydc.models import build_tiny_model, load_tokenizer
+from raydc.infra.artifacts import fingerprint_paths
+from raydc.infra.models import build_tiny_model, load_tokenizer
 
 from ..conftest import QWEN2_TOKENIZER
 
 
 def test_import_raydc_is_light():
     code = (
-        "import sys, raydc, raydc.weights, raydc.loss, raydc.select, raydc.text, raydc.config\n"
+        "import sys, raydc, raydc.method.weights, raydc.method.loss, raydc.method.selection, raydc.method.spans, raydc.config\n"
         "bad = [m for m in ('ray', 'vllm', 'deepspeed') if m in sys.modules]\n"
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raydc.artifacts import HISTORY, MARKER, OWNED, OutputDirBusy, StageError
 from raydc.cli import main
 from raydc.config import ConfigError, load_config
+from raydc.infra.artifacts import HISTORY, MARKER, OWNED, OutputDirBusy, StageError
 from raydc.pipeline import LOG, Pipeline
 
 
@@ -75,7 +75,7 @@ def test_a_deleted_or_truncated_output_reruns_the_stage_that_made_it(tmp_path):
 
 
 def test_train_vouches_for_its_model_not_its_checkpoints(tmp_path):
-    from raydc.pipeline import _model_outputs
+    from raydc.pipeline.runner import _model_outputs
 
     pipe = Pipeline(_cfg(tmp_path / "run"), log=lambda m: None, connect_ray=False)
 
@@ -112,7 +112,7 @@ def test_a_second_job_on_one_output_folder_is_refused_naming_the_holder(tmp_path
                 f"""
                 import sys, time
                 from pathlib import Path
-                from raydc.artifacts import lock_output_dir
+                from raydc.infra.artifacts import lock_output_dir
                 Path({str(out)!r}).mkdir(parents=True)
                 lock_output_dir(Path({str(out)!r}))
                 print("locked", flush=True)
@@ -217,7 +217,7 @@ def test_missing_files_and_models_fail_before_any_stage(tmp_path, capsys, overri
 
 
 def test_a_teacher_smaller_than_its_tokenizer_fails_before_scoring(tmp_path, capsys):
-    from raydc.models import build_tiny_model
+    from raydc.infra.models import build_tiny_model
 
     teacher = Path(build_tiny_model(tmp_path / "t", "teacher"))
     cfg = json.loads((teacher / "config.json").read_text())
@@ -257,7 +257,7 @@ def test_a_bad_tune_space_fails_the_whole_job_before_any_stage(tmp_path, capsys)
 def test_a_full_disk_at_the_marker_never_marks_the_stage_done(tmp_path, monkeypatch):
     import errno
 
-    import raydc.pipeline as pipeline_mod
+    import raydc.pipeline.runner as pipeline_mod
 
     pipe = Pipeline(_cfg(tmp_path / "run"), log=lambda m: None, connect_ray=False)
     fn, calls = _writer()

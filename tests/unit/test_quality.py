@@ -9,11 +9,11 @@ import random
 import pytest
 import torch
 
-from raydc.quality import task
-from raydc.quality.evaluate import exacc_err, free_generation_metrics, generate, step_kl
-from raydc.quality.jobs import WEIGHT_BINS, weight_histogram
-from raydc.quality.report import aggregate, mean_sd, verdict
-from raydc.quality.traces import build_trace_set
+from bench.quality import task
+from bench.quality.evaluate import exacc_err, free_generation_metrics, generate, step_kl
+from bench.quality.jobs import WEIGHT_BINS, weight_histogram
+from bench.quality.report import aggregate, mean_sd, verdict
+from bench.quality.traces import build_trace_set
 
 
 def test_code_table_is_the_shipped_models():
@@ -78,7 +78,7 @@ def test_exacc_err_hand_example():
 
 
 def test_step_kl_of_a_model_with_itself_is_zero_and_generation_solves():
-    from raydc.quality.models import load_model, load_tokenizer, prompt_ids
+    from bench.quality.models import load_model, load_tokenizer, prompt_ids
 
     tok = load_tokenizer()
     teacher = load_model(task.MODELS / "teacher")

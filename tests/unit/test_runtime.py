@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from raydc import runtime
+from raydc.infra import runtime
 
 
 def _spawn(code: str, token: str | None) -> subprocess.Popen:

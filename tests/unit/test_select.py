@@ -1,10 +1,10 @@
-"""DASD selection and sentence segmentation (raydc.select, raydc.text)."""
+"""DASD selection and sentence segmentation (raydc.method.selection, raydc.method.spans)."""
 
 import pytest
 import torch
 
-from raydc.select import divergence_scores, select_top_k, sentence_deltas
-from raydc.text import align_by_char_spans, sentence_spans, token_sentence_ids
+from raydc.method.selection import divergence_scores, select_top_k, sentence_deltas
+from raydc.method.spans import align_by_char_spans, sentence_spans, token_sentence_ids
 
 
 def test_sentence_spans_tile_the_text():
@@ -89,8 +89,8 @@ def test_stage_batch_scores_match_the_padded_computation_on_ragged_rows():
     divergence_scores on hand-padded tensors, row by row, whatever the batch holds."""
     import pyarrow as pa
 
-    from raydc.scoring.base import ScoreError
-    from raydc.scoring.select_stage import dasd_batch_scores
+    from raydc.engines.base import ScoreError
+    from raydc.select import dasd_batch_scores
 
     rows = [
         dict(
@@ -123,7 +123,7 @@ def test_stage_batch_scores_match_the_padded_computation_on_ragged_rows():
 
 
 def test_stage_orders_ids_naturally():
-    from raydc.scoring.select_stage import _natural_key
+    from raydc.select import _natural_key
 
     ids = ["t.jsonl:10#1", "t.jsonl:2#0", "t.jsonl:2#1", "t.jsonl:10#0"]
     assert sorted(ids, key=_natural_key) == [

@@ -1,4 +1,4 @@
-"""raydc.stages.stage_config: each stage's config from the job's and the previous stage."""
+"""raydc.pipeline.phases.stage_config: each stage's config from the job's and the previous stage."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from raydc.artifacts import StageError, StageResult
 from raydc.config import ConfigError, from_dict
-from raydc.weights import preset
+from raydc.infra.artifacts import StageError, StageResult
+from raydc.method.weights import preset
 
 
 def _job(**extra):
@@ -52,7 +52,7 @@ def _prev(name, model="/runs/job/stages/x/train/model", ckpt="/ckpt/step_10"):
 
 
 def test_the_first_stage_is_the_job_with_its_overrides():
-    from raydc.stages import stage_config
+    from raydc.pipeline.phases import stage_config
 
     job = _job()
     c = stage_config(job, job.stages[0], Path("/runs/job"), None)
@@ -65,7 +65,7 @@ def test_the_first_stage_is_the_job_with_its_overrides():
 
 
 def test_a_later_stage_starts_from_the_previous_model_and_optimizer():
-    from raydc.stages import stage_config
+    from raydc.pipeline.phases import stage_config
 
     job = _job()
     c = stage_config(job, job.stages[1], Path("/runs/job"), _prev("t06"))
@@ -79,7 +79,7 @@ def test_a_later_stage_starts_from_the_previous_model_and_optimizer():
 
 
 def test_scores_from_initial_and_a_fresh_optimizer():
-    from raydc.stages import stage_config
+    from raydc.pipeline.phases import stage_config
 
     job = _job()
     c = stage_config(job, job.stages[2], Path("/runs/job"), _prev("t10"))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from raydc.eval.graders import grade
-from raydc.models import ASSETS, load_tokenizer
+from raydc.infra.models import ASSETS, load_tokenizer
 
 SUMTASK = ASSETS / "sumtask"
 RECORD = json.loads((SUMTASK / "models" / "TRAINING.json").read_text())

@@ -131,8 +131,8 @@ def test_packed_micro_batch_restarts_positions_and_views_rows():
 
 
 def test_the_teacher_mask_travels_into_micro_batches_and_neutralises_weights():
+    from raydc.method.weights import preset
     from raydc.train.step import micro_batch_weights
-    from raydc.weights import preset
 
     known = [[True, True, False], [True, True], [True, True, True, True]]
     block = RowBlock.from_table(scored_table(teacher_mask=known))

@@ -39,7 +39,7 @@ def test_scored_files_skip_rejects_and_schema_names_missing_columns(tmp_path):
 
 
 def test_other_students_scores_are_refused(tmp_path):
-    from raydc.artifacts import fingerprint_paths
+    from raydc.infra.artifacts import fingerprint_paths
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
@@ -72,7 +72,7 @@ def _store(folder, manifest, rows=("a", "b", "c")):
 
 
 def test_a_store_newer_than_this_raydc_is_refused_and_format_1_is_read(tmp_path):
-    from raydc.data.schema import STORE_FORMAT
+    from raydc.infra.schemas import STORE_FORMAT
 
     _store(tmp_path / "new", {"store": {"format": STORE_FORMAT + 1}})
     with pytest.raises(ScoredDataError, match=f"format {STORE_FORMAT + 1} is newer.*re-score"):
@@ -87,7 +87,7 @@ def test_a_selection_reads_its_source_and_refuses_a_changed_one(tmp_path):
 
     import pyarrow.parquet as pq
 
-    from raydc.data.schema import SELECTION_FILE, SELECTION_SCHEMA
+    from raydc.infra.schemas import SELECTION_FILE, SELECTION_SCHEMA
 
     _store(tmp_path / "score", {"store": {"format": 2}})
     sel = tmp_path / "select"

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from raydc.config import TrainConfig
-from raydc.loss import loss_denominators, weighted_token_loss
+from raydc.method.loss import loss_denominators, weighted_token_loss
+from raydc.method.weights import GRANULARITIES, NORMALIZATIONS, WeightConfig, preset
 from raydc.train.batch import RowBlock, collate
 from raydc.train.model import StudentLogprobs, load_student, resolve_attn_implementation
 from raydc.train.step import micro_batch_weights
-from raydc.weights import GRANULARITIES, NORMALIZATIONS, WeightConfig, preset
 
 LENGTHS = (7, 19, 4, 12, 2)
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from raydc.config import TrainConfig
-from raydc.loss import loss_denominators, weighted_token_loss
+from raydc.method.loss import loss_denominators, weighted_token_loss
+from raydc.method.weights import preset
 from raydc.train.batch import collate
 from raydc.train.model import StudentLogprobs, load_student
 from raydc.train.step import Learner, micro_batch_weights, no_reduce
-from raydc.weights import preset
 from tests.unit.test_train_model import _block
 
 

@@ -1,4 +1,4 @@
-"""Reference tests for raydc.weights: hand-computed tensors, limit cases, validation."""
+"""Reference tests for raydc.method.weights: hand-computed tensors, limit cases, validation."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raydc.weights import (
+from raydc.method.weights import (
     GRANULARITIES,
     PRESETS,
     WeightConfig,
@@ -375,8 +375,8 @@ def test_without_a_teacher_the_sign_does_not_apply():
 
 @pytest.mark.parametrize("normalization", ["none", "per_sequence", "self_norm"])
 def test_masked_tokens_leave_the_denominator(normalization):
-    from raydc.loss import weighted_token_loss
-    from raydc.weights import loss_tokens
+    from raydc.method.loss import weighted_token_loss
+    from raydc.method.weights import loss_tokens
 
     # losses [1, 1, 10, 10]; the mask transform keeps the first two tokens (ratio 1) and
     # drops the last two (ratio e^3): the loss is the mean over the kept ones, 1.0.

@@ -1,0 +1,467 @@
+"""One typed config tree for every stage: YAML + dotted ``key=value`` overrides, validated.
+
+Each stage takes its own section (``cfg.data``, ``cfg.score``, ``cfg.train``...). Unknown
+keys, wrong types and out-of-range values fail with the dotted field path in the message,
+e.g. ``train.lr=-1: must be > 0``. Ray Tune's search space names the same dotted fields.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raydc.config.engines import (
+    EvalConfig,
+    GenerateConfig,
+    MixedPolicyConfig,
+    VLLMEngineConfig,
+)
+from raydc.config.tree import ConfigError, build, choice, parse_override, positive, set_dotted
+from raydc.method.weights import WeightConfig, WeightConfigError, preset
+
+
+@dataclass
+class DataConfig:
+    """Teacher traces in: where they are and how rows are read, rendered and masked."""
+
+    path: str = ""  # JSONL / Parquet file or folder, or a saved HF `datasets` folder
+    format: str = "auto"  # auto | jsonl | parquet | hf
+    schema: str = "auto"  # auto | chat | prompt_response
+    messages_key: str = "messages"
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    id_key: str = "id"  # row id column; generated from the position if absent
+    prompt_id_key: str = "prompt_id"  # groups candidate responses of one prompt
+    teacher_logprobs_key: str = "teacher_logprobs"  # optional per-token teacher log-probs
+    teacher_tokens_key: str = "teacher_tokens"  # optional token strings for those
+    teacher_offsets_key: str = "teacher_offsets"  # optional char offsets for those
+    # optional teacher token ids for the log-probs, in the teacher's own tokenizer (a
+    # public -Logprob set): decoded with data.teacher_tokenizer to character spans
+    teacher_token_ids_key: str = "teacher_token_ids"
+    teacher_tokenizer: str | None = None  # the tokenizer of teacher_token_ids (folder)
+    # Teacher ids and log-probs in a file of their own (a public -Logprob set), joined to
+    # the traces by join_key (Ray Data's hash join); a trace without a match is rejected
+    teacher_logprobs_path: str | None = None
+    join_key: str = "sample_uuid"
+    join_partitions: int | None = None  # None: the cluster's CPU count
+    # Mixed-policy traces: how many leading response characters the student wrote; with
+    # mask_student_prefix they carry no loss (DASD trained on them: the default)
+    student_prefix_key: str = "student_prefix_chars"
+    mask_student_prefix: bool = False
+    system_prompt: str | None = None
+    tokenizer: str | None = None  # tokenizer folder / shipped name; default: score.student
+    max_length: int = 2048
+    overlength: str = "drop"  # drop | truncate
+    max_reject_share: float = 0.5
+    limit: int | None = None  # read only the first N rows (smoke runs)
+
+    def validate(self, path: str) -> None:
+        choice(f"{path}.format", self.format, ("auto", "jsonl", "parquet", "hf"))
+        choice(f"{path}.schema", self.schema, ("auto", "chat", "prompt_response"))
+        choice(f"{path}.overlength", self.overlength, ("drop", "truncate"))
+        positive(f"{path}.max_length", self.max_length)
+        positive(f"{path}.limit", self.limit)
+        positive(f"{path}.join_partitions", self.join_partitions)
+        if self.teacher_logprobs_path and not self.teacher_tokenizer:
+            raise ConfigError(
+                f"{path}.teacher_logprobs_path: set {path}.teacher_tokenizer too (the tokenizer "
+                "its token ids are in)"
+            )
+        if not 0.0 <= self.max_reject_share <= 1.0:
+            raise ConfigError(
+                f"{path}.max_reject_share={self.max_reject_share!r}: must be in [0, 1]"
+            )
+
+
+def _score_engine() -> VLLMEngineConfig:
+    # Scoring rows are whole conversations: smaller batches, and a bounded step.
+    return VLLMEngineConfig(batch_size=16, max_num_batched_tokens=4096)
+
+
+@dataclass
+class ScoreConfig:
+    """Scoring teacher tokens under the student (and teacher) with engine actors."""
+
+    backend: str = "vllm"  # vllm | transformers: the scorer each engine actor runs
+    student: str = ""  # model folder or hub name
+    teacher: str | None = None  # score the teacher too, when the data has no teacher log-probs
+    # The scored store: log-probs as float16 (2 B a token, error <= 2**-11 of the value) or
+    # float32; inspection also writes text, offsets, conversation and the configured
+    # weights to score/inspect/ (training never reads them).
+    logprobs: str = "float16"
+    inspection: bool = False
+    # The temperature the traces were sampled at: the teacher's log-probs are those of
+    # softmax(logits / T), the distribution the tokens came from (DASD samples at 0.6 and
+    # 1.0). The student is always scored at 1: it is the model being trained.
+    teacher_temperature: float = 1.0
+    engine: VLLMEngineConfig = field(default_factory=_score_engine)
+
+    def validate(self, path: str) -> None:
+        choice(f"{path}.backend", self.backend, ("vllm", "transformers"))
+        positive(f"{path}.teacher_temperature", self.teacher_temperature)
+        choice(f"{path}.logprobs", self.logprobs, ("float16", "float32"))
+        self.engine.validate(f"{path}.engine")
+        if self.engine.backend == "local":
+            raise ConfigError(
+                f"{path}.engine.backend='local': scoring runs its engines as a Ray Data "
+                "actor pool; use auto or ray"
+            )
+        if self.engine.max_num_batched_tokens is None:
+            raise ConfigError(
+                f"{path}.engine.max_num_batched_tokens=None: scoring needs a bound on the "
+                "[tokens x vocab] prompt-logprob tensor"
+            )
+
+
+@dataclass
+class SelectConfig:
+    """DASD divergence-aware selection (off unless enabled)."""
+
+    enabled: bool = False
+    threshold: float = 0.0
+    top_k: int = 1
+
+    def validate(self, path: str) -> None:
+        positive(f"{path}.top_k", self.top_k)
+
+
+@dataclass
+class TrainConfig:
+    """Weighted distillation on Ray Train + DeepSpeed."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "cosine"  # cosine | linear | constant
+    max_steps: int = 100
+    micro_batch_tokens: int = 4096  # tokens per micro-batch per worker (packed or padded)
+    packing: bool = True  # several rows per sequence (position ids restart; no cross-row attention)
+    # auto: flash_attention_2 on a GPU with flash-attn installed, else sdpa_packed (sdpa per
+    # packed row: no [T x T] mask) | flash_attention_2 | sdpa | eager
+    attn_implementation: str = "auto"
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward (non-reentrant)
+    shuffle_window_tokens: int = (
+        2_000_000  # rows shuffled and packed within windows of this many tokens
+    )
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    student_ref: str = "init"  # init (stored scores) | current (live forward, detached)
+    rescore_every: int = 0  # re-score with the latest weights every k steps (0: never)
+    weight_warmup_steps: int = 0  # w = 1 for the first N steps
+    loss_chunk_size: int = 1024
+    log_every: int = 10
+    checkpoint_every: int = 50
+    seed: int = 0
+    student: str = ""  # model folder to train; "" -> score.student (must match the scores)
+    # Start from another run's checkpoint: its weights and optimizer state (a staged run's
+    # previous stage); step count, data position and lr schedule start anew
+    init_checkpoint: str | None = None
+    # The student the scores were made with, when training starts from another model (a
+    # staged run with scores_from: initial); None: the training student itself
+    scored_student: str | None = None
+    min_lr_ratio: float = 0.0  # the decay ends at min_lr_ratio * lr
+    val_share: float = 0.0  # share of prompts held out for val_nll (0: no validation)
+    max_failures: int = 3  # worker-group restarts from the latest checkpoint
+    keep_checkpoints: int = 2  # newest checkpoints kept
+
+    def validate(self, path: str) -> None:
+        choice(f"{path}.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        choice(f"{path}.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"{path}.min_lr_ratio={self.min_lr_ratio!r}: must be in [0, 1]")
+        if not 0.0 <= self.val_share < 1.0:
+            raise ConfigError(f"{path}.val_share={self.val_share!r}: must be in [0, 1)")
+        positive(f"{path}.keep_checkpoints", self.keep_checkpoints)
+        positive(f"{path}.max_failures", self.max_failures, strict=False)
+        if self.rescore_every and self.student_ref != "init":
+            raise ConfigError(
+                f"{path}.rescore_every={self.rescore_every!r}: re-scoring rounds refresh the "
+                "stored scores of student_ref=init; student_ref=current scores every step"
+            )
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError(f"{path}.offload_params=True: needs zero_stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError(f"{path}.offload_optimizer=True: needs zero_stage >= 1")
+        choice(f"{path}.lr_schedule", self.lr_schedule, ("cosine", "linear", "constant"))
+        choice(f"{path}.student_ref", self.student_ref, ("init", "current"))
+        choice(
+            f"{path}.attn_implementation",
+            self.attn_implementation,
+            ("auto", "flash_attention_2", "sdpa", "sdpa_packed", "eager"),
+        )
+        for name in (
+            "num_workers",
+            "cpus_per_worker",
+            "lr",
+            "max_steps",
+            "micro_batch_tokens",
+            "shuffle_window_tokens",
+            "grad_accum",
+            "loss_chunk_size",
+            "log_every",
+            "checkpoint_every",
+        ):
+            positive(f"{path}.{name}", getattr(self, name))
+        for name in (
+            "weight_decay",
+            "warmup_steps",
+            "rescore_every",
+            "weight_warmup_steps",
+            "grad_clip",
+        ):
+            positive(f"{path}.{name}", getattr(self, name), strict=False)
+
+
+SPACE_TYPES = ("uniform", "loguniform", "randint", "choice", "grid")
+METRIC_MODES = {"val_nll": "min", "val_accuracy": "max", "val_reverse_kl": "min"}
+
+
+def _check_space(path: str, space: dict) -> None:
+    """Each search-space key names a config field (or ``weights.preset``); each spec is a
+    list (a choice) or {type, low, high} / {type, values} with sensible bounds."""
+    for key, spec in space.items():
+        where = f"{path}.{key}"
+        if key != "weights.preset":
+            node: Any = RaydcConfig
+            for part in key.split("."):
+                hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+                if part not in hints:
+                    raise ConfigError(f"{where}: {key!r} is not a config field")
+                node = hints[part]
+            if dataclasses.is_dataclass(node):
+                raise ConfigError(f"{where}: {key!r} is a section, not a field")
+        if isinstance(spec, list):
+            spec = {"type": "choice", "values": spec}
+        if not isinstance(spec, dict) or spec.get("type") not in SPACE_TYPES:
+            raise ConfigError(
+                f"{where}={spec!r}: must be a list or a mapping with type one of {list(SPACE_TYPES)}"
+            )
+        if spec["type"] in ("choice", "grid"):
+            if not isinstance(spec.get("values"), list) or not spec["values"]:
+                raise ConfigError(f"{where}.values: must be a non-empty list")
+            continue
+        low, high = spec.get("low"), spec.get("high")
+        for name, v in (("low", low), ("high", high)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"{where}.{name}={v!r}: must be a number")
+        if not low < high:
+            raise ConfigError(f"{where}.low={low!r}: must be < high ({high!r})")
+        if spec["type"] == "loguniform" and low <= 0:
+            raise ConfigError(f"{where}.low={low!r}: must be > 0 for loguniform")
+
+
+@dataclass
+class TuneConfig:
+    """Ray Tune over WeightConfig (and train) fields; trials reuse the stored scores."""
+
+    enabled: bool = False
+    num_samples: int = 4  # trials (grid: repeats of the whole grid)
+    metric: str = "val_nll"  # val_nll | val_accuracy | val_reverse_kl
+    mode: str = "auto"  # auto (from the metric) | min | max
+    search_alg: str = "optuna"  # optuna (TPE) | random | grid
+    scheduler: str = "asha"  # asha | none
+    grace_period: int = 1  # ASHA: reports before a trial may be stopped
+    reduction_factor: int = 2  # ASHA: keep 1 / reduction_factor at each rung
+    max_concurrent_trials: int | None = None  # None: what the cluster's CPUs/GPUs fit
+    max_failures: int = 1  # retries of a failed trial
+    driver_cpus: float = 0.01  # the per-trial driver; its TorchTrainer asks for its own
+    # dotted field -> [values] | {"type": uniform|loguniform|randint, "low", "high"}
+    #                          | {"type": choice|grid, "values": [...]}
+    space: dict = field(default_factory=dict)
+
+    def validate(self, path: str) -> None:
+        choice(f"{path}.metric", self.metric, tuple(METRIC_MODES))
+        choice(f"{path}.mode", self.mode, ("auto", "min", "max"))
+        choice(f"{path}.search_alg", self.search_alg, ("optuna", "random", "grid"))
+        choice(f"{path}.scheduler", self.scheduler, ("asha", "none"))
+        for name in ("num_samples", "grace_period", "driver_cpus"):
+            positive(f"{path}.{name}", getattr(self, name))
+        positive(f"{path}.max_concurrent_trials", self.max_concurrent_trials)
+        positive(f"{path}.max_failures", self.max_failures, strict=False)
+        if self.reduction_factor < 2:
+            raise ConfigError(f"{path}.reduction_factor={self.reduction_factor!r}: must be >= 2")
+        _check_space(f"{path}.space", self.space)
+        if self.search_alg == "grid":
+            for key, spec in self.space.items():
+                if isinstance(spec, dict) and spec.get("type") not in ("choice", "grid"):
+                    raise ConfigError(
+                        f"{path}.space.{key}: search_alg grid needs a list of values, "
+                        f"got type {spec.get('type')!r}"
+                    )
+        if self.enabled and not self.space:
+            raise ConfigError(f"{path}.space: empty; name at least one field to search")
+
+    @property
+    def resolved_mode(self) -> str:
+        return METRIC_MODES[self.metric] if self.mode == "auto" else self.mode
+
+
+STAGE_SECTIONS = ("data", "generate", "mixed_policy", "score", "select", "weights", "train")
+
+
+@dataclass
+class StageConfig:
+    """One stage of a staged run (``stages:``): its overrides of the job's sections; it
+    starts from the previous stage's weights (and optimizer state)."""
+
+    name: str = ""
+    data: dict = field(default_factory=dict)
+    generate: dict = field(default_factory=dict)
+    mixed_policy: dict = field(default_factory=dict)
+    score: dict = field(default_factory=dict)
+    select: dict = field(default_factory=dict)
+    weights: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    scores_from: str = "previous"  # previous: score under the last stage's student | initial
+    optimizer: str = "carry"  # carry: the last stage's optimizer state | fresh
+
+    def validate(self, path: str) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name or ""):
+            raise ConfigError(f"{path}.name={self.name!r}: a folder name (letters, digits, _ . -)")
+        choice(f"{path}.scores_from", self.scores_from, ("previous", "initial"))
+        choice(f"{path}.optimizer", self.optimizer, ("carry", "fresh"))
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes and which Ray cluster it uses."""
+
+    # Stage outputs, checkpoints and Tune results: <output_dir>/<stage>/. On a multi-node
+    # cluster, a path on storage every node mounts (see cluster.yaml).
+    output_dir: str = "runs/default"
+    ray_address: str | None = None  # None: RAY_ADDRESS or a local Ray; "auto", host:port, ray://
+    seed: int = 0
+
+    def validate(self, path: str) -> None:
+        # An empty value would mean "the current folder", where stage folders would be
+        # created and cleared beside the user's own files.
+        if not str(self.output_dir or "").strip():
+            raise ConfigError(f"{path}.output_dir={self.output_dir!r}: must name a folder")
+
+
+@dataclass
+class RaydcConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    weights: WeightConfig = field(default_factory=lambda: preset("discord"))
+    select: SelectConfig = field(default_factory=SelectConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    mixed_policy: MixedPolicyConfig = field(default_factory=MixedPolicyConfig)
+    # A staged run (raydc.pipeline.phases): each stage's overrides of the sections above, run in
+    # order, each starting from the previous one's model; empty: one stage, as configured
+    stages: list[StageConfig] = field(default_factory=list)
+
+    def validate(self) -> RaydcConfig:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate(f.name)
+        self._validate_stages()
+        return self
+
+    def _validate_stages(self) -> None:
+        """Each stage's name and overrides, checked now rather than stages later."""
+        names = [s.name for s in self.stages]
+        for i, spec in enumerate(self.stages):
+            spec.validate(f"stages[{i}]")
+            if spec.name in names[:i]:
+                raise ConfigError(f"stages[{i}].name={spec.name!r}: used by another stage")
+            try:
+                from_dict(stage_tree(self, spec))
+            except ConfigError as e:
+                raise ConfigError(f"stages[{i}] ({spec.name}): {e}") from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _merge(into: dict, over: dict) -> dict:
+    """``over`` on top of ``into``, nested mappings merged key by key."""
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+    return into
+
+
+def stage_tree(cfg: RaydcConfig, spec: StageConfig) -> dict:
+    """The job's config as a dict with stage ``spec``'s overrides applied (a weights
+    override naming a preset replaces the job's weighting; others merge into it)."""
+    tree = cfg.to_dict()
+    tree.pop("stages")
+    for section in STAGE_SECTIONS:
+        over = copy.deepcopy(getattr(spec, section))
+        if section == "weights" and "preset" in over:
+            tree[section] = over
+        else:
+            _merge(tree[section], over)
+    return tree
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _weights_section(data: dict) -> dict:
+    """`weights: {preset: discord, tau: 2}` expands the preset, then applies the rest."""
+    data = dict(data or {})
+    name = data.pop("preset", None)
+    if name is None:
+        return data
+    try:
+        base = preset(name).to_dict()
+    except WeightConfigError as e:
+        raise ConfigError(f"weights.preset={name!r}: {e}") from e
+    return {**base, **data}
+
+
+def from_dict(data: dict | None, overrides: list[str] | dict | None = None) -> RaydcConfig:
+    """Build and validate a config from a (YAML-shaped) dict plus dotted overrides."""
+    tree = copy.deepcopy(data or {})
+    items = (
+        overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
+    )
+    for key, value in items:
+        set_dotted(tree, key, value)
+    if "weights" in tree:
+        tree["weights"] = _weights_section(tree["weights"])
+    try:
+        cfg = build(RaydcConfig, tree, "")
+    except WeightConfigError as e:
+        raise ConfigError(f"weights: {e}") from e
+    return cfg.validate()
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | dict | None = None
+) -> RaydcConfig:
+    """Load YAML (or nothing: the defaults) and apply dotted overrides."""
+    data = {}
+    if path:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    return from_dict(data, overrides)
+
+
+def dump_config(cfg: RaydcConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

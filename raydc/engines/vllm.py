@@ -1,0 +1,190 @@
+"""The vLLM scorer: one engine, token-in prompts, prompt log-probs of the given tokens.
+
+Settings that make the numbers right rather than fast-but-wrong:
+
+- ``TokensPrompt``: the ids are scored as sent; nothing is re-tokenised.
+- ``prompt_logprobs=0``: only the log-prob of the actual next token, per position (the
+  engine adds no top-k alternatives), read from the entry keyed by the sent token id.
+- ``logprobs_mode="raw_logprobs"``, temperature 1: log-softmax of the raw logits, no
+  temperature or penalties applied. vLLM's prompt log-probs ignore the sampling
+  temperature, so a scorer at temperature T != 1 (the teacher of traces sampled at T)
+  sets the ``scale`` of the model's ``LogitsProcessor`` modules to 1/T in the engine
+  (``LLM.apply_model``): every logit the engine forms is then z / T, and the log-softmax
+  of it is the log-prob under the sampling distribution.
+- Prefix caching off: a cached prefix has no prompt log-probs to return.
+- ``max_num_batched_tokens`` bounded: prompt log-probs materialise a [tokens x vocab]
+  float32 tensor per scheduler step.
+
+A dead engine fails its actor: vLLM runs the engine in a child process (``EngineCore``),
+and when that process dies (an OOM kill) the client waits on its output queue with no
+timeout, so the stage would hang with no error. ``EngineWatchdog`` polls the child and
+exits the actor's process when it is gone; Ray Data restarts the actor and retries its
+batch (its actors are restartable by default), or the stage fails naming the actor.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from raydc.engines.base import ScoreMismatchError, check_result
+
+if TYPE_CHECKING:
+    from raydc.config import VLLMEngineConfig
+
+
+def max_prompt_len(model: str, max_model_len: int) -> int:
+    """The longest row an engine scores: ``score.engine.max_model_len``, less one when the
+    model's own context is no longer (vLLM counts the one generated token against the length)."""
+    import json
+    from pathlib import Path
+
+    cfg = Path(model) / "config.json"
+    limit = None
+    if cfg.exists():
+        data = json.loads(cfg.read_text())
+        limit = data.get("text_config", data).get("max_position_embeddings")
+    return int(min(max_model_len, limit - 1)) if limit else int(max_model_len)
+
+
+def scale_logits(model, scale: float) -> int:
+    """Set every ``LogitsProcessor.scale`` of ``model`` to ``scale``; return how many.
+    Runs inside the engine (``LLM.apply_model``)."""
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+    found = [m for m in model.modules() if isinstance(m, LogitsProcessor)]
+    for m in found:
+        m.scale = float(scale)
+    return len(found)
+
+
+class VLLMScorer:
+    def __init__(self, model: str, engine: VLLMEngineConfig, temperature: float = 1.0):
+        import functools
+
+        from raydc.infra.models import offline_env
+
+        offline_env()
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if temperature != 1.0:
+            # apply_model sends a function to the engine process: vLLM pickles one only
+            # with this set (the engine is this process's own child).
+            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+        import vllm
+        from vllm import LLM, SamplingParams
+
+        self.version = vllm.__version__
+        self.temperature = float(temperature)
+        self.llm = LLM(
+            model=model,
+            **engine.llm_kwargs(
+                "raw_logprobs", max_model_len=max_prompt_len(model, engine.max_model_len) + 1
+            ),
+            enable_prefix_caching=False,
+        )
+        if self.temperature != 1.0:
+            counts = self.llm.apply_model(functools.partial(scale_logits, scale=1.0 / temperature))
+            if not counts or min(counts) < 1:
+                raise ScoreMismatchError(
+                    f"{model}: no LogitsProcessor in the vLLM model, so its log-probs cannot "
+                    f"be taken at temperature {temperature}"
+                )
+        self.watchdog = EngineWatchdog.start(model)
+        self.params = SamplingParams(
+            max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False
+        )
+
+    def score(self, token_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        from vllm.inputs import TokensPrompt
+
+        rows = [[int(t) for t in r] for r in token_ids]
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=r) for r in rows], self.params, use_tqdm=False
+        )
+        if len(outs) != len(rows):
+            raise ScoreMismatchError(f"{len(outs)} results for {len(rows)} rows sent")
+        return [
+            to_logprobs(i, r, o.prompt_token_ids, o.prompt_logprobs)
+            for i, (r, o) in enumerate(zip(rows, outs))
+        ]
+
+    def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        self.llm = None
+
+
+class EngineWatchdog:
+    """Exits this process when one of its vLLM ``EngineCore`` children has died."""
+
+    POLL_S = 2.0
+
+    def __init__(self, engines: list, model: str):
+        self.engines, self.model = engines, model
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="raydc-engine-watchdog", daemon=True).start()
+
+    @classmethod
+    def start(cls, model: str) -> EngineWatchdog | None:
+        import psutil
+
+        kids = psutil.Process().children(recursive=True)
+        engines = [p for p in kids if "EngineCore" in _proc_name(p)]
+        return cls(engines, model) if engines else None  # in-process engine: nothing to watch
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def dead(self) -> list[int]:
+        import psutil
+
+        out = []
+        for p in self.engines:
+            try:
+                if not p.is_running() or p.status() == psutil.STATUS_ZOMBIE:
+                    out.append(p.pid)
+            except psutil.NoSuchProcess:
+                out.append(p.pid)
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.POLL_S):
+            gone = self.dead()
+            if gone and not self._stop.is_set():
+                print(
+                    f"raydc: the vLLM engine process {gone} of scoring actor pid {os.getpid()} "
+                    f"({self.model}) died; exiting the actor so Ray Data restarts it",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(1)
+
+
+def _proc_name(p) -> str:
+    try:
+        return p.name() + " " + " ".join(p.cmdline()[:2])
+    except Exception:
+        return ""
+
+
+def to_logprobs(i: int, sent: list[int], got_ids, prompt_logprobs) -> np.ndarray:
+    """One request's prompt log-probs as float32 [T], checked against what was sent."""
+    if prompt_logprobs is None or len(prompt_logprobs) != len(sent):
+        n = None if prompt_logprobs is None else len(prompt_logprobs)
+        raise ScoreMismatchError(f"row {i}: {n} prompt log-prob entries for {len(sent)} tokens")
+    logp = np.zeros(len(sent), dtype=np.float32)
+    for t in range(1, len(sent)):
+        entry = prompt_logprobs[t]
+        lp = entry.get(sent[t]) if entry is not None else None
+        if lp is None:
+            raise ScoreMismatchError(
+                f"row {i}: position {t} has no log-prob for the sent token {sent[t]}"
+            )
+        logp[t] = lp.logprob
+    check_result(i, sent, got_ids, logp)
+    return logp

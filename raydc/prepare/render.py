@@ -1,0 +1,298 @@
+"""One candidate in (``raydc.prepare.parse``), one prepared row out (or a reject with its field
+and reason).
+
+Pure Python + a Hugging Face tokenizer; no Ray here, so every rule tests in milliseconds.
+
+The conversation is rendered with the student's chat template, tokenised with character
+offsets, and:
+
+- ``loss_mask`` is True on the tokens that overlap an assistant message's content, plus
+  the end-of-turn token right after it (the first token at or after the content's end
+  when it is a special token, e.g. ``<|im_end|>``): the student must learn to stop.
+- ``sentence_ids`` number the sentences of the assistant content (``raydc.method.spans``),
+  consecutively across turns; 0 off the response.
+- Given teacher log-probs are carried onto the student tokens (``raydc.method.align``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from raydc.method.align import (
+    NAN,
+    AlignmentError,
+    align_turn,
+    char_spans,
+    offsets_from_strings,
+    token_pieces,
+)
+from raydc.method.spans import token_sentence_ids
+from raydc.prepare.parse import Candidate, RowReject
+
+
+@dataclass
+class Prepared:
+    row_id: str
+    prompt_id: str
+    input_ids: list[int]
+    loss_mask: list[bool]
+    sentence_ids: list[int]
+    teacher_logprobs: list[float] | None
+    text: str
+    offsets: list[int]  # interleaved (start, end) of each token in ``text``: [2T]
+    response_spans: list[int]  # interleaved (start, end) of each assistant content: [2K]
+    conversation: str  # the messages as JSON, for re-rendering with a teacher's template
+    truncated: bool = False
+
+    def to_row(self) -> dict:
+        return {
+            "row_id": self.row_id,
+            "prompt_id": self.prompt_id,
+            "input_ids": self.input_ids,
+            "loss_mask": self.loss_mask,
+            "sentence_ids": self.sentence_ids,
+            "teacher_logprobs": self.teacher_logprobs,
+            "num_tokens": len(self.input_ids),
+            "num_loss_tokens": int(sum(self.loss_mask)),
+            "text": self.text,
+            "offsets": self.offsets,
+            "response_spans": self.response_spans,
+            "conversation": self.conversation,
+        }
+
+
+def teacher_ids_to_offsets(cand: Candidate, teacher_tok, teacher_specials: set[int]) -> Candidate:
+    """Character spans, in the response, of a candidate's teacher token ids (given in the
+    teacher's own tokenizer, as public teacher-log-prob sets ship them).
+
+    The ids are decoded piece by piece (``raydc.method.align.token_pieces``); when the
+    decoded text is the response, each token's span is its piece's. Otherwise (a WordPiece
+    teacher's decode puts spaces between words) the ids must be the teacher tokenizer's own
+    encoding of the response, whose offset mapping then gives the spans. Special tokens
+    get the empty span where the next text starts (the end-of-turn token: the end), so
+    their log-probs are carried, not dropped. Anything else is a reject: the ids do not
+    spell this response."""
+    t = cand.teacher
+    if cand.error is not None or t is None or t.get("token_ids") is None:
+        return cand
+    ids, field = t["token_ids"], t["token_ids_field"]
+    text = cand.messages[-1]["content"]
+    try:
+        decoded, pieces = token_pieces(teacher_tok, ids, teacher_specials)
+    except AlignmentError:
+        decoded, pieces = None, None
+    if decoded == text:
+        spans = char_spans(pieces, ids, teacher_specials)
+    else:
+        enc = teacher_tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        body = [i for i in ids if i not in teacher_specials]
+        if list(enc["input_ids"]) != body:
+            shown = decoded if decoded is not None else ""
+            at = next(
+                (k for k, (a, b) in enumerate(zip(shown, text)) if a != b),
+                min(len(shown), len(text)),
+            )
+            raise RowReject(
+                field,
+                "teacher_tokens_mismatch",
+                f"the teacher token ids decode to text that differs from the response at "
+                f"character {at}, and are not the teacher tokenizer's encoding of it",
+            )
+        found = iter([(int(s), int(e)) for s, e in enc["offset_mapping"]])
+        spans = [None if i in teacher_specials else next(found) for i in ids]
+        nxt = len(text)
+        for k in range(len(spans) - 1, -1, -1):  # specials: empty, where the next text starts
+            if spans[k] is None:
+                spans[k] = (nxt, nxt)
+            else:
+                nxt = spans[k][0]
+    teacher = {**t, "offsets": spans, "token_ids": None}
+    return replace(cand, teacher=teacher)
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def special_ids(tok) -> set[int]:
+    ids = set(getattr(tok, "all_special_ids", []) or [])
+    if tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    return ids
+
+
+def render(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and each assistant content's (start, end) in it.
+
+    Contents are located in order (a cursor walks the rendered text message by message),
+    so an assistant answer that also appears inside the prompt is found at its own place.
+    """
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    spans, cursor = [], 0
+    for i, m in enumerate(messages):
+        if not m["content"]:
+            continue
+        pos = text.find(m["content"], cursor)
+        if pos < 0:
+            if m["role"] == "assistant":
+                raise RowReject(
+                    f"messages[{i}].content",
+                    "template",
+                    "the chat template changed or dropped this assistant message's content",
+                )
+            continue  # e.g. a template that rewrites the system prompt
+        if m["role"] == "assistant":
+            spans.append((pos, pos + len(m["content"])))
+        cursor = pos + len(m["content"])
+    return text, spans
+
+
+def tokenize(tok, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [(int(s), int(e)) for s, e in enc["offset_mapping"]]
+
+
+def turn_tokens(
+    offsets: Sequence[tuple[int, int]], ids: Sequence[int], spans, specials: set[int]
+) -> list[tuple[list[int], int | None]]:
+    """Per assistant turn: (indices of tokens overlapping the content, end-of-turn index)."""
+    turns = []
+    for cs, ce in spans:
+        content = [i for i, (s, e) in enumerate(offsets) if s < ce and e > cs and i > 0]
+        eot = None
+        after = [i for i, (s, _) in enumerate(offsets) if s >= ce]
+        if after and ids[after[0]] in specials:
+            eot = after[0]
+        turns.append((content, eot))
+    return turns
+
+
+def prepare_candidate(tok, cand: Candidate, dcfg, specials: set[int] | None = None) -> Prepared:
+    """Render, tokenise, mask, number sentences and align given teacher log-probs."""
+    if cand.error is not None:
+        raise cand.error
+    specials = special_ids(tok) if specials is None else specials
+    text, spans = render(tok, cand.messages)
+    ids, offsets = tokenize(tok, text)
+    T = len(ids)
+    turns = turn_tokens(offsets, ids, spans, specials)
+    mask = [False] * T
+    sids = [0] * T
+    next_sid = 0
+    for (cs, ce), (content, eot) in zip(spans, turns):
+        rel = [(offsets[i][0] - cs, offsets[i][1] - cs) for i in content]
+        content_text = text[cs:ce]
+        local = token_sentence_ids(content_text, [(max(0, s), max(0, e)) for s, e in rel])
+        for i, sid in zip(content, local):
+            mask[i] = True
+            sids[i] = next_sid + sid
+        top = next_sid + (max(local) if local else 0)
+        if eot is not None:
+            mask[eot] = True
+            sids[eot] = top
+        next_sid = top + 1
+    if cand.prefix_chars and dcfg.mask_student_prefix:
+        _mask_student_prefix(mask, offsets, spans[-1][0] + cand.prefix_chars, turns[-1][0])
+    teacher = None
+    if cand.teacher is not None:
+        teacher = _given_teacher(cand, text, spans, offsets, turns, T)
+    truncated = False
+    if T > dcfg.max_length:
+        if dcfg.overlength == "drop":
+            raise RowReject(
+                "input_ids", "too_long", f"{T} tokens > data.max_length={dcfg.max_length}"
+            )
+        truncated = True
+        T = dcfg.max_length
+        ids, offsets, mask, sids = ids[:T], offsets[:T], mask[:T], sids[:T]
+        teacher = teacher[:T] if teacher is not None else None
+    if not any(mask):
+        raise RowReject(
+            "input_ids",
+            "no_loss_tokens",
+            "no response token within data.max_length" if truncated else "no response tokens",
+        )
+    return Prepared(
+        row_id=cand.row_id,
+        prompt_id=cand.prompt_id,
+        input_ids=ids,
+        loss_mask=mask,
+        sentence_ids=sids,
+        teacher_logprobs=teacher,
+        text=text,
+        offsets=[x for se in offsets for x in se],
+        response_spans=[x for se in spans for x in se],
+        conversation=json.dumps(cand.messages, ensure_ascii=False),
+        truncated=truncated,
+    )
+
+
+def _mask_student_prefix(mask: list[bool], offsets, end: int, content: list[int]) -> None:
+    """No loss on the tokens the student wrote (those ending at or before ``end``, the
+    prefix's last character); a token that runs into the teacher's text keeps it."""
+    for i in content:
+        if offsets[i][1] <= end:
+            mask[i] = False
+
+
+def _given_teacher(cand: Candidate, text, spans, offsets, turns, T) -> list[float]:
+    """Given teacher log-probs on student positions: 0.0 off the loss mask, NaN unknown."""
+    t = cand.teacher
+    lps, field = t["logprobs"], t["field"]
+    out = [0.0] * T
+    loss_idx = [
+        i for content, eot in turns for i in [*content, *([eot] if eot is not None else [])]
+    ]
+    if t["tokens"] is None and t["offsets"] is None:
+        # Student-tokenizer log-probs: one per loss token, or one per content token.
+        n_content = sum(len(c) for c, _ in turns)
+        if len(lps) == len(loss_idx):
+            for i, v in zip(loss_idx, lps):
+                out[i] = v
+        elif len(lps) == n_content:
+            k = 0
+            for content, eot in turns:
+                for i in content:
+                    out[i] = lps[k]
+                    k += 1
+                if eot is not None:
+                    out[eot] = NAN
+        else:
+            raise RowReject(
+                field,
+                "logprobs_length",
+                f"{len(lps)} log-probs, but the response has {len(loss_idx)} loss tokens "
+                f"({n_content} without end-of-turn); give teacher tokens, offsets, or token "
+                "ids with data.teacher_tokenizer for another tokenizer",
+            )
+        return out
+    if len(spans) != 1:
+        raise RowReject(
+            field, "wrong_type", "teacher tokens/offsets need exactly one assistant turn"
+        )
+    (cs, ce), (content, eot) = spans[0], turns[0]
+    content_text = text[cs:ce]
+    if t["tokens"] is not None:
+        joined = "".join(t["tokens"])
+        if not joined.startswith(content_text):
+            at = next(
+                (i for i, (a, b) in enumerate(zip(joined, content_text)) if a != b),
+                min(len(joined), len(content_text)),
+            )
+            raise RowReject(
+                t["tokens_field"],
+                "teacher_tokens_mismatch",
+                f"teacher token strings differ from the response at character {at}",
+            )
+        src = offsets_from_strings(t["tokens"])
+    else:
+        src = t["offsets"]
+    rel = [(offsets[i][0] - cs, offsets[i][1] - cs) for i in content]
+    try:
+        vals = align_turn(len(content_text), src, lps, rel, eot is not None)
+    except AlignmentError as e:
+        raise RowReject(field, "teacher_alignment", str(e)) from None
+    for i, v in zip([*content, *([eot] if eot is not None else [])], vals):
+        out[i] = v
+    return out
