@@ -87,15 +87,14 @@ def write_scored(model_dir: str, out: Path, lengths, seed: int = 0, row_group_si
     response), random log-probs, with the manifest training checks."""
     import numpy as np
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from raydc.infra.artifacts import fingerprint_paths
+    from raydc.score.store import write_store
 
     rng = np.random.default_rng(seed)
-    out.mkdir(parents=True, exist_ok=True)
     lengths = np.asarray(lengths, np.int64)
+    tables = []
     per_file = 16_384
-    for f, start in enumerate(range(0, len(lengths), per_file)):
+    for start in range(0, len(lengths), per_file):
         lens = lengths[start : start + per_file]
         offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
         n = int(offsets[-1])
@@ -109,22 +108,22 @@ def write_scored(model_dir: str, out: Path, lengths, seed: int = 0, row_group_si
         def lst(values, typ, offsets=offsets):
             return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, typ))
 
-        table = pa.table(
-            {
-                "row_id": [f"r{start + i}" for i in range(len(lens))],
-                "prompt_id": [f"p{start + i}" for i in range(len(lens))],
-                "input_ids": lst(ids, pa.int32()),
-                "loss_mask": lst(mask, pa.bool_()),
-                "sentence_ids": lst(np.zeros(n, np.int32), pa.int32()),
-                "teacher_logprobs": lst(lp - 0.3 * rng.random(n).astype(np.float32), pa.float32()),
-                "num_tokens": pa.array(lens.astype(np.int32)),
-                "student_logprobs": lst(lp, pa.float32()),
-            }
-        )
-        pq.write_table(table, out / f"part-{f:05d}.parquet", row_group_size=row_group_size)
-    manifest = {"student": {"path": model_dir, "fingerprint": fingerprint_paths(model_dir)}}
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return str(out)
+        columns = {
+            "row_id": [f"r{start + i}" for i in range(len(lens))],
+            "prompt_id": [f"p{start + i}" for i in range(len(lens))],
+            "input_ids": lst(ids, pa.int32()),
+            "loss_mask": lst(mask, pa.bool_()),
+            "teacher_logprobs": lst(lp - 0.3 * rng.random(n).astype(np.float32), pa.float32()),
+            "student_logprobs": lst(lp, pa.float32()),
+        }
+        tables.append(columns)
+    merged = {
+        k: pa.concat_arrays([c[k] for c in tables])
+        if isinstance(tables[0][k], pa.Array)
+        else [v for c in tables for v in c[k]]
+        for k in tables[0]
+    }
+    return write_store(out, merged, model_dir, n_files=len(tables), row_group_size=row_group_size)
 
 
 def lognormal_lengths(n: int, lo: int, hi: int, seed: int = 0):
@@ -179,17 +178,9 @@ def run_arm(argv: list[str], retries: int, max_foreign: float, timeout: int) -> 
 
 
 def _ray_start(cpus: int = 2) -> None:
-    import ray
+    from raydc.infra.runtime import connect_ray
 
-    from raydc.infra.models import offline_env
-
-    offline_env()
-    ray.init(
-        num_cpus=cpus,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}},
-    )
+    connect_ray(None, num_cpus=cpus, include_dashboard=False)
 
 
 def _config(student: str, **train):

@@ -54,10 +54,10 @@ def engine_settings(max_len: int) -> dict:
 def ray_init() -> None:
     """A local cluster with room for the engine actor *and* the read and write tasks beside
     it: with an engine of 2 CPUs on a 2-CPU cluster, nothing else could be scheduled."""
-    import ray
+    from raydc.infra.runtime import connect_ray
 
     cpus = max(2, int(engine_settings(0)["cpus_per_engine"]) + 1)
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    connect_ray(None, num_cpus=cpus, include_dashboard=False)
 
 
 # ----------------------------------------------------------------------------- arms
@@ -65,7 +65,6 @@ def ray_init() -> None:
 
 def arm_prepare(a) -> dict:
     """Tokenise GSM8K traces with the student's template (raydc's prepare stage)."""
-    import ray
 
     from raydc.config import from_dict
     from raydc.prepare.stage import run_prepare
@@ -75,7 +74,9 @@ def arm_prepare(a) -> dict:
         for _, line in zip(range(a.rows), src):
             d = json.loads(line)
             dst.write(json.dumps({"prompt": d["question"], "response": d["answer"]}) + "\n")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from raydc.infra.runtime import connect_ray
+
+    connect_ray(None, num_cpus=2, include_dashboard=False)
     cfg = from_dict(
         {
             "data": {"path": str(traces), "max_length": a.max_len, "overlength": "truncate"},

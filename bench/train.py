@@ -92,10 +92,8 @@ def make_rows(n: int, seed: int = 0):
 def write_scored(model_dir: str, out: Path) -> str:
     """Scored Parquet of the benchmark rows (every token after the first carries loss)."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from raydc.infra.artifacts import fingerprint_paths
+    from raydc.score.store import write_store
 
     ids = make_rows(BATCH * 8)
     n = ids.shape[0]
@@ -106,29 +104,14 @@ def write_scored(model_dir: str, out: Path) -> str:
     mask = np.ones(ids.shape, dtype=bool)
     mask[:, 0] = False
     s_lp[:, 0] = t_lp[:, 0] = 0.0
-    table = pa.table(
-        {
-            "row_id": [f"r{i}" for i in range(n)],
-            "prompt_id": [f"p{i}" for i in range(n)],
-            "input_ids": pa.array(list(ids.astype(np.int32)), pa.list_(pa.int32())),
-            "loss_mask": pa.array(list(mask), pa.list_(pa.bool_())),
-            "sentence_ids": pa.array(list(np.zeros(ids.shape, np.int32)), pa.list_(pa.int32())),
-            "student_logprobs": pa.array(list(s_lp), pa.list_(pa.float32())),
-            "teacher_logprobs": pa.array(list(t_lp), pa.list_(pa.float32())),
-            "num_tokens": pa.array([ids.shape[1]] * n, pa.int32()),
-        }
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out / "part-00000.parquet")
-    (out / "manifest.json").write_text(
-        json.dumps(
-            {
-                "student": {"path": model_dir, "fingerprint": fingerprint_paths(model_dir)},
-                "counts": {"rows_out": n},
-            }
-        )
-    )
-    return str(out)
+    columns = {
+        "row_id": [f"r{i}" for i in range(n)],
+        "input_ids": list(ids.astype(np.int32)),
+        "loss_mask": list(mask),
+        "student_logprobs": list(s_lp),
+        "teacher_logprobs": list(t_lp),
+    }
+    return write_store(out, columns, model_dir)
 
 
 # ----------------------------------------------------------------------------- arms
@@ -382,12 +365,13 @@ def _same_window_loop(config: dict) -> None:
     import ray.train
 
     from raydc.method.weights import preset
-    from raydc.train.loop import Worker
+    from raydc.train.loop import Worker, WorkerConfig
 
     w = Worker(config)
     w.plan_current_epoch()
-    bare = _BareArm(config["student"])
-    plain_step = _plain_stepper(config["student"])
+    student = WorkerConfig.of(config).student
+    bare = _BareArm(student)
+    plain_step = _plain_stepper(student)
     wcs = {"sft": preset("sft"), "discord": preset("discord")}
 
     def raydc(name: str):

@@ -1,6 +1,7 @@
 """The ``raydc`` command line: the job's stages one by one.
 
-    raydc prepare|score|select|train|tune|eval [--config FILE] [--stage NAME] [key=value ...]
+    raydc generate|mixed_policy|prepare|score|select|train|tune|eval
+          [--config FILE] [--phase NAME] [key=value ...]   # a stage (the stage table's)
     raydc run    [--config FILE] [key=value ...]    # the whole job (= jobs/distill.py)
     raydc config [--config FILE] [key=value ...]    # print the validated config
 
@@ -17,10 +18,10 @@ import json
 import sys
 from pathlib import Path
 
-STAGES = ("generate", "mixed_policy", "prepare", "score", "select", "train", "tune", "eval")
-
 
 def build_parser() -> argparse.ArgumentParser:
+    from raydc.pipeline.table import STAGES
+
     p = argparse.ArgumentParser(
         prog="raydc",
         description="Distribution-corrected offline distillation on Ray.",
@@ -28,18 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
         "weights.preset=das_token (docs/configuration.md lists every field).",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    helps = {
-        "generate": "sample teacher traces with their log-probs (vLLM) for generate.prompts",
-        "mixed_policy": "mixed-policy traces: student prefixes continued by the teacher",
-        "prepare": "read and tokenize the traces (rejects with reasons)",
-        "score": "score teacher tokens under the student (and teacher) with vLLM",
-        "select": "DASD divergence-aware top-k selection per prompt",
-        "train": "weighted distillation on Ray Train + DeepSpeed",
-        "tune": "Ray Tune search over the weighting (trials reuse the scores)",
-        "eval": "generate on held-out prompts and grade (after train or tune)",
-        "run": "the whole job: [generate] -> prepare -> score -> [select] -> train|tune -> [eval]",
-        "config": "print the validated config (YAML) and exit",
-    }
+    helps = {s.name: s.help for s in STAGES}
+    order = " -> ".join(f"[{s.name}]" if s.optional else s.name for s in STAGES)
+    helps["run"] = f"the whole job, every enabled stage in order: {order}"
+    helps["config"] = "print the validated config (YAML) and exit"
     for name, text in helps.items():
         sp = sub.add_parser(name, help=text, description=text)
         add_config_args(sp)
@@ -60,11 +53,12 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
         help="Ray cluster to join (sets run.ray_address): auto, host:port, ray://...",
     )
     p.add_argument(
-        "--stage",
+        "--phase",
         default=None,
-        help="in a staged run (stages: in the config), run the command in this stage "
-        "(the stages before it run or are reused first)",
+        help="in a run with DASD phases (phases: in the config), run the command in this "
+        "phase (the phases before it run or are reused first)",
     )
+    p.add_argument("--stage", dest="old_stage", default=None, help=argparse.SUPPRESS)
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4"
     )
@@ -72,9 +66,11 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 def load(args: argparse.Namespace):
     """The validated config of a parsed command line (file + overrides + --address)."""
-    from raydc.config import load_config
+    from raydc.config import ConfigError, load_config
     from raydc.pipeline import DEFAULT_CONFIG
 
+    if getattr(args, "old_stage", None):
+        raise ConfigError(f"--stage {args.old_stage}: renamed to --phase (a DASD training phase)")
     overrides = list(args.overrides)
     if args.address:
         overrides.append(f"run.ray_address={args.address}")
@@ -103,14 +99,14 @@ def execute(command: str, args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         return 0
 
-    from raydc.infra.artifacts import StageError
+    from raydc.infra.artifacts import StageError, write_private
     from raydc.pipeline import Pipeline
     from raydc.pipeline.summary import format_summary, summarize_run
 
     try:
         pipe = Pipeline(cfg)
-        if args.stage:
-            pipe = pipe.stage_pipeline(args.stage)
+        if args.phase:
+            pipe = pipe.phase_pipeline(args.phase)
         if command == "run":
             pipe.run_all()
         else:
@@ -128,7 +124,7 @@ def execute(command: str, args: argparse.Namespace) -> int:
     print(format_summary(summary), flush=True)
     if command == "run":
         out = Path(pipe.cfg.run.output_dir) / "summary.json"
-        out.write_text(json.dumps(summary, indent=2, default=str))
+        write_private(out, json.dumps(summary, indent=2, default=str))
         print(f"summary: {out}")
     return 0
 

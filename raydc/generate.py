@@ -35,14 +35,14 @@ Counts: over prompts, ``rows_in == rows_out + rows_rejected`` (rejects.parquet s
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable
 from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pyarrow as pa
-
+from raydc.config import ConfigError, roles
 from raydc.engines.sampler import (
     ParquetSink,
     Sampling,
@@ -51,33 +51,14 @@ from raydc.engines.sampler import (
     sample_requests,
     sampling_figures,
 )
-from raydc.infra.artifacts import write_json
+from raydc.infra.artifacts import fingerprint_paths, write_json
+from raydc.infra.models import check_input, check_model
+from raydc.infra.schemas import trace_schema
+from raydc.infra.stage import Stage
 from raydc.method.align import char_spans, token_pieces
 
 if TYPE_CHECKING:
     from raydc.engines.sampler import LocalEngine, Sample
-
-PROMPT_KEYS = ("prompt", "question", "problem")
-
-
-def trace_schema(dcfg, extra: list[str]) -> pa.Schema:
-    return pa.schema(
-        [
-            (dcfg.id_key, pa.string()),
-            (dcfg.prompt_id_key, pa.string()),
-            (dcfg.prompt_key, pa.string()),
-            (dcfg.response_key, pa.string()),
-            (dcfg.teacher_logprobs_key, pa.list_(pa.float32())),
-            (dcfg.teacher_offsets_key, pa.list_(pa.list_(pa.int32()))),
-            ("teacher_pieces", pa.list_(pa.string())),
-            ("teacher_token_ids", pa.list_(pa.int32())),
-            ("finish_reason", pa.string()),
-            ("num_tokens", pa.int32()),
-            ("sample", pa.int32()),
-            ("temperature", pa.float32()),
-            *[(name, pa.string()) for name in extra],
-        ]
-    )
 
 
 def run_generate(
@@ -95,7 +76,7 @@ def run_generate(
     gcfg = cfg.generate
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records, pkey = read_prompts(prompts_path, gcfg, PROMPT_KEYS)
+    records, pkey = read_prompts(prompts_path, gcfg)
     extra = _extra_columns(records, cfg.data, exclude=(pkey, gcfg.id_key))
     items, rejects = _check_prompts(records, pkey, gcfg.id_key, extra)
     tokenizer = load_tokenizer(teacher_dir)
@@ -105,7 +86,14 @@ def run_generate(
 
     sampling = Sampling.from_config(gcfg, logprobs=True)
     backend, batches = sample_requests(
-        str(teacher_dir), tokenizer, prompt_ids, sampling, gcfg.engine, cfg.run.ray_address, engine
+        str(teacher_dir),
+        tokenizer,
+        prompt_ids,
+        sampling,
+        gcfg.engine,
+        cfg.run.ray_address,
+        engine,
+        log_dir=out,  # an engine that dies is reported with its own error
     )
     sink = ParquetSink(out / "traces.parquet", trace_schema(cfg.data, extra))
     t_gen = time.perf_counter()
@@ -228,3 +216,38 @@ def _trace_row(item: dict, k: int, smp: Sample, tokenizer, special: set[int], cf
         "temperature": cfg.generate.temperature,
         **item["extra"],
     }
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _teacher(cfg) -> str:
+    if not cfg.generate.prompts:
+        raise ConfigError("generate.prompts: not set; name the prompts to sample traces for")
+    teacher = roles(cfg).generate_teacher
+    if not teacher:
+        raise ConfigError(
+            "generate.teacher: not set and score.teacher is empty; name the model that "
+            "writes the traces"
+        )
+    return teacher
+
+
+def _check(cfg) -> None:
+    check_input("generate.prompts", cfg.generate.prompts)
+    field = "generate.teacher" if cfg.generate.teacher else "score.teacher"
+    check_model(field, _teacher(cfg))
+
+
+GENERATE = Stage(
+    "generate",
+    help="sample teacher traces with their log-probs (vLLM) for generate.prompts",
+    enabled=lambda cfg: cfg.generate.enabled,
+    check=_check,
+    reads=lambda cfg, up: {
+        "generate": dataclasses.asdict(cfg.generate),
+        "prompts": fingerprint_paths(cfg.generate.prompts),
+        "teacher": fingerprint_paths(_teacher(cfg)),
+    },
+    run=lambda cfg, up, out: run_generate(cfg, _teacher(cfg), cfg.generate.prompts, out),
+)

@@ -22,6 +22,7 @@ generate stage holds its prompts; samples stream to Parquet.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -30,7 +31,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from raydc.config import ConfigError, roles
 from raydc.engines.sampler import (
+    PROMPT_KEYS,
     ParquetSink,
     Request,
     Sampling,
@@ -44,11 +47,13 @@ from raydc.engines.sampler import (
     write_rejects,
 )
 from raydc.eval.graders import GoldAnswerError, gold_answer, grade
-from raydc.generate import trace_schema
+from raydc.infra.artifacts import fingerprint_paths
+from raydc.infra.models import check_input
 from raydc.infra.runtime import connect_ray
+from raydc.infra.schemas import trace_schema
+from raydc.infra.stage import Stage
 from raydc.method.align import char_spans, token_pieces
 
-PROMPT_KEYS = ("prompt", "question", "problem")
 ANSWER_KEYS = ("answer", "solution")
 STAGE = "mixed_policy"
 PREFIX_COLUMNS = ("student_prefix_chars", "student_prefix_tokens")
@@ -73,6 +78,10 @@ def cut_point(n_tokens: int, cut_after: float, key: str, seed: int) -> int | Non
     span = n_tokens - lo  # choices lo .. n-1
     h = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
     return lo + h % span
+
+
+class MixedPolicyError(RuntimeError):
+    """The mixed-policy stage made nothing to train on."""
 
 
 @dataclass
@@ -148,12 +157,19 @@ def _answer_key(rows: list[dict], key: str) -> str | None:
 
 
 def student_prefixes(
-    cfg, student_dir: str, student_tok, items: list[Item], backend: str, rejects: list
+    cfg,
+    student_dir: str,
+    student_tok,
+    items: list[Item],
+    backend: str,
+    rejects: list,
+    log_dir: str | Path | None = None,
 ) -> list[Item]:
     """The student's responses, cut: each kept Item gains ``prefix`` (text) and
     ``prefix_tokens``. Requests are grouped by their cap rounded up to a power of two
     (one sampling call each); a sample is then cut to its own cap, which with a per-request
-    seed is exactly a sample drawn with that cap."""
+    seed is exactly a sample drawn with that cap. ``log_dir``: where the engines write
+    their errors (``raydc.engines.sampler.iter_samples``)."""
     mcfg = cfg.mixed_policy
     special = {int(i) for i in student_tok.all_special_ids}
     stops = stop_token_ids(student_dir, student_tok)
@@ -178,7 +194,9 @@ def student_prefixes(
     kept = []
     for budget, requests in sorted(groups.items()):
         s = Sampling(mcfg.temperature, mcfg.top_p, budget, logprobs=False)
-        for batch in iter_samples(student_dir, requests, s, mcfg.engine, backend, stops):
+        for batch in iter_samples(
+            student_dir, requests, s, mcfg.engine, backend, stops, log_dir=log_dir
+        ):
             for smp in batch:
                 it = items[smp.key]
                 content = [t for t in smp.token_ids[: it.cap] if int(t) not in stops]
@@ -295,7 +313,7 @@ def run_mixed_policy(
     if backend == "ray" and items:
         connect_ray(cfg.run.ray_address)
     t_student = now()
-    items = student_prefixes(cfg, str(student_dir), student_tok, items, backend, rejects)
+    items = student_prefixes(cfg, str(student_dir), student_tok, items, backend, rejects, out)
     t_teacher = now()
     sink, counts = _write_continuations(
         cfg, str(teacher_dir), teacher_tok, items, backend, out, rejects
@@ -321,6 +339,15 @@ def run_mixed_policy(
     if summary["rows_in"] != summary["rows_out"] + summary["rows_rejected"]:
         raise RuntimeError(f"mixed_policy: rows do not add up: {summary}")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if summary["rows_out"] == 0:
+        codes: dict[str, int] = {}
+        for r in rejects:
+            code = r["reason"].split(":", 1)[0]
+            codes[code] = codes.get(code, 0) + 1
+        raise MixedPolicyError(
+            f"mixed_policy kept no traces: {rows_in} in, {len(rejects)} rejected (reasons "
+            f"{codes}); see {out / 'rejects.parquet'} and {out / 'summary.json'}"
+        )
     return summary
 
 
@@ -334,7 +361,7 @@ def _write_continuations(cfg, teacher_dir, teacher_tok, items, backend, out, rej
     sink = ParquetSink(out / "traces.parquet", mixed_schema(cfg.data, extra))
     counts = {"student_prefix_tokens": 0, "teacher_tokens": 0, "wrong_answers": 0, "truncated": 0}
     returned = 0
-    for batch in iter_samples(teacher_dir, requests, s, mcfg.engine, backend, stops):
+    for batch in iter_samples(teacher_dir, requests, s, mcfg.engine, backend, stops, log_dir=out):
         rows = []
         for smp in batch:
             returned += 1
@@ -353,3 +380,43 @@ def _write_continuations(cfg, teacher_dir, teacher_tok, items, backend, out, rej
     if returned != len(requests):
         raise RuntimeError(f"mixed_policy: {len(requests)} continuations asked, {returned} came")
     return sink, counts
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _models(cfg) -> tuple[str, str, str]:
+    """The traces, the student that writes the prefixes and the teacher that continues."""
+    r = roles(cfg)
+    if not r.mixed_teacher:
+        raise ConfigError(
+            "mixed_policy.teacher: not set, nor generate.teacher or score.teacher; name "
+            "the model that continues the student's prefixes"
+        )
+    return cfg.mixed_policy.traces or cfg.data.path, r.mixed_student, r.mixed_teacher
+
+
+def _reads(cfg, up) -> dict:
+    traces, student, teacher = _models(cfg)
+    return {
+        "mixed_policy": dataclasses.asdict(cfg.mixed_policy),
+        "data_keys": dataclasses.asdict(cfg.data),
+        "traces": fingerprint_paths(traces),
+        "student": fingerprint_paths(student),
+        "teacher": fingerprint_paths(teacher),
+    }
+
+
+def _run(cfg, up, out: Path) -> dict:
+    traces, student, teacher = _models(cfg)
+    return run_mixed_policy(cfg, student, teacher, traces, out)
+
+
+MIXED_POLICY = Stage(
+    "mixed_policy",
+    help="mixed-policy traces: student prefixes continued by the teacher",
+    enabled=lambda cfg: cfg.mixed_policy.enabled,
+    check=lambda cfg: check_input("mixed_policy.traces", cfg.mixed_policy.traces or cfg.data.path),
+    reads=_reads,
+    run=_run,
+)

@@ -9,6 +9,7 @@ the kept row ids, never a copy of the rows: training reads the scored store thro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from raydc.engines.base import ScoreError
 from raydc.infra.artifacts import (
     REJECTS_FILE,
     REJECTS_SCHEMA,
+    StageError,
     collect_parts,
     count_rows,
     data_files,
@@ -31,6 +33,7 @@ from raydc.infra.artifacts import (
 )
 from raydc.infra.runtime import LIGHT_CPUS, connect_ray
 from raydc.infra.schemas import SELECTION_FILE, SELECTION_SCHEMA
+from raydc.infra.stage import Stage
 
 
 def dasd_batch_scores(batch: pa.Table, threshold: float) -> pa.Table:
@@ -199,3 +202,22 @@ def run_select(cfg, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -
         "rejects": str(out / REJECTS_FILE),
     }
     return summary
+
+
+def _check(cfg) -> None:
+    if not cfg.select.enabled:  # a stage error (exit 1): the config itself is valid
+        raise StageError("select: select.enabled is false; set select.enabled=true")
+
+
+SELECT = Stage(
+    "select",
+    help="DASD divergence-aware top-k selection per prompt",
+    needs=lambda cfg: ("score",),
+    enabled=lambda cfg: cfg.select.enabled,
+    check=_check,
+    reads=lambda cfg, up: {
+        "select": dataclasses.asdict(cfg.select),
+        "score": up["score"].fingerprint,
+    },
+    run=lambda cfg, up, out: run_select(cfg, str(up["score"].out_dir), out),
+)

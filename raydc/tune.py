@@ -40,8 +40,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raydc.config import ConfigError, RaydcConfig, from_dict
-from raydc.infra.artifacts import write_json
+from raydc.config import ConfigError, RaydcConfig, from_dict, roles
+from raydc.infra.artifacts import fingerprint_paths, write_json
+from raydc.infra.models import check_input, check_model
+from raydc.infra.stage import Stage, Upstream, model_outputs
+from raydc.train import data_stage, training_parts
 
 EXPERIMENT = "sweep"
 EVAL_METRICS = {  # tune metric -> keys raydc.eval's summary may hold it under
@@ -309,7 +312,7 @@ def run_tune(
     import ray
 
     from raydc.train.data import check_student, read_manifest
-    from raydc.train.trainer import export_model, student_path
+    from raydc.train.trainer import export_model
 
     t0 = time.time()
     check_space(cfg)
@@ -320,7 +323,7 @@ def run_tune(
         # The eval metric arrives once, after training; the training reports lack it.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # The student's identity, once for the sweep: every trial trains the same student.
-    scored = cfg.train.scored_student or student_path(cfg)
+    scored = roles(cfg).scored_student
     student_fp = check_student(read_manifest(data_dir), scored, data_dir)
     concurrent = max_concurrent(cfg, ray.cluster_resources())
     tuner = _tuner(cfg, data_dir, out, student_fp, concurrent, after_step)
@@ -344,6 +347,7 @@ def run_tune(
         "best_config": {k: best[k] for k in tc.space},
         "best_trial": best["trial_id"],
         "best_checkpoint": best["checkpoint_path"],
+        "checkpoint": best["checkpoint_path"],  # what every model stage hands on (TrainedModel)
         "model_dir": model_dir,
         "results_csv": str(csv_path),
         "num_trials": len(rows),
@@ -428,3 +432,36 @@ def _best_row(rows: list[dict], grid, cfg: RaydcConfig, csv_path: Path) -> dict:
             f"no trial of the sweep finished with a {metric}; errors: {errors[:3]}; see {csv_path}"
         )
     return finished[0]
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _check(cfg: RaydcConfig) -> None:
+    check_model("train.student", cfg.train.student)
+    check_space(cfg)
+    if cfg.tune.metric != "val_nll":  # the trials run eval
+        check_input("eval.path", cfg.eval.path)
+
+
+def _reads(cfg: RaydcConfig, up: Upstream) -> dict:
+    check_space(cfg)  # before the trials: a bad space never costs a sweep
+    parts = {"tune": dataclasses.asdict(cfg.tune), **training_parts(cfg, up[data_stage(cfg)])}
+    if cfg.tune.metric != "val_nll":  # the trials run eval
+        parts["eval"] = dataclasses.asdict(cfg.eval)
+        parts["eval_data"] = fingerprint_paths(cfg.eval.path)
+        parts["teacher"] = fingerprint_paths(cfg.score.teacher)
+    return parts
+
+
+TUNE = Stage(
+    "tune",
+    help="Ray Tune search over the weighting (trials reuse the scores)",
+    needs=lambda cfg: (data_stage(cfg),),
+    enabled=lambda cfg: cfg.tune.enabled,
+    check=_check,
+    reads=_reads,
+    run=lambda cfg, up, out: run_tune(cfg, str(up[data_stage(cfg)].out_dir), out),
+    resumes=True,
+    vouch=model_outputs,
+)

@@ -50,20 +50,8 @@ def ray_local():
     """One local Ray cluster for the whole test session (2 CPUs, no dashboard)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            log_to_driver=False,
-            runtime_env={
-                "env_vars": {
-                    "DS_ACCELERATOR": "cpu",
-                    "HF_HUB_OFFLINE": "1",
-                    "TRANSFORMERS_OFFLINE": "1",
-                    "VLLM_NO_USAGE_STATS": "1",
-                    "TOKENIZERS_PARALLELISM": "false",
-                }
-            },
-        )
+    from raydc.infra.runtime import connect_ray
+
+    connect_ray(None, num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()

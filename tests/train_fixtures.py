@@ -13,12 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from raydc.infra.artifacts import fingerprint_paths
 from raydc.infra.models import ASSETS, offline_env
+from raydc.score.store import write_store
 
 
 def _logprobs(model_dir: str, ids_list: list[list[int]]) -> list[np.ndarray]:
@@ -77,66 +75,16 @@ def make_scored(
         masks.append(mask)
     s_lp = _logprobs(student_dir, ids_list)
     t_lp = _logprobs(teacher_dir, ids_list) if teacher_dir else [None] * len(ids_list)
-    rows = []
-    for k, (ids, mask) in enumerate(zip(ids_list, masks)):
-        rows.append(
-            {
-                "row_id": f"gsm8k:{start + k}",
-                "prompt_id": f"p{start + k}",
-                "input_ids": np.asarray(ids, np.int32),
-                "loss_mask": np.asarray(mask, bool),
-                "sentence_ids": np.zeros(len(ids), np.int32),
-                "teacher_logprobs": t_lp[k],
-                "num_tokens": len(ids),
-                "num_loss_tokens": int(sum(mask)),
-                "student_logprobs": s_lp[k],
-                "weights": np.ones(len(ids), np.float32),
-            }
-        )
-    schema = pa.schema(
-        [
-            ("row_id", pa.string()),
-            ("prompt_id", pa.string()),
-            ("input_ids", pa.list_(pa.int32())),
-            ("loss_mask", pa.list_(pa.bool_())),
-            ("sentence_ids", pa.list_(pa.int32())),
-            ("teacher_logprobs", pa.list_(pa.float32())),
-            ("num_tokens", pa.int32()),
-            ("num_loss_tokens", pa.int32()),
-            ("student_logprobs", pa.list_(pa.float32())),
-            ("weights", pa.list_(pa.float32())),
-        ]
-    )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    per = (len(rows) + n_files - 1) // n_files
-    for j in range(n_files):
-        part = rows[j * per : (j + 1) * per]
-        cols = {name: [r[name] for r in part] for name in schema.names}
-        pq.write_table(pa.table(cols, schema=schema), out / f"part-{j:05d}.parquet")
-    manifest = {
-        "student": {"path": str(student_dir), "fingerprint": fingerprint_paths(student_dir)},
-        "tokenizer_fingerprint": fingerprint_paths(student_dir),
-        "teacher": {"path": str(teacher_dir), "fingerprint": fingerprint_paths(teacher_dir)}
-        if teacher_dir
-        else None,
-        "backend": "transformers (tests/train_fixtures.py)",
-        "vllm_version": None,
-        "counts": {
-            "rows_in": len(rows),
-            "rows_out": len(rows),
-            "rows_rejected": 0,
-            "tokens": sum(r["num_tokens"] for r in rows),
-            "loss_tokens": sum(r["num_loss_tokens"] for r in rows),
-        },
-        "config": {},
-        "weights": {},
-        "weight_diagnostics": {},
-        "input_fingerprint": "train-fixture",
-        "created": "fixture",
+    n = len(ids_list)
+    columns = {
+        "row_id": [f"gsm8k:{start + k}" for k in range(n)],
+        "prompt_id": [f"p{start + k}" for k in range(n)],
+        "input_ids": ids_list,
+        "loss_mask": masks,
+        "teacher_logprobs": t_lp,
+        "student_logprobs": s_lp,
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return str(out)
+    return write_store(out_dir, columns, student_dir, teacher_dir, n_files=n_files)
 
 
 @dataclass
@@ -168,22 +116,11 @@ def write_scored_rows(
     """Scored Parquet (student log-probs from a transformers forward) of the given
     (input_ids, loss_mask) rows, one file, with the manifest training checks."""
     offline_env()
-    s_lp = _logprobs(student_dir, [ids for ids, _ in rows])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    table = pa.table(
-        {
-            "row_id": [f"r{k}" for k in range(len(rows))],
-            "prompt_id": [f"p{k}" for k in range(len(rows))],
-            "input_ids": pa.array([ids for ids, _ in rows], pa.list_(pa.int32())),
-            "loss_mask": pa.array([m for _, m in rows], pa.list_(pa.bool_())),
-            "num_tokens": pa.array([len(ids) for ids, _ in rows], pa.int32()),
-            "student_logprobs": pa.array(s_lp, pa.list_(pa.float32())),
-        }
-    )
-    pq.write_table(table, out / "part-00000.parquet")
-    manifest = {
-        "student": {"path": str(student_dir), "fingerprint": fingerprint_paths(student_dir)}
+    columns = {
+        "row_id": [f"r{k}" for k in range(len(rows))],
+        "prompt_id": [f"p{k}" for k in range(len(rows))],
+        "input_ids": [ids for ids, _ in rows],
+        "loss_mask": [m for _, m in rows],
+        "student_logprobs": _logprobs(student_dir, [ids for ids, _ in rows]),
     }
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return str(out)
+    return write_store(out_dir, columns, student_dir)

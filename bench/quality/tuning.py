@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bench.quality.run import TUNE_BASE, TUNE_SPACE
 from raydc.config import RaydcConfig, TuneConfig
+from raydc.infra.runtime import connect_ray
 from raydc.method.weights import preset
 
 TRIAL_SEED = 100_000
@@ -52,7 +53,7 @@ def tune_weights(job: dict, trials: int, out: Path, seed: int = 0) -> dict:
         )
         return {"val_accuracy": recs[-1]["greedy"]["accuracy"]}
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    connect_ray(None, num_cpus=2, include_dashboard=False)
     try:
         tuner = tune.Tuner(
             tune.with_resources(trial, {"cpu": 1}),

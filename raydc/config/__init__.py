@@ -13,19 +13,20 @@ from raydc.config.engines import (
     MixedPolicyConfig,
     VLLMEngineConfig,
 )
+from raydc.config.roles import Roles, roles
 from raydc.config.sections import (
     DataConfig,
+    PhaseConfig,
     RaydcConfig,
     RunConfig,
     ScoreConfig,
     SelectConfig,
-    StageConfig,
     TrainConfig,
     TuneConfig,
     dump_config,
     from_dict,
     load_config,
-    stage_tree,
+    phase_tree,
 )
 from raydc.config.tree import ConfigError
 
@@ -36,15 +37,17 @@ __all__ = [
     "GenerateConfig",
     "MixedPolicyConfig",
     "RaydcConfig",
+    "Roles",
     "RunConfig",
     "ScoreConfig",
     "SelectConfig",
-    "StageConfig",
+    "PhaseConfig",
     "TrainConfig",
     "TuneConfig",
     "VLLMEngineConfig",
     "dump_config",
     "from_dict",
     "load_config",
-    "stage_tree",
+    "roles",
+    "phase_tree",
 ]

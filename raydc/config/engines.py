@@ -11,6 +11,12 @@ from dataclasses import dataclass, field
 
 from raydc.config.tree import ConfigError, choice, positive
 
+# How many times Ray restarts an engine actor whose vLLM engine died (and retries the
+# batches it held) before the stage fails. Ray Data's default is forever, which turned a
+# repeatable engine crash into a generate stage that restarted its engine with no end and
+# no error at the driver.
+ENGINE_RESTARTS = 1
+
 
 @dataclass
 class VLLMEngineConfig:
@@ -53,9 +59,19 @@ class VLLMEngineConfig:
                 f"{path}.gpu_memory_utilization={self.gpu_memory_utilization!r}: must be in (0, 1]"
             )
 
-    def llm_kwargs(self, logprobs_mode: str, max_model_len: int | None = None) -> dict:
+    def llm_kwargs(
+        self, logprobs_mode: str, max_model_len: int | None = None, seeded: bool = False
+    ) -> dict:
         """``vllm.LLM`` arguments (the model aside); ``max_model_len`` replaces the
-        configured context (scoring counts the one token vLLM generates)."""
+        configured context (scoring counts the one token vLLM generates).
+
+        ``seeded``: the engine samples requests that carry their own seed (generate, eval,
+        mixed_policy). On CPU (``gpus_per_engine == 0``) chunked prefill is then off: vLLM
+        0.32 rewinds a seeded request's generator (``Generator.set_offset``) after a step
+        that prefilled only part of its prompt, and a CPU generator has no offset, so the
+        engine died with ``CPU Generator does not use offset`` whenever a step's token
+        budget split a prompt (256 prompts at T=1). Without chunking a step takes whole
+        prompts only; vLLM raises the budget to at least ``max_model_len`` itself."""
         length = int(self.max_model_len if max_model_len is None else max_model_len)
         kwargs = dict(
             dtype=self.dtype,
@@ -68,6 +84,8 @@ class VLLMEngineConfig:
         )
         if self.max_num_batched_tokens is not None:  # a step holds at least one whole row
             kwargs["max_num_batched_tokens"] = max(int(self.max_num_batched_tokens), length)
+        if seeded and self.gpus_per_engine == 0:
+            kwargs["enable_chunked_prefill"] = False
         return kwargs
 
     def actor_pool_args(self) -> dict:
@@ -84,6 +102,12 @@ class VLLMEngineConfig:
         if self.gpus_per_engine > 0:
             args["num_gpus"] = float(self.gpus_per_engine)
         return args
+
+    def restart_args(self) -> dict:
+        """Ray actor options bounding an engine actor's restarts and its batches' retries
+        (``ENGINE_RESTARTS`` each): a dead engine is replaced and its batches retried that
+        many times, then the stage fails instead of restarting it forever."""
+        return dict(max_restarts=ENGINE_RESTARTS, max_task_retries=ENGINE_RESTARTS)
 
     def processor_args(self) -> dict:
         """``ray.data.llm.vLLMEngineProcessorConfig`` resources: ``num_engines`` engines,

@@ -24,7 +24,7 @@ from raydc.config.engines import (
     VLLMEngineConfig,
 )
 from raydc.config.tree import ConfigError, build, choice, parse_override, positive, set_dotted
-from raydc.method.weights import WeightConfig, WeightConfigError, preset
+from raydc.method.weights import WeightConfig, WeightConfigError, needs_entropy, preset
 
 
 @dataclass
@@ -40,6 +40,9 @@ class DataConfig:
     id_key: str = "id"  # row id column; generated from the position if absent
     prompt_id_key: str = "prompt_id"  # groups candidate responses of one prompt
     teacher_logprobs_key: str = "teacher_logprobs"  # optional per-token teacher log-probs
+    # Their shape: auto (each value's own) | lists (numbers, with the tokens / offsets / ids
+    # keys below) | openai (an API response's logprobs) | vllm (per-position token maps)
+    teacher_logprobs_format: str = "auto"
     teacher_tokens_key: str = "teacher_tokens"  # optional token strings for those
     teacher_offsets_key: str = "teacher_offsets"  # optional char offsets for those
     # optional teacher token ids for the log-probs, in the teacher's own tokenizer (a
@@ -49,7 +52,8 @@ class DataConfig:
     # Teacher ids and log-probs in a file of their own (a public -Logprob set), joined to
     # the traces by join_key (Ray Data's hash join); a trace without a match is rejected
     teacher_logprobs_path: str | None = None
-    join_key: str = "sample_uuid"
+    join_key: str = "sample_uuid"  # the key's column in the traces
+    teacher_join_key: str | None = None  # its column in the log-prob file (None: join_key)
     join_partitions: int | None = None  # None: the cluster's CPU count
     # Mixed-policy traces: how many leading response characters the student wrote; with
     # mask_student_prefix they carry no loss (DASD trained on them: the default)
@@ -66,13 +70,20 @@ class DataConfig:
         choice(f"{path}.format", self.format, ("auto", "jsonl", "parquet", "hf"))
         choice(f"{path}.schema", self.schema, ("auto", "chat", "prompt_response"))
         choice(f"{path}.overlength", self.overlength, ("drop", "truncate"))
+        choice(
+            f"{path}.teacher_logprobs_format",
+            self.teacher_logprobs_format,
+            ("auto", "lists", "openai", "vllm"),
+        )
         positive(f"{path}.max_length", self.max_length)
         positive(f"{path}.limit", self.limit)
         positive(f"{path}.join_partitions", self.join_partitions)
-        if self.teacher_logprobs_path and not self.teacher_tokenizer:
+        lists = self.teacher_logprobs_format in ("auto", "lists")
+        if self.teacher_logprobs_path and lists and not self.teacher_tokenizer:
             raise ConfigError(
                 f"{path}.teacher_logprobs_path: set {path}.teacher_tokenizer too (the tokenizer "
-                "its token ids are in)"
+                f"its token ids are in), or {path}.teacher_logprobs_format to openai / vllm "
+                "for log-probs that carry their token strings"
             )
         if not 0.0 <= self.max_reject_share <= 1.0:
             raise ConfigError(
@@ -167,11 +178,11 @@ class TrainConfig:
     checkpoint_every: int = 50
     seed: int = 0
     student: str = ""  # model folder to train; "" -> score.student (must match the scores)
-    # Start from another run's checkpoint: its weights and optimizer state (a staged run's
-    # previous stage); step count, data position and lr schedule start anew
+    # Start from another run's checkpoint: its weights and optimizer state (the previous DASD
+    # phase); step count, data position and lr schedule start anew
     init_checkpoint: str | None = None
     # The student the scores were made with, when training starts from another model (a
-    # staged run with scores_from: initial); None: the training student itself
+    # phase with scores_from: initial); None: the training student itself
     scored_student: str | None = None
     min_lr_ratio: float = 0.0  # the decay ends at min_lr_ratio * lr
     val_share: float = 0.0  # share of prompts held out for val_nll (0: no validation)
@@ -310,13 +321,13 @@ class TuneConfig:
         return METRIC_MODES[self.metric] if self.mode == "auto" else self.mode
 
 
-STAGE_SECTIONS = ("data", "generate", "mixed_policy", "score", "select", "weights", "train")
+PHASE_SECTIONS = ("data", "generate", "mixed_policy", "score", "select", "weights", "train")
 
 
 @dataclass
-class StageConfig:
-    """One stage of a staged run (``stages:``): its overrides of the job's sections; it
-    starts from the previous stage's weights (and optimizer state)."""
+class PhaseConfig:
+    """One DASD training phase (``phases:``): its overrides of the job's sections; it starts
+    from the previous phase's weights (and optimizer state)."""
 
     name: str = ""
     data: dict = field(default_factory=dict)
@@ -326,8 +337,8 @@ class StageConfig:
     select: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
-    scores_from: str = "previous"  # previous: score under the last stage's student | initial
-    optimizer: str = "carry"  # carry: the last stage's optimizer state | fresh
+    scores_from: str = "previous"  # previous: score under the last phase's student | initial
+    optimizer: str = "carry"  # carry: the last phase's optimizer state | fresh
 
     def validate(self, path: str) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name or ""):
@@ -365,29 +376,35 @@ class RaydcConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     mixed_policy: MixedPolicyConfig = field(default_factory=MixedPolicyConfig)
-    # A staged run (raydc.pipeline.phases): each stage's overrides of the sections above, run in
-    # order, each starting from the previous one's model; empty: one stage, as configured
-    stages: list[StageConfig] = field(default_factory=list)
+    # DASD training phases (raydc.pipeline.phases): each phase's overrides of the sections
+    # above, run in order, each starting from the previous one's model; empty: one phase
+    phases: list[PhaseConfig] = field(default_factory=list)
 
     def validate(self) -> RaydcConfig:
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate(f.name)
-        self._validate_stages()
+        self._validate_phases()
+        if needs_entropy(self.weights) and self.train.student_ref != "current":
+            # The score stage stores no entropy yet: only the live forward has it.
+            raise ConfigError(
+                f"weights.gate={self.weights.gate}: needs the student's per-token entropy, "
+                "which only training with train.student_ref=current computes; set it"
+            )
         return self
 
-    def _validate_stages(self) -> None:
-        """Each stage's name and overrides, checked now rather than stages later."""
-        names = [s.name for s in self.stages]
-        for i, spec in enumerate(self.stages):
-            spec.validate(f"stages[{i}]")
+    def _validate_phases(self) -> None:
+        """Each phase's name and overrides, checked now rather than phases later."""
+        names = [s.name for s in self.phases]
+        for i, spec in enumerate(self.phases):
+            spec.validate(f"phases[{i}]")
             if spec.name in names[:i]:
-                raise ConfigError(f"stages[{i}].name={spec.name!r}: used by another stage")
+                raise ConfigError(f"phases[{i}].name={spec.name!r}: used by another phase")
             try:
-                from_dict(stage_tree(self, spec))
+                from_dict(phase_tree(self, spec))
             except ConfigError as e:
-                raise ConfigError(f"stages[{i}] ({spec.name}): {e}") from None
+                raise ConfigError(f"phases[{i}] ({spec.name}): {e}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -403,12 +420,12 @@ def _merge(into: dict, over: dict) -> dict:
     return into
 
 
-def stage_tree(cfg: RaydcConfig, spec: StageConfig) -> dict:
-    """The job's config as a dict with stage ``spec``'s overrides applied (a weights
+def phase_tree(cfg: RaydcConfig, spec: PhaseConfig) -> dict:
+    """The job's config as a dict with phase ``spec``'s overrides applied (a weights
     override naming a preset replaces the job's weighting; others merge into it)."""
     tree = cfg.to_dict()
-    tree.pop("stages")
-    for section in STAGE_SECTIONS:
+    tree.pop("phases")
+    for section in PHASE_SECTIONS:
         over = copy.deepcopy(getattr(spec, section))
         if section == "weights" and "preset" in over:
             tree[section] = over
@@ -436,6 +453,10 @@ def _weights_section(data: dict) -> dict:
 def from_dict(data: dict | None, overrides: list[str] | dict | None = None) -> RaydcConfig:
     """Build and validate a config from a (YAML-shaped) dict plus dotted overrides."""
     tree = copy.deepcopy(data or {})
+    if "stages" in tree:  # renamed: "stage" is a step of the pipeline (prepare, score...)
+        raise ConfigError(
+            "stages: renamed to phases (the DASD training phases); write phases: instead"
+        )
     items = (
         overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
     )
@@ -453,11 +474,29 @@ def from_dict(data: dict | None, overrides: list[str] | dict | None = None) -> R
 def load_config(
     path: str | Path | None = None, overrides: list[str] | dict | None = None
 ) -> RaydcConfig:
-    """Load YAML (or nothing: the defaults) and apply dotted overrides."""
+    """Load YAML (or nothing: the defaults) and apply dotted overrides.
+
+    The file is read with ``yaml.safe_load``: plain data only. A tag that would build a
+    Python object (``!!python/object/apply:os.system``) is refused with a ConfigError that
+    names the file, line and tag (safe_load never executes it); so is YAML that does not
+    parse."""
     data = {}
     if path:
         text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else path
+            problem = getattr(e, "problem", None) or str(e)
+            tag = re.search(r"constructor for the tag '([^']*)'", problem)
+            if tag:
+                name = re.sub(r"^tag:yaml\.org,2002:", "!!", tag.group(1))
+                raise ConfigError(
+                    f"{where}: the YAML tag {name} is not allowed: a config is plain data "
+                    "(mappings, lists, strings, numbers) and nothing in it was executed"
+                ) from None
+            raise ConfigError(f"{where}: not valid YAML ({problem})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     return from_dict(data, overrides)

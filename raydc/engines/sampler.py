@@ -31,8 +31,10 @@ Choices that make the numbers right:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raydc.config.engines import ENGINE_RESTARTS
 from raydc.infra.artifacts import REJECTS_SCHEMA
 from raydc.infra.runtime import connect_ray
 
@@ -122,6 +125,11 @@ def read_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
     return out
 
 
+# The prompt column a prompt file may use (``prompt_key: auto`` takes the first present);
+# generate, mixed_policy and eval read prompts with it.
+PROMPT_KEYS = ("prompt", "question", "problem")
+
+
 def pick_key(rows: Sequence[dict], key: str, candidates: Sequence[str], what: str) -> str:
     """``key`` itself, or with ``auto`` the first candidate column the rows have."""
     if key != "auto":
@@ -160,7 +168,7 @@ def stop_token_ids(model_dir: str, tokenizer) -> set[int]:
 
 
 def read_prompts(
-    path: str | os.PathLike, scfg, candidates: Sequence[str]
+    path: str | os.PathLike, scfg, candidates: Sequence[str] = PROMPT_KEYS
 ) -> tuple[list[tuple[str, dict]], str]:
     """The first ``scfg.num_prompts`` rows of ``path`` (as ``read_records`` gives them) and
     their prompt column: ``scfg.prompt_key``, or with ``auto`` the first of ``candidates``."""
@@ -257,10 +265,92 @@ def finish_reason(token_ids: Sequence[int], max_new_tokens: int, stop_ids: set[i
     return "stop"
 
 
-class LocalEngine:
-    """One in-process vLLM engine; reusable across calls (tests share one per module)."""
+# In the folder a stage gives as ``log_dir``: vLLM's logging config for the stage's engines
+# (its console handler plus one file handler) and the ERROR records of every vLLM process
+# of those engines (front end, engine core, workers), wherever they run.
+ENGINE_LOGGING = ".vllm_logging.json"
+ENGINE_ERRORS = ".vllm_errors.log"
+# The last line of a Python traceback: "SomeError: message" (or a bare "SomeError").
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception))(?::\s.*)?$")
 
-    def __init__(self, model_dir: str, ecfg):
+
+def engine_log_env(log_dir: str | os.PathLike) -> dict[str, str]:
+    """The environment that makes vLLM processes also write their ERROR records (with
+    tracebacks) to ``log_dir/ENGINE_ERRORS``, beside vLLM's usual console log.
+
+    A vLLM engine dies in its own processes (the engine core and its workers); the process
+    that called it only sees ``EngineDeadError: ... See stack trace (above)``, and on Ray
+    that stack trace is in a worker log on the engine's node. ``log_dir`` must be readable
+    where the engines run (a stage folder under ``run.output_dir``, shared on a cluster).
+    Clears the errors of a previous engine."""
+    from vllm.logger import DEFAULT_LOGGING_CONFIG
+
+    folder = Path(log_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    errors = folder / ENGINE_ERRORS
+    errors.unlink(missing_ok=True)
+    config = copy.deepcopy(DEFAULT_LOGGING_CONFIG)
+    config["formatters"]["raydc_errors"] = {
+        "format": "%(asctime)s pid=%(process)d %(levelname)s %(name)s: %(message)s"
+    }
+    config["handlers"]["raydc_errors"] = {
+        "class": "logging.FileHandler",
+        "filename": str(errors.resolve()),
+        "level": "ERROR",
+        "formatter": "raydc_errors",
+        "delay": True,  # no file unless something fails
+    }
+    config["loggers"]["vllm"]["handlers"].append("raydc_errors")
+    path = folder / ENGINE_LOGGING
+    path.write_text(json.dumps(config, indent=1))
+    return {"VLLM_CONFIGURE_LOGGING": "1", "VLLM_LOGGING_CONFIG_PATH": str(path.resolve())}
+
+
+def engine_error(log_dir: str | os.PathLike | None) -> str | None:
+    """The engine's own error: the first exception line (``RuntimeError: ...``) in the
+    ERROR records ``engine_log_env`` had vLLM write to ``log_dir``; None if there is none."""
+    if log_dir is None:
+        return None
+    try:
+        text = (Path(log_dir) / ENGINE_ERRORS).read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if _EXCEPTION_LINE.match(line.strip()) and line == line.lstrip():
+            return line.strip()
+    return None
+
+
+def engine_failure(exc: BaseException, model_dir: str, backend: str, log_dir) -> BaseException:
+    """What a stage reports when sampling failed: for an engine that died (vLLM's
+    ``EngineDeadError``, a Ray actor that died, or errors in vLLM's own log), a
+    GenerationError naming the engine's own error (``engine_error``); else ``exc``."""
+    cause = engine_error(log_dir)
+    dead = {c.__name__ for c in type(exc).__mro__} & {"EngineDeadError", "RayActorError"}
+    if cause is None and not dead:
+        return exc
+    on_ray = (
+        f"a dead engine is restarted {ENGINE_RESTARTS} time(s) on Ray, then the stage fails; "
+        if backend == "ray"
+        else ""
+    )
+    if cause is None:
+        where = "the Ray worker log of the engine actor" if backend == "ray" else "stderr"
+        return GenerationError(
+            f"the vLLM engine of {model_dir} died: {type(exc).__name__}; its own error is in "
+            f"{where}" + (f" ({on_ray.rstrip('; ')})" if on_ray else "")
+        )
+    return GenerationError(
+        f"the vLLM engine of {model_dir} died: {cause} ({on_ray}vLLM's errors: "
+        f"{Path(log_dir) / ENGINE_ERRORS})"
+    )
+
+
+class LocalEngine:
+    """One in-process vLLM engine; reusable across calls (tests share one per module).
+    ``log_dir``: where its vLLM processes also write their errors (``engine_log_env``)."""
+
+    def __init__(self, model_dir: str, ecfg, log_dir: str | os.PathLike | None = None):
         from raydc.infra.models import offline_env
 
         offline_env()
@@ -269,7 +359,19 @@ class LocalEngine:
 
         self.model_dir = str(model_dir)
         self.version = vllm.__version__
-        self.llm = vllm.LLM(model=self.model_dir, **ecfg.llm_kwargs("processed_logprobs"))
+        kwargs = ecfg.llm_kwargs("processed_logprobs", seeded=True)
+        # The engine's processes are started now and take this environment with them.
+        env = engine_log_env(log_dir) if log_dir is not None else {}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            self.llm = vllm.LLM(model=self.model_dir, **kwargs)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def close(self) -> None:
         """Stop the engine's worker processes now rather than at interpreter exit."""
@@ -302,17 +404,33 @@ def iter_samples(
     backend: str,
     stop_ids: set[int],
     engine: LocalEngine | None = None,
+    log_dir: str | os.PathLike | None = None,
 ) -> Iterator[list[Sample]]:
     """Generate every request; yields batches of samples (in no particular order on Ray).
 
     ``backend`` is ``ray`` or ``local`` (resolve ``auto`` first); ``engine`` reuses a
     started LocalEngine for the same model. ``stop_ids`` tells a stop from a truncation
-    on the Ray path, whose rows carry no finish reason.
+    on the Ray path, whose rows carry no finish reason. ``log_dir`` (the stage's folder):
+    where the engines started here write their errors, so that an engine that dies is
+    reported with its own error (``engine_failure``); on Ray a dead engine is restarted
+    ``ENGINE_RESTARTS`` times before that.
     """
     if not requests:
         return
+    try:
+        yield from _samples(model_dir, requests, s, ecfg, backend, stop_ids, engine, log_dir)
+    except GenerationError:
+        raise
+    except Exception as e:
+        failure = engine_failure(e, str(model_dir), backend, log_dir)
+        if failure is e:
+            raise
+        raise failure from e
+
+
+def _samples(model_dir, requests, s, ecfg, backend, stop_ids, engine, log_dir):
     if backend == "local":
-        eng = engine if engine is not None else LocalEngine(model_dir, ecfg)
+        eng = engine if engine is not None else LocalEngine(model_dir, ecfg, log_dir)
         if eng.model_dir != str(model_dir):
             raise ValueError(f"engine serves {eng.model_dir}, not {model_dir}")
         chunk = max(256, 8 * int(ecfg.batch_size))  # bounded memory, streamed to disk
@@ -324,24 +442,36 @@ def iter_samples(
                 eng.close()
         return
     if backend == "ray":
-        yield from _ray_samples(model_dir, requests, s, ecfg, stop_ids)
+        yield from _ray_samples(model_dir, requests, s, ecfg, stop_ids, log_dir)
         return
     raise ValueError(f"backend={backend!r}: must be 'ray' or 'local' here")
 
 
-def _ray_samples(model_dir, requests, s: Sampling, ecfg, stop_ids) -> Iterator[list[Sample]]:
+def _ray_samples(
+    model_dir, requests, s: Sampling, ecfg, stop_ids, log_dir
+) -> Iterator[list[Sample]]:
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
+    env = engine_log_env(log_dir) if log_dir is not None else {}
     config = vLLMEngineProcessorConfig(
         model_source=str(model_dir),
-        engine_kwargs=ecfg.llm_kwargs("processed_logprobs"),
+        engine_kwargs=ecfg.llm_kwargs("processed_logprobs", seeded=True),
         **ecfg.processor_args(),
         chat_template_stage=False,
         tokenize_stage=False,
         detokenize_stage=False,
         log_engine_metrics=False,  # the metrics exporter needs Ray Serve
+        runtime_env={"env_vars": env} if env else None,
     )
+    restarts = ecfg.restart_args()
+
+    def bound_restarts(name: str, stage) -> None:
+        # ray.data.llm leaves the engine actor at Ray Data's default: restarted forever
+        # (the actor exits on EngineDeadError so that Ray replaces it).
+        if name.startswith("vLLMEngineStage"):
+            stage.map_batches_kwargs.update(restarts)
+
     want_lp = s.logprobs
     max_new = int(s.max_new_tokens)
     stops = set(stop_ids)
@@ -363,7 +493,12 @@ def _ray_samples(model_dir, requests, s: Sampling, ecfg, stop_ids) -> Iterator[l
             finish_reason=finish_reason(ids, max_new, stops),
         )
 
-    processor = build_processor(config, preprocess=pre, postprocess=post)
+    processor = build_processor(
+        config,
+        preprocess=pre,
+        postprocess=post,
+        builder_kwargs={"override_stage_config_fn": bound_restarts},
+    )
     items = [
         {"key": r.key, "prompt_token_ids": list(r.prompt_token_ids), "seed": r.seed}
         for r in requests
@@ -385,13 +520,15 @@ def sample_requests(
     ecfg,
     ray_address: str | None,
     engine: LocalEngine | None = None,
+    log_dir: str | os.PathLike | None = None,
 ) -> tuple[str, Iterator[list[Sample]]]:
     """``s.n`` samples of each prompt: the backend that serves them and their batches.
 
     Sample k of prompt i has key ``i * n + k`` (``divmod(key, n)`` gives both back) and seed
     ``s.seed + i * n + k``. ``ecfg``: the engine section; ``engine``: a started LocalEngine
-    of ``model_dir`` to reuse. Joins Ray first on the ``ray`` backend. The batches raise
-    GenerationError at their end unless every request came back.
+    of ``model_dir`` to reuse; ``log_dir``: the stage's folder (``iter_samples``). Joins Ray
+    first on the ``ray`` backend. The batches raise GenerationError at their end unless
+    every request came back, and one naming the engine's own error if the engine died.
     """
     n = s.n
     requests = [
@@ -406,7 +543,9 @@ def sample_requests(
 
     def batches() -> Iterator[list[Sample]]:
         returned = 0
-        for batch in iter_samples(str(model_dir), requests, s, ecfg, backend, stop_ids, engine):
+        for batch in iter_samples(
+            str(model_dir), requests, s, ecfg, backend, stop_ids, engine, log_dir
+        ):
             returned += len(batch)
             yield batch
         if returned != len(requests):

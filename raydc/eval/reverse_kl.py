@@ -24,7 +24,7 @@ from raydc.engines.sampler import (
     read_prompts,
     sample_requests,
 )
-from raydc.eval.stage import PROMPT_KEYS, user_message
+from raydc.eval.stage import user_message
 from raydc.infra.artifacts import write_json
 
 
@@ -84,7 +84,7 @@ def _student_samples(
     from raydc.infra.models import load_tokenizer
 
     ecfg = cfg.eval
-    records, pkey = read_prompts(ecfg.path, ecfg, PROMPT_KEYS)
+    records, pkey = read_prompts(ecfg.path, ecfg)
     items = [
         {"row_id": row_id, "message": user_message(ecfg, r[pkey])}
         for row_id, r in records

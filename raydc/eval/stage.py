@@ -23,6 +23,7 @@ estimator 1 - C(n-c, k) / C(n, k) (Chen et al., 2021).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raydc.config import ConfigError, roles
 from raydc.engines.sampler import (
     Sampling,
     fit_prompts,
@@ -41,12 +43,13 @@ from raydc.engines.sampler import (
     sampling_figures,
 )
 from raydc.eval.graders import GoldAnswerError, gold_answer, grade
-from raydc.infra.artifacts import write_json
+from raydc.infra.artifacts import fingerprint_paths, write_json
+from raydc.infra.models import check_input
+from raydc.infra.stage import Stage, TrainedModel, Upstream
 
 if TYPE_CHECKING:
     from raydc.engines.sampler import LocalEngine, Sample
 
-PROMPT_KEYS = ("question", "problem", "prompt")
 ANSWER_KEYS = ("answer", "solution")
 
 
@@ -115,7 +118,7 @@ def run_eval(cfg, model_dir: str, out_dir: str | Path, engine: LocalEngine | Non
     ecfg = cfg.eval
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records, pkey = read_prompts(ecfg.path, ecfg, PROMPT_KEYS)
+    records, pkey = read_prompts(ecfg.path, ecfg)
     akey = pick_key([r for _, r in records], ecfg.answer_key, ANSWER_KEYS, "gold answer")
     items, rejects = _check_rows(records, ecfg, pkey, akey)
     tokenizer = load_tokenizer(model_dir)
@@ -128,7 +131,14 @@ def run_eval(cfg, model_dir: str, out_dir: str | Path, engine: LocalEngine | Non
 
     sampling = Sampling.from_config(ecfg, logprobs=False)
     backend, batches = sample_requests(
-        str(model_dir), tokenizer, prompt_ids, sampling, ecfg.engine, cfg.run.ray_address, engine
+        str(model_dir),
+        tokenizer,
+        prompt_ids,
+        sampling,
+        ecfg.engine,
+        cfg.run.ray_address,
+        engine,
+        log_dir=out,  # an engine that dies is reported with its own error
     )
     t_gen = time.perf_counter()
     gen_rows = _graded_rows(batches, kept, tokenizer, ecfg)
@@ -274,3 +284,41 @@ def format_metrics(m: dict) -> str:
         f"(T={m.get('temperature')}), mean length {m['mean_response_tokens']:.1f} tokens, "
         f"no answer {m['no_answer_share']:.1%}, truncated {m['truncated_share']:.1%}"
     )
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def model_stage(cfg) -> str:
+    """The stage whose model eval grades: tune when it is on, else train (in a run with
+    DASD phases, the pipeline gives the last phase's model under that name)."""
+    return "tune" if cfg.tune.enabled else "train"
+
+
+def _check(cfg) -> None:
+    if cfg.eval.enabled and not cfg.eval.path:
+        raise ConfigError("eval.path: not set; name the held-out prompts to evaluate on")
+    if cfg.eval.enabled:
+        check_input("eval.path", cfg.eval.path)
+
+
+def _run(cfg, up: Upstream, out: Path) -> dict:
+    model = TrainedModel.of(up[model_stage(cfg)])
+    initial = roles(cfg).student if cfg.eval.baseline else None  # the student before training
+    return run_eval_stage(cfg, model.model_dir, out, initial)
+
+
+EVAL = Stage(
+    "eval",
+    help="generate on held-out prompts and grade (after train or tune)",
+    needs=lambda cfg: (model_stage(cfg),),
+    enabled=lambda cfg: cfg.eval.enabled,
+    check=_check,
+    reads=lambda cfg, up: {
+        "eval": dataclasses.asdict(cfg.eval),
+        "model": up[model_stage(cfg)].fingerprint,
+        "eval_data": fingerprint_paths(cfg.eval.path),
+        "teacher": fingerprint_paths(cfg.score.teacher),
+    },
+    run=_run,
+)

@@ -17,6 +17,7 @@ output records all use it. The Arrow schemas of the data itself are in ``raydc.i
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -191,8 +192,7 @@ def summarize_parts(out: Path, stage: str, error: type[Exception]) -> tuple[dict
 
 def write_json(path: str | os.PathLike, obj: dict) -> None:
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False, default=str)
+    write_private(tmp, json.dumps(obj, indent=2, sort_keys=False, default=str))
     os.replace(tmp, path)
 
 
@@ -228,11 +228,81 @@ def check_reject_share(
         )
 
 
+# ----------------------------------------------------------------------------- rejects
+
+
+class RowReject(Exception):
+    """A row that cannot be used; ``field`` names the offending input key, ``code`` is a
+    stable reason code (``missing_key``, ``wrong_type``...), ``detail`` says more."""
+
+    def __init__(self, field: str, code: str, detail: str = ""):
+        self.field, self.code, self.detail = field, code, detail
+        super().__init__(self.reason)
+
+    @property
+    def reason(self) -> str:
+        return f"{self.code}: {self.detail}" if self.detail else self.code
+
+
 # ----------------------------------------------------------------------------- finished stages
 
 
 class StageError(RuntimeError):
     """A stage failed; the message names the stage and where its partial output is."""
+
+
+# ----------------------------------------------------------------------------- no links
+
+# The files raydc writes into a run folder it does not own the whole of (the lock, the
+# history, the pending markers, the log) are opened without following a symbolic link in
+# their place: a link planted as <output_dir>/.raydc.lock used to have its target truncated
+# and overwritten, by any job pointed at that folder.
+
+
+class LinkRefused(StageError, OSError):
+    """A file raydc writes is a symbolic link: refused, the link's target left untouched.
+    A StageError (the command's one-line error) and an OSError (a write that failed)."""
+
+
+def _refuse_link(path: str | os.PathLike) -> LinkRefused:
+    try:
+        target = f" (to {os.readlink(path)})"
+    except OSError:
+        target = ""
+    return LinkRefused(
+        f"{path} is a symbolic link{target}: raydc writes this file itself and does not "
+        f"follow a link there (it would overwrite the link's target); remove the link"
+    )
+
+
+def open_private(path: str | os.PathLike, flags: int, mode: int = 0o644) -> int:
+    """``os.open(path, flags)`` that refuses a symbolic link at ``path`` (LinkRefused)
+    instead of following it: ``O_NOFOLLOW`` where the OS has it, else a check first."""
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    if not nofollow and os.path.islink(path):
+        raise _refuse_link(path)
+    try:
+        return os.open(path, flags | nofollow | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError as e:
+        # Linux and macOS say ELOOP for a link under O_NOFOLLOW, FreeBSD EMLINK.
+        if e.errno in (errno.ELOOP, errno.EMLINK) or os.path.islink(path):
+            raise _refuse_link(path) from None
+        raise
+
+
+def write_private(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` as the whole of ``path``, refusing to follow a symbolic link there
+    (LinkRefused names the path; the link's target is not touched)."""
+    fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def append_private(path: str | os.PathLike, text: str) -> None:
+    """Append ``text`` to ``path``, refusing to follow a symbolic link there."""
+    fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    with os.fdopen(fd, "a", encoding="utf-8") as fh:
+        fh.write(text)
 
 
 @dataclass
@@ -254,14 +324,14 @@ def read_marker(out_dir: Path) -> dict | None:
 def write_marker(out_dir: Path, record: dict) -> None:
     """Write the marker whole or not at all (a full disk must not leave one that says done)."""
     tmp = out_dir / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
+    write_private(tmp, json.dumps(record, indent=2, default=str))
     tmp.replace(out_dir / MARKER)
 
 
 def append_history(root: Path, record: dict) -> None:
+    """One line of ``root/HISTORY`` for a stage that ran (never through a symbolic link)."""
     line = {k: record[k] for k in ("stage", "fingerprint", "seconds", "finished")}
-    with open(root / HISTORY, "a") as f:
-        f.write(json.dumps(line) + "\n")
+    append_private(root / HISTORY, json.dumps(line) + "\n")
 
 
 def output_record(out: Path, paths: list[Path] | None = None) -> dict[str, dict]:
@@ -318,14 +388,15 @@ _LOCKS: dict[str, Any] = {}
 def lock_output_dir(root: Path) -> None:
     """Take ``<root>/.raydc.lock`` for this process or raise OutputDirBusy naming the
     holder. ``fcntl.flock`` is dropped by the kernel when its process dies, so a SIGKILLed
-    job never leaves a stale lock (on NFS, flock is only as good as the mount's locking)."""
+    job never leaves a stale lock (on NFS, flock is only as good as the mount's locking).
+    A symbolic link in the lock's place is refused (LinkRefused), its target untouched."""
     import fcntl
     import socket
 
     key = str(root)
     if key in _LOCKS:
         return
-    fh = open(root / LOCK, "a+")
+    fh = os.fdopen(open_private(root / LOCK, os.O_RDWR | os.O_CREAT), "r+")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

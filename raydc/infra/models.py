@@ -10,8 +10,11 @@ identity (name, sizes, headers; never every byte of big weights) is
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+
+from raydc.config.tree import ConfigError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TOKENIZERS = ("tiny-bpe", "tiny-wordpiece")
@@ -125,3 +128,52 @@ def build_tiny_model(
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return str(out)
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def check_input(field: str, value: str | None) -> None:
+    """An input file or folder named by a config field exists (URLs are not checked)."""
+    if value and "://" not in value and not Path(value).exists():
+        raise ConfigError(f"{field}={value!r}: no such file or folder")
+
+
+def check_model(field: str, value: str | None, tokenizer_only: bool = False) -> None:
+    """A model (or tokenizer) named by a config field must be a local folder holding it,
+    or a hub name that can be reached (or is cached when the hub is offline)."""
+    if not value or (tokenizer_only and value in TOKENIZERS):
+        return
+    p = Path(value).expanduser()
+    need = "tokenizer_config.json" if tokenizer_only else "config.json"
+    if p.exists() or value.startswith((".", "/", "~")):
+        if not p.is_dir():
+            raise ConfigError(f"{field}={value!r}: no such model folder")
+        if not (p / need).is_file() and not (p / "config.json").is_file():
+            raise ConfigError(f"{field}={value!r}: not a model folder (no {need} inside)")
+        return
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(value, need), str):
+            raise ConfigError(
+                f"{field}={value!r}: not a local folder, and the hub is offline "
+                f"(HF_HUB_OFFLINE=1) with no cached copy; give the model's folder"
+            )
+
+
+def check_vocab(field: str, path: str) -> None:
+    """vLLM fails on a model whose embedding is smaller than its tokenizer's ids, late and
+    with the cause only in a worker log."""
+    try:
+        vocab = json.loads((Path(path) / "config.json").read_text()).get("vocab_size")
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{field}={path!r}: unreadable config.json ({e})") from None
+    if not isinstance(vocab, int):
+        return
+    n = len(load_tokenizer(path))
+    if n > vocab:
+        raise ConfigError(
+            f"{field}={path!r}: its tokenizer has {n:,} tokens but the model's vocab_size is "
+            f"{vocab:,}; token ids >= {vocab:,} cannot be scored (is this the right tokenizer?)"
+        )

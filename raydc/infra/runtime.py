@@ -52,8 +52,12 @@ RAY_LOGGERS = ("ray.data", "ray.train", "ray.tune")
 _reaper: subprocess.Popen | None = None
 
 
-def connect_ray(address: str | None) -> None:
-    """Join ``address`` (or RAY_ADDRESS) or start a local Ray. Idempotent."""
+def connect_ray(
+    address: str | None = None, num_cpus: int | None = None, include_dashboard: bool | None = None
+) -> None:
+    """Join ``address`` (or RAY_ADDRESS) or start a local Ray (of ``num_cpus`` CPUs: the
+    machine's when None). Idempotent. Every process it starts gets the offline and CPU
+    settings of ``RUNTIME_ENV_VARS``: the one home of that list (tests and benches too)."""
     import ray
 
     if ray.is_initialized():
@@ -67,6 +71,8 @@ def connect_ray(address: str | None) -> None:
     env = {k: os.environ[k] for k in RUNTIME_ENV_VARS if k in os.environ}
     ray.init(
         address=address,
+        num_cpus=num_cpus,
+        include_dashboard=include_dashboard,
         runtime_env={"env_vars": env},
         log_to_driver=False,
         configure_logging=True,

@@ -93,3 +93,24 @@ SELECTION_FILE = "selection.parquet"
 SELECTION_SCHEMA = pa.schema(
     [("row_id", pa.string()), ("prompt_id", pa.string()), ("score", pa.float64())]
 )
+
+
+# The traces generate and mixed_policy write (prepare reads them under cfg.data's names).
+def trace_schema(dcfg, extra: list[str]) -> pa.Schema:
+    return pa.schema(
+        [
+            (dcfg.id_key, pa.string()),
+            (dcfg.prompt_id_key, pa.string()),
+            (dcfg.prompt_key, pa.string()),
+            (dcfg.response_key, pa.string()),
+            (dcfg.teacher_logprobs_key, pa.list_(pa.float32())),
+            (dcfg.teacher_offsets_key, pa.list_(pa.list_(pa.int32()))),
+            ("teacher_pieces", pa.list_(pa.string())),
+            ("teacher_token_ids", pa.list_(pa.int32())),
+            ("finish_reason", pa.string()),
+            ("num_tokens", pa.int32()),
+            ("sample", pa.int32()),
+            ("temperature", pa.float32()),
+            *[(name, pa.string()) for name in extra],
+        ]
+    )

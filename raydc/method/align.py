@@ -180,3 +180,27 @@ def char_spans(pieces: Sequence[str], token_ids: Sequence[int], special: set[int
         elif int(token_ids[i]) not in special and nxt is not None:
             out[i] = (nxt, nxt + 1)
     return out
+
+
+def byte_pieces(token_bytes: Sequence[bytes]) -> tuple[str, list[str]]:
+    """The text that tokens' UTF-8 bytes spell, and each token's piece of it: the
+    characters whose last byte is among the token's bytes (an API's ``bytes`` per token).
+
+    ``"".join(pieces) == text``; a token that ends inside a multi-byte character gets
+    ``""`` and the token completing the character gets all of it, as ``token_pieces``
+    does, so ``char_spans`` gives both the character's span. Raises UnicodeDecodeError
+    when the bytes together are not UTF-8.
+    """
+    text = b"".join(token_bytes).decode("utf-8")
+    ends, pos = [], 0  # the byte offset where each character ends
+    for ch in text:
+        pos += len(ch.encode("utf-8"))
+        ends.append(pos)
+    pieces, c, b = [], 0, 0
+    for tb in token_bytes:
+        b += len(tb)
+        start = c
+        while c < len(ends) and ends[c] <= b:
+            c += 1
+        pieces.append(text[start:c])
+    return text, pieces

@@ -4,7 +4,9 @@ The student's log-prob of each teacher token needs logsumexp over the vocabulary
 151,936-token vocabulary (Qwen2/2.5/3) the full fp32 [tokens x vocab] logits of 8K tokens
 take 4.6 GiB, and autograd keeps several such tensors. ``chunked_token_logprobs`` projects
 hidden states to logits a chunk of tokens at a time, keeps only the per-token logsumexp,
-and recomputes each chunk's logits in backward: peak extra memory is a few chunks.
+and recomputes each chunk's logits in backward: peak extra memory is a few chunks. Asked
+for it (``with_entropy``), the same pass also returns each position's predictive entropy
+(``raydc.method.entropy``), detached, from the chunk's logits it already holds.
 
 Global normalisers are arguments: a trainer all-reduces the denominators (loss tokens, sum
 of weights) and passes them in, so ``self_norm`` holds over the global batch while this
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from raydc.method.entropy import entropy_of_logprobs
 from raydc.method.weights import NORMALIZATIONS
 
 DEFAULT_CHUNK = 1024
@@ -25,13 +28,15 @@ DEFAULT_KEEP_BYTES = 64 * 2**20
 
 
 class _ChunkedTokenLogprob(torch.autograd.Function):
-    """log p(target) = h . W[target] (+ bias) - logsumexp(h W^T (+ bias)), chunked."""
+    """log p(target) = h . W[target] (+ bias) - logsumexp(h W^T (+ bias)), chunked; and
+    the entropy of softmax(h W^T (+ bias)) when asked (empty otherwise; no gradient)."""
 
     @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, bias_V, targets_N, chunk_size, keep_bytes):
+    def forward(ctx, hidden_NH, weight_VH, bias_V, targets_N, chunk_size, keep_bytes, with_ent):
         N, V = hidden_NH.shape[0], weight_VH.shape[0]
         out = torch.empty(N, dtype=torch.float32, device=hidden_NH.device)
         lse = torch.empty(N, dtype=torch.float32, device=hidden_NH.device)
+        ent = torch.empty(N if with_ent else 0, dtype=torch.float32, device=hidden_NH.device)
         # Small logits (a small vocabulary or few tokens) are kept as probabilities for the
         # backward instead of recomputed: the recompute is one more [N x H x V] matmul.
         keep = any(ctx.needs_input_grad[:3]) and N * V * 4 <= keep_bytes
@@ -45,14 +50,18 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
             tgt = targets_N[i : i + chunk_size]
             out[i : i + chunk_size] = logits.gather(1, tgt[:, None]).squeeze(1) - lse_c
             lse[i : i + chunk_size] = lse_c
-            if keep:
-                torch.exp(logits.sub_(lse_c[:, None]), out=probs[i : i + chunk_size])
+            if keep or with_ent:
+                logp = logits.sub_(lse_c[:, None])  # in place: the chunk's log-probs
+                p = torch.exp(logp, out=probs[i : i + chunk_size]) if keep else None
+                if with_ent:
+                    ent[i : i + chunk_size] = entropy_of_logprobs(logp, p)
         ctx.save_for_backward(hidden_NH, weight_VH, bias_V, targets_N, lse, probs)
         ctx.chunk_size = chunk_size
-        return out
+        ctx.mark_non_differentiable(ent)
+        return out, ent
 
     @staticmethod
-    def backward(ctx, grad_N):
+    def backward(ctx, grad_N, _grad_ent):
         hidden_NH, weight_VH, bias_V, targets_N, lse, probs = ctx.saved_tensors
         cs = ctx.chunk_size
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -88,7 +97,7 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
             grad_w = grad_w.to(weight_VH.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias_V.dtype)
-        return grad_h, grad_w, grad_b, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def chunked_token_logprobs(
@@ -98,13 +107,16 @@ def chunked_token_logprobs(
     lm_head_bias: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
     keep_bytes: int = DEFAULT_KEEP_BYTES,
-) -> torch.Tensor:
+    with_entropy: bool = False,
+):
     """log p(targets) [...] from hidden states [..., H] and the LM head [V, H], in chunks.
 
     The [tokens x vocab] logits exist one chunk at a time, in forward and in backward
     (recomputed), and are upcast to fp32 per chunk, so bf16 hidden states are fine. When
     all the fp32 probabilities fit in ``keep_bytes`` they are kept from the forward and the
-    backward skips the recompute (0 always recomputes).
+    backward skips the recompute (0 always recomputes). ``with_entropy`` returns
+    ``(logp, entropy)``: also each position's predictive entropy [...] in nats, fp32,
+    detached, from the same chunks (one more elementwise pass over each chunk's logits).
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
@@ -118,9 +130,11 @@ def chunked_token_logprobs(
         )
     h = hidden.reshape(-1, hidden.shape[-1])
     tgt = targets.reshape(-1).to(torch.long)
-    out = _ChunkedTokenLogprob.apply(
-        h, lm_head_weight, lm_head_bias, tgt, chunk_size, int(keep_bytes)
+    out, ent = _ChunkedTokenLogprob.apply(
+        h, lm_head_weight, lm_head_bias, tgt, chunk_size, int(keep_bytes), bool(with_entropy)
     )
+    if with_entropy:
+        return out.reshape(lead), ent.reshape(lead)
     return out.reshape(lead)
 
 

@@ -10,6 +10,13 @@ student/teacher log-ratio (see docs/method.md):
   p_student; the opposite sign (the ``das_token`` preset).
 - Limit cases: ``sft`` (w = 1), DFT (w = p_student, ``dft``), iw-SFT and truncated
   importance sampling (a clipped sequence ratio, ``iw_seq`` / ``tis``).
+- arXiv 2601.02151 (EAFT): a low-probability token is a "confident conflict" when the
+  student's predictive entropy there is low too, and "not known yet" when it is high; an
+  entropy ``gate`` multiplies the weight (``eaft``: EAFT's own min(1, H / 3) form;
+  ``eaft_conflict``: a smooth AND of low probability and low entropy).
+- arXiv 2510.00526 ("Beyond Log Likelihood"): prior-leaning weights win where the model
+  is strong and NLL where it is weak; ``nll_mix`` interpolates any weighting toward NLL
+  (w' = nll_mix + (1 - nll_mix) w; 1 is plain SFT).
 
 Everything here is pure torch on [B, T] tensors; nothing imports ray, vllm or deepspeed.
 Weights are computed in log space, bounded, and returned detached.
@@ -27,6 +34,7 @@ SIGNS = (1, -1)
 GRANULARITIES = ("token", "prefix_mean", "prefix_ema", "sentence", "sequence_mean", "sequence_sum")
 TRANSFORMS = ("none", "sigmoid", "exp_clip", "mask", "power")
 NORMALIZATIONS = ("none", "self_norm", "per_sequence")
+GATES = ("none", "conflict", "entropy_power")
 
 # Log-probs below this are treated as this value: -inf would turn mean/difference
 # reductions into NaN, and exp(-1e4) is already 0 in every float format.
@@ -52,6 +60,12 @@ class WeightConfig:
         (clip(exp(u / tau), w_min, w_max)), ``mask`` (1 if exp(u) in [lo, hi] else 0),
         ``power`` (exp(gamma * log p_S), DFT at gamma = 1).
     floor: w <- floor + (1 - floor) * w, so no token's weight falls below ``floor``.
+    gate: an entropy gate g in [0, 1] that multiplies w (needs the student's per-token
+        entropy H in nats; s = log p_S of the teacher token): ``none`` (g = 1),
+        ``conflict`` (g = 1 - sigmoid((gate_h - H) / gate_tau) * sigmoid((log gate_p - s)
+        / gate_tau): suppresses tokens that are both unlikely and confidently predicted
+        otherwise), ``entropy_power`` (g = min(1, H / gate_h) ** gate_gamma, EAFT's form).
+    nll_mix: w <- nll_mix + (1 - nll_mix) * w after the gate; 1 gives SFT's weights.
     normalization: ``none`` (divide by loss tokens), ``self_norm`` (divide by the sum of
         weights), ``per_sequence`` (weights rescaled to mean 1 in each response).
     """
@@ -69,6 +83,12 @@ class WeightConfig:
     gamma: float = 1.0
     floor: float = 0.0
     lam: float = 0.9
+    gate: str = "none"
+    gate_h: float = 1.0
+    gate_p: float = 0.1
+    gate_tau: float = 0.25
+    gate_gamma: float = 1.0
+    nll_mix: float = 0.0
     normalization: str = "self_norm"
 
     def __post_init__(self) -> None:
@@ -83,7 +103,11 @@ class WeightConfig:
             raise bad("transform", f"must be one of {TRANSFORMS}")
         if self.normalization not in NORMALIZATIONS:
             raise bad("normalization", f"must be one of {NORMALIZATIONS}")
-        for name in ("tau", "b", "c", "w_min", "w_max", "lo", "hi", "gamma", "floor", "lam"):
+        if self.gate not in GATES:
+            raise bad("gate", f"must be one of {GATES}")
+        numbers = ("tau", "b", "c", "w_min", "w_max", "lo", "hi", "gamma", "floor", "lam")
+        numbers += ("gate_h", "gate_p", "gate_tau", "gate_gamma", "nll_mix")
+        for name in numbers:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise bad(name, "must be a finite number")
@@ -107,6 +131,16 @@ class WeightConfig:
             raise bad("floor", "must be in [0, 1)")
         if not 0.0 <= self.lam < 1.0:
             raise bad("lam", "must be in [0, 1)")
+        if self.gate_h <= 0:
+            raise bad("gate_h", "must be > 0 (nats)")
+        if not 0.0 < self.gate_p < 1.0:
+            raise bad("gate_p", "must be in (0, 1)")
+        if self.gate_tau <= 0:
+            raise bad("gate_tau", "must be > 0 (nats)")
+        if self.gate_gamma < 0:
+            raise bad("gate_gamma", "must be >= 0")
+        if not 0.0 <= self.nll_mix <= 1.0:
+            raise bad("nll_mix", "must be in [0, 1]")
 
     def replace(self, **overrides) -> WeightConfig:
         return dataclasses.replace(self, **_check_fields(overrides))
@@ -132,14 +166,21 @@ _SIGMOID = dict(sign=1, granularity="token", transform="sigmoid", c=2.0, b=0.0, 
                 normalization="self_norm")
 _SEQUENCE_RATIO = dict(sign=1, granularity="sequence_mean", transform="exp_clip", w_min=0.0,
                        w_max=16.0, tau=1.0, normalization="none")
+_SFT = dict(transform="none", normalization="none")
 # fmt: on
 PRESETS: dict[str, dict] = {
-    "sft": dict(transform="none", normalization="none"),
+    "sft": _SFT,
     "discord": _SIGMOID,
     "das_token": {**_SIGMOID, "sign": -1},
     "iw_seq": _SEQUENCE_RATIO,
     "dft": dict(granularity="token", transform="power", gamma=1.0, normalization="none"),
     "tis": {**_SEQUENCE_RATIO, "w_max": 2.0},
+    # EAFT's loss: the NLL times min(1, H / 3) (3 ~ ln 20, its top-20 entropy's maximum)
+    "eaft": {**_SFT, "gate": "entropy_power", "gate_h": 3.0, "gate_gamma": 1.0},
+    # SFT with EAFT's confident conflicts (p_S < 0.1 and H < 1 nat) suppressed
+    "eaft_conflict": {**_SFT, "gate": "conflict", "gate_h": 1.0, "gate_p": 0.1, "gate_tau": 0.25},
+    # DASD's direction per token, half-way to NLL
+    "das_token_mix": {**_SIGMOID, "sign": -1, "nll_mix": 0.5},
 }
 
 
@@ -153,6 +194,11 @@ def preset(name: str, **overrides) -> WeightConfig:
 def needs_teacher(config: WeightConfig) -> bool:
     """Whether the configuration uses teacher log-probs when they exist."""
     return config.transform not in ("none", "power")
+
+
+def needs_entropy(config: WeightConfig) -> bool:
+    """Whether the configuration needs the student's per-token entropy (an entropy gate)."""
+    return config.gate != "none"
 
 
 def check_logprobs(logprobs: torch.Tensor, loss_mask: torch.Tensor, name: str) -> None:
@@ -178,6 +224,61 @@ def check_logprobs(logprobs: torch.Tensor, loss_mask: torch.Tensor, name: str) -
             f"{name} is positive ({lp[b, t].item():.4g}) at row {b}, position {t}: "
             "log-probabilities must be <= 0"
         )
+
+
+def check_entropy(entropy: torch.Tensor, loss_mask: torch.Tensor) -> None:
+    """Raise a clear error for a non-finite or negative (beyond rounding) entropy on a
+    loss token."""
+    name = "student_entropy"
+    if entropy.shape != loss_mask.shape:
+        raise ValueError(
+            f"{name} has shape {tuple(entropy.shape)} but loss_mask has {tuple(loss_mask.shape)}"
+        )
+    h = entropy.detach()
+    m = loss_mask.bool()
+    bad = ~torch.isfinite(h) & m
+    if bad.any():
+        b, t = bad.nonzero()[0].tolist()
+        raise ValueError(f"{name} is {h[b, t].item()} at row {b}, position {t}")
+    neg = (h < -LOGPROB_POSITIVE_TOL) & m
+    if neg.any():
+        b, t = neg.nonzero()[0].tolist()
+        raise ValueError(
+            f"{name} is negative ({h[b, t].item():.4g}) at row {b}, position {t}: "
+            "an entropy is >= 0 nats"
+        )
+
+
+def entropy_gate(
+    student_logprobs: torch.Tensor,
+    entropy: torch.Tensor,
+    loss_mask: torch.Tensor,
+    config: WeightConfig,
+) -> torch.Tensor:
+    """The gate g [B, T] in [0, 1] of ``config.gate`` (1 off the loss mask and for ``none``).
+
+    ``conflict``: g = 1 - sigmoid((gate_h - H) / gate_tau) * sigmoid((log gate_p - s) /
+    gate_tau). Each sigmoid is a soft indicator ("H below gate_h", "p_S below gate_p");
+    their product is a soft AND, so g is low only where the token is unlikely *and* the
+    student is confident (a confident conflict), near 1 where either fails: an unlikely
+    token under a high-entropy student (not known yet) keeps its weight. Entropy and log-prob
+    are both in nats, so one sharpness serves both; g -> a hard AND as gate_tau -> 0, and
+    g = 3/4 exactly at both thresholds. ``entropy_power``: g = min(1, H / gate_h) **
+    gate_gamma, EAFT's weight (2601.02151: H over its top-20 maximum, ~3 nats).
+    """
+    m = loss_mask.bool()
+    h = entropy.detach().to(_float_dtype(entropy)).clamp(min=0.0)
+    h = torch.where(m, h, torch.zeros_like(h))
+    if config.gate == "none":
+        return torch.ones_like(h)
+    if config.gate == "conflict":
+        s = _clean(student_logprobs, m).to(h.dtype)
+        confident = torch.sigmoid((config.gate_h - h) / config.gate_tau)
+        unlikely = torch.sigmoid((math.log(config.gate_p) - s) / config.gate_tau)
+        g = 1.0 - confident * unlikely
+    else:  # entropy_power
+        g = (h / config.gate_h).clamp(max=1.0) ** config.gate_gamma
+    return torch.where(m, g, torch.ones_like(g))
 
 
 def _clean(logprobs: torch.Tensor, m_BT: torch.Tensor) -> torch.Tensor:
@@ -289,6 +390,7 @@ def compute_weights(
     config: WeightConfig,
     sentence_ids: torch.Tensor | None = None,
     teacher_mask: torch.Tensor | None = None,
+    student_entropy: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Detached per-token weights [B, T] (0 where loss_mask is False).
 
@@ -296,13 +398,22 @@ def compute_weights(
     (teacher may be None: then d = log p_S). loss_mask: [B, T] bool. sentence_ids: [B, T]
     int, needed for granularity ``sentence``. teacher_mask: [B, T] bool, False where the
     teacher has no value (another tokenizer's gap, beyond its context): d = 0 there in
-    every granular mean and the token's weight is exactly 1 (before ``per_sequence``
-    rescaling), whichever student log-prob it is paired with. With normalization
-    ``per_sequence`` the weights are rescaled to mean 1 over each row's loss tokens (the
-    kept ones, for ``mask``).
+    every granular mean and the transform's weight is exactly 1 (before the gate, the NLL
+    mix and ``per_sequence`` rescaling), whichever student log-prob it is paired with.
+    student_entropy: [B, T] the student's predictive entropy in nats at each position,
+    needed by an entropy ``gate`` (ignored otherwise). Order: transform, floor, the
+    teacher-silent 1s, gate, NLL mix; then with normalization ``per_sequence`` the weights
+    are rescaled to mean 1 over each row's loss tokens (the kept ones, for ``mask``).
     """
     m = loss_mask.bool()
     check_logprobs(student_logprobs, m, "student_logprobs")
+    if needs_entropy(config):
+        if student_entropy is None:
+            raise WeightConfigError(
+                f"WeightConfig.gate={config.gate!r} needs student_entropy ([B, T] float, the "
+                "student's predictive entropy in nats at each position), got None"
+            )
+        check_entropy(student_entropy, m)
     if teacher_logprobs is not None:
         known = m if teacher_mask is None else m & teacher_mask.bool()
         check_logprobs(teacher_logprobs, known, "teacher_logprobs")
@@ -332,6 +443,10 @@ def compute_weights(
             w = cfg.floor + (1.0 - cfg.floor) * w
         if teacher_mask is not None and cfg.transform not in ("none", "power"):
             w = torch.where(teacher_mask.bool(), w, torch.ones_like(w))
+        if cfg.gate != "none":
+            w = w * entropy_gate(student_logprobs, student_entropy, m, cfg).to(w.dtype)
+        if cfg.nll_mix > 0:
+            w = cfg.nll_mix + (1.0 - cfg.nll_mix) * w
         w = torch.where(m, w, torch.zeros_like(w))
         if cfg.normalization == "per_sequence":
             mean_B = _masked_row_mean(w, loss_tokens(w, m, cfg))
@@ -383,7 +498,7 @@ def weight_diagnostics(
     )
     hi = float(wm.max())
     if config is not None and config.transform == "sigmoid":
-        hi = max(hi, config.floor + (1 - config.floor) * config.c)
+        hi = max(hi, _outer(config, config.c))
     elif config is not None and config.transform == "exp_clip":
         hi = max(hi, config.w_max)
     hi = hi if hi > 0 else 1.0
@@ -405,23 +520,29 @@ def weight_diagnostics(
     return out
 
 
+def _outer(config: WeightConfig, w: float) -> float:
+    """A transform's weight ``w`` after the floor and the NLL mix (the gate aside)."""
+    w = config.floor + (1 - config.floor) * w
+    return config.nll_mix + (1 - config.nll_mix) * w
+
+
 def _clip_shares(wm: torch.Tensor, config: WeightConfig) -> dict:
-    """Shares of the loss tokens' weights ``wm`` [N] at their transform's bounds."""
+    """Shares of the loss tokens' weights ``wm`` [N] at their transform's bounds (after the
+    floor and the NLL mix; a gate moves tokens off them)."""
     eps = 1e-6
     if config.transform == "exp_clip":
-        lo_w = config.floor + (1 - config.floor) * config.w_min
-        hi_w = config.floor + (1 - config.floor) * config.w_max
+        lo_w, hi_w = _outer(config, config.w_min), _outer(config, config.w_max)
         return {
             "at_w_min": float(((wm - lo_w).abs() <= eps * max(1, lo_w)).double().mean()),
             "at_w_max": float(((wm - hi_w).abs() <= eps * hi_w).double().mean()),
         }
     if config.transform == "mask":
-        return {"masked_out": float((wm <= config.floor + eps).double().mean())}
+        return {"masked_out": float((wm <= _outer(config, 0.0) + eps).double().mean())}
     if config.transform == "sigmoid":
-        top = config.floor + (1 - config.floor) * config.c
+        band = 0.01 * config.c * (1 - config.nll_mix)
         return {
-            "near_low": float((wm <= config.floor + 0.01 * config.c).double().mean()),
-            "near_high": float((wm >= top - 0.01 * config.c).double().mean()),
+            "near_low": float((wm <= _outer(config, 0.0) + band).double().mean()),
+            "near_high": float((wm >= _outer(config, config.c) - band).double().mean()),
         }
     return {}
 

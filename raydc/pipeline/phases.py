@@ -1,89 +1,90 @@
-"""Staged training (DASD's temperature-scheduled learning) from one config.
+"""DASD training phases (temperature-scheduled learning) from one config.
 
-``stages:`` lists the stages; each overrides some of the job's sections (its traces: a
+``phases:`` lists the phases; each overrides some of the job's sections (its traces: a
 ``data.path``, ``generate`` settings or ``mixed_policy`` settings; its step budget, learning
-rate, weighting, selection) and is run as a job of its own under
-``<run.output_dir>/stages/<name>/`` (generate / mixed_policy -> prepare -> score -> select ->
-train or tune), each step fingerprinted and resumable like any stage. Stage k+1 starts from
-stage k: its student is stage k's exported model, its optimizer state is stage k's last
+rate, weighting, selection) and runs as a job of its own under
+``<run.output_dir>/phases/<name>/`` (generate / mixed_policy -> prepare -> score -> select ->
+train or tune), each stage fingerprinted and resumable like any stage. Phase k+1 starts from
+phase k: its student is phase k's exported model, its optimizer state is phase k's last
 (``optimizer: carry``; the step count, data position and learning-rate schedule start
-anew), its traces are scored under stage k's student (``scores_from: previous``) or the
-initial one (``initial``), and a mixed-policy stage has stage k's student write the
-prefixes. The eval stage runs once, after the last stage, against the initial student.
+anew), its traces are scored under phase k's student (``scores_from: previous``) or the
+initial one (``initial``), and a mixed-policy phase has phase k's student write the
+prefixes. The eval stage runs once, after the last phase, against the initial student.
 
-``stage_config`` is the pure part: the config of one stage from the job's and the previous
-stage's result.
+("Stage" is a step of the pipeline: prepare, score, train...; a phase runs those stages.)
+
+``phase_config`` is the pure part: the config of one phase from the job's and the previous
+phase's model.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from raydc.config import RaydcConfig, StageConfig, from_dict, stage_tree
+from raydc.config import PhaseConfig, RaydcConfig, from_dict, phase_tree, roles
 from raydc.infra.artifacts import StageError, StageResult
+from raydc.infra.stage import TrainedModel
 
-STAGES_DIR = "stages"
+PHASES_DIR = "phases"
 
 
-def stage_config(
-    base: RaydcConfig, spec: StageConfig, root: Path, previous: StageResult | None
+def phase_config(
+    base: RaydcConfig, spec: PhaseConfig, root: Path, previous: TrainedModel | None
 ) -> RaydcConfig:
-    """The config stage ``spec`` runs with: the job's sections with the stage's overrides,
-    its own output folder, no eval (the job evaluates after the last stage), and, after a
-    first stage, the previous stage's model and checkpoint."""
-    tree = stage_tree(base, spec)
-    tree["run"]["output_dir"] = str(Path(root) / STAGES_DIR / spec.name)
+    """The config phase ``spec`` runs with: the job's sections with the phase's overrides,
+    its own output folder, no eval (the job evaluates after the last phase), and, after a
+    first phase, the previous phase's model and checkpoint."""
+    tree = phase_tree(base, spec)
+    tree["run"]["output_dir"] = str(Path(root) / PHASES_DIR / spec.name)
     tree["eval"]["enabled"] = False
     if previous is not None:
-        model = previous.summary.get("model_dir")
-        if not model:
-            raise StageError(f"stage before {spec.name!r} reported no model_dir to start from")
-        initial = tree["train"]["student"] or tree["score"]["student"]
-        tree["train"]["student"] = model
+        initial = roles(from_dict(tree)).student
+        tree["train"]["student"] = previous.model_dir
         if spec.scores_from == "previous":
-            tree["score"]["student"] = model
+            tree["score"]["student"] = previous.model_dir
         else:  # scored under the initial student; training starts from the previous model
             tree["train"]["scored_student"] = initial
         if spec.optimizer == "carry":
-            ckpt = previous.summary.get("checkpoint") or previous.summary.get("best_checkpoint")
-            if not ckpt:
+            if not previous.checkpoint:
                 raise StageError(
-                    f"stage before {spec.name!r} reported no checkpoint to carry the "
-                    "optimizer state from (set this stage's optimizer: fresh)"
+                    f"the phase before {spec.name!r} reported no checkpoint to carry the "
+                    "optimizer state from (set this phase's optimizer: fresh)"
                 )
-            tree["train"]["init_checkpoint"] = str(ckpt)
+            tree["train"]["init_checkpoint"] = str(previous.checkpoint)
         if not tree["mixed_policy"]["student"]:
-            tree["mixed_policy"]["student"] = model
+            tree["mixed_policy"]["student"] = previous.model_dir
     return from_dict(tree)
 
 
 def _open(pipeline_cls, cfg, spec, root, previous, log, connect):
     prefix = f"[raydc] {spec.name}/"
 
-    def stage_log(msg: str) -> None:
+    def phase_log(msg: str) -> None:
         log(msg.replace("[raydc] ", prefix, 1))
 
-    return pipeline_cls(stage_config(cfg, spec, root, previous), log=stage_log, connect_ray=connect)
+    return pipeline_cls(phase_config(cfg, spec, root, previous), log=phase_log, connect_ray=connect)
 
 
-def run_stages(
+def run_phases(
     pipeline_cls, cfg: RaydcConfig, root: Path, log, connect: bool, until: str | None = None
 ):
-    """Run the stages in order, each as a Pipeline of its own. Returns their model stages'
-    results (the last one's model is the job's); with ``until``, stops before that stage
-    and returns its Pipeline instead, ready to run (``raydc tune --stage NAME``)."""
-    names = [s.name for s in cfg.stages]
+    """Run the phases in order, each as a Pipeline of its own. Returns each phase's stage
+    results (name -> StageResult; its model stage's model is the next phase's start, the
+    last one's the job's); with ``until``, stops before that phase and returns its Pipeline
+    instead, ready to run (``raydc tune --phase NAME``)."""
+    names = [s.name for s in cfg.phases]
     if until is not None and until not in names:
-        raise StageError(f"--stage {until!r}: no such stage (stages: {names})")
-    previous, results = None, []
-    for spec in cfg.stages:
+        raise StageError(f"--phase {until!r}: no such phase (phases: {names})")
+    previous: TrainedModel | None = None
+    results: list[dict[str, StageResult]] = []
+    for spec in cfg.phases:
         child = _open(pipeline_cls, cfg, spec, root, previous, log, connect)
         if spec.name == until:
             return child
         try:
             child.run_all()
-            previous = child.model_stage()
+            previous = TrainedModel.of(child.model_stage())
         finally:
             child.close()
-        results.append(previous)
+        results.append(dict(child.results))
     return results

@@ -3,17 +3,17 @@
 Configs may name packaged files as ``pkg:assets/example/train.jsonl`` and the built-in
 tiny models as ``tiny:student`` / ``tiny:teacher`` (built under ``<output_dir>/models/``
 on first use, from ``raydc.infra.models``); ``resolve`` turns both into real paths before any
-stage sees the config. ``check_inputs`` then looks for what would otherwise fail late: a
-missing input file or model folder, a teacher whose vocabulary is smaller than its
-tokenizer, a bad Tune space, no eval prompts.
+stage sees the config. ``check_inputs`` then runs the checks each stage of the run declares
+(``Stage.check``: a missing input file or model folder, a teacher whose vocabulary is
+smaller than its tokenizer, a bad Tune space, no eval prompts), before any stage starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from raydc.config import ConfigError, RaydcConfig
@@ -118,97 +118,10 @@ def resolve(cfg: RaydcConfig) -> RaydcConfig:
     )
 
 
-def check_inputs(cfg: RaydcConfig, stages: tuple[str, ...]) -> None:
-    """What can fail late, checked before any of ``stages`` runs: input files, model
-    folders (a missing folder would otherwise read as a bad hub repo id a minute in), a
-    teacher whose vocabulary is smaller than its tokenizer, the Tune space and the eval
-    prompts. Raises ConfigError naming the field."""
-    from raydc.method.weights import needs_teacher
+def check_inputs(cfg: RaydcConfig, names: Iterable[str]) -> None:
+    """Before any of the stages ``names`` (and those they need) run: each one's own
+    ``check`` (docs/failure-modes.md). Raises ConfigError naming the field."""
+    from raydc.pipeline.table import closure, stage_named
 
-    generating = "generate" in stages or ("prepare" in stages and cfg.generate.enabled)
-    if generating:
-        _check_input("generate.prompts", cfg.generate.prompts)
-        if cfg.generate.teacher:
-            _check_model("generate.teacher", cfg.generate.teacher)
-        elif cfg.score.teacher:
-            _check_model("score.teacher", cfg.score.teacher)
-        if stages == ("generate",):
-            return
-    elif "prepare" in stages and cfg.mixed_policy.enabled:
-        _check_input("mixed_policy.traces", cfg.mixed_policy.traces or cfg.data.path)
-    elif "prepare" in stages:
-        _check_input("data.path", cfg.data.path)
-    if "prepare" in stages and cfg.data.teacher_logprobs_path:
-        _check_input("data.teacher_logprobs_path", cfg.data.teacher_logprobs_path)
-    models = [("score.student", cfg.score.student)]
-    if cfg.score.teacher and needs_teacher(cfg.weights):
-        models.append(("score.teacher", cfg.score.teacher))
-    if "model" in stages and cfg.train.student:
-        models.append(("train.student", cfg.train.student))
-    if cfg.data.tokenizer:
-        models.append(("data.tokenizer", cfg.data.tokenizer))
-    if cfg.data.teacher_tokenizer and "prepare" in stages:
-        models.append(("data.teacher_tokenizer", cfg.data.teacher_tokenizer))
-    for field, value in models:
-        _check_model(field, value, tokenizer_only=field.startswith("data."))
-    if cfg.score.teacher and Path(cfg.score.teacher).is_dir() and "score" in stages:
-        _check_vocab("score.teacher", cfg.score.teacher)
-    if "model" in stages and cfg.tune.enabled:
-        from raydc.tune import check_space
-
-        check_space(cfg)
-    if ("eval" in stages and cfg.eval.enabled) or (
-        "model" in stages and cfg.tune.enabled and cfg.tune.metric != "val_nll"
-    ):
-        if not cfg.eval.path:
-            raise ConfigError("eval.path: not set; name the held-out prompts to evaluate on")
-        _check_input("eval.path", cfg.eval.path)
-
-
-def _check_input(field: str, value: str | None) -> None:
-    if value and "://" not in value and not Path(value).exists():
-        raise ConfigError(f"{field}={value!r}: no such file or folder")
-
-
-def _check_model(field: str, value: str | None, tokenizer_only: bool = False) -> None:
-    """A model (or tokenizer) named by a config field must be a local folder holding it,
-    or a hub name that can be reached (or is cached when the hub is offline)."""
-    from raydc.infra.models import TOKENIZERS
-
-    if not value or (tokenizer_only and value in TOKENIZERS):
-        return
-    p = Path(value).expanduser()
-    need = "tokenizer_config.json" if tokenizer_only else "config.json"
-    if p.exists() or value.startswith((".", "/", "~")):
-        if not p.is_dir():
-            raise ConfigError(f"{field}={value!r}: no such model folder")
-        if not (p / need).is_file() and not (p / "config.json").is_file():
-            raise ConfigError(f"{field}={value!r}: not a model folder (no {need} inside)")
-        return
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        from huggingface_hub import try_to_load_from_cache
-
-        if not isinstance(try_to_load_from_cache(value, need), str):
-            raise ConfigError(
-                f"{field}={value!r}: not a local folder, and the hub is offline "
-                f"(HF_HUB_OFFLINE=1) with no cached copy; give the model's folder"
-            )
-
-
-def _check_vocab(field: str, path: str) -> None:
-    """vLLM fails on a model whose embedding is smaller than its tokenizer's ids, late and
-    with the cause only in a worker log."""
-    from raydc.infra.models import load_tokenizer
-
-    try:
-        vocab = json.loads((Path(path) / "config.json").read_text()).get("vocab_size")
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{field}={path!r}: unreadable config.json ({e})") from None
-    if not isinstance(vocab, int):
-        return
-    n = len(load_tokenizer(path))
-    if n > vocab:
-        raise ConfigError(
-            f"{field}={path!r}: its tokenizer has {n:,} tokens but the model's vocab_size is "
-            f"{vocab:,}; token ids >= {vocab:,} cannot be scored (is this the right tokenizer?)"
-        )
+    for name in closure(cfg, names):
+        stage_named(name).check(cfg)

@@ -23,7 +23,6 @@ modules (docs/contracts.md); this module only decides what runs and reports it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import sys
@@ -35,22 +34,24 @@ from raydc.config import RaydcConfig
 from raydc.infra.artifacts import (
     MARKER,
     OWNED,  # in every stage folder raydc creates: it may clear it
+    LinkRefused,
     StageError,
     StageResult,
     append_history,
+    append_private,
     changed_outputs,
     fingerprint_parts,
-    fingerprint_paths,
     lock_output_dir,
     output_record,
     read_marker,
     release_output_dir,
-    tokenizer_fingerprint,
     write_marker,
+    write_private,
 )
 from raydc.infra.runtime import RAY_LOG, connect_ray, route_ray_logs
 from raydc.pipeline.resolve import PACKAGE_DIR, check_inputs, resolve, writable_output_dir
 from raydc.pipeline.summary import stage_line
+from raydc.pipeline.table import MODEL_STAGES, STAGES, stage_named
 
 CONFIG_DIR = PACKAGE_DIR / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
@@ -72,7 +73,7 @@ class Pipeline:
         self._connect = connect_ray
 
     def close(self) -> None:
-        """Give up the output folder's lock (a staged run's stage, done)."""
+        """Give up the output folder's lock (a DASD phase, done)."""
         release_output_dir(self.root)
 
     # -- the generic stage runner
@@ -99,14 +100,15 @@ class Pipeline:
         pending = self.root / f".{name}.pending.json"
         keep = (
             resumable
-            and pending.exists()
+            and pending.is_file()
+            and not pending.is_symlink()
             and json.loads(pending.read_text()).get("fingerprint") == fp
         )
         if out.exists() and not keep:
             self._clear(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / OWNED).touch()
-        pending.write_text(json.dumps({"fingerprint": fp, "started": time.time()}))
+        write_private(pending, json.dumps({"fingerprint": fp, "started": time.time()}))
         if self._connect:
             connect_ray(self.cfg.run.ray_address)
             route_ray_logs(self.root / RAY_LOG)
@@ -137,6 +139,9 @@ class Pipeline:
             write_marker(out, record)
             pending.unlink(missing_ok=True)
             append_history(self.root, record)
+        except LinkRefused:
+            (out / MARKER).unlink(missing_ok=True)
+            raise
         except OSError as e:
             (out / MARKER).unlink(missing_ok=True)
             raise StageError(
@@ -168,7 +173,7 @@ class Pipeline:
         (out / MARKER).unlink()
         if resumable:  # its checkpoints are still good: resume from them
             pending = self.root / f".{name}.pending.json"
-            pending.write_text(json.dumps({"fingerprint": fp, "started": time.time()}))
+            write_private(pending, json.dumps({"fingerprint": fp, "started": time.time()}))
         return None
 
     @staticmethod
@@ -187,294 +192,88 @@ class Pipeline:
         import traceback
 
         try:
-            with open(self.root / LOG, "a") as f:
-                f.write(f"--- {time.strftime('%F %T')} stage {stage} failed\n")
-                f.write(traceback.format_exc())
+            text = f"--- {time.strftime('%F %T')} stage {stage} failed\n{traceback.format_exc()}"
+            append_private(self.root / LOG, text)
         except OSError:
             pass
 
-    # -- the stages
+    # -- the stages (raydc.pipeline.table)
 
-    def generate(self) -> StageResult:
-        """Teacher traces for ``generate.prompts`` at ``generate.temperature``, each with
-        the teacher's log-probs at that temperature (``raydc.generate``)."""
-        from raydc.config import ConfigError
-
-        cfg = self.cfg
-        teacher = cfg.generate.teacher or cfg.score.teacher
-        if not cfg.generate.prompts:
-            raise ConfigError("generate.prompts: not set; name the prompts to sample traces for")
-        if not teacher:
-            raise ConfigError(
-                "generate.teacher: not set and score.teacher is empty; name the model that "
-                "writes the traces"
-            )
-        parts = {
-            "generate": dataclasses.asdict(cfg.generate),
-            "prompts": fingerprint_paths(cfg.generate.prompts),
-            "teacher": fingerprint_paths(teacher),
-        }
-
-        def fn(out: Path) -> dict:
-            from raydc.generate import run_generate
-
-            return run_generate(cfg, teacher, cfg.generate.prompts, out)
-
-        return self.run_stage("generate", parts, fn)
-
-    def mixed_policy(self) -> StageResult:
-        """Mixed-policy traces: the student starts each response, the teacher finishes it
-        (``raydc.mixed_policy``)."""
-        from raydc.config import ConfigError
-
-        cfg, mcfg = self.cfg, self.cfg.mixed_policy
-        traces = mcfg.traces or cfg.data.path
-        student = mcfg.student or cfg.train.student or cfg.score.student
-        teacher = mcfg.teacher or cfg.generate.teacher or cfg.score.teacher
-        if not teacher:
-            raise ConfigError(
-                "mixed_policy.teacher: not set, nor generate.teacher or score.teacher; name "
-                "the model that continues the student's prefixes"
-            )
-        parts = {
-            "mixed_policy": dataclasses.asdict(mcfg),
-            "data_keys": dataclasses.asdict(cfg.data),
-            "traces": fingerprint_paths(traces),
-            "student": fingerprint_paths(student),
-            "teacher": fingerprint_paths(teacher),
-        }
-
-        def fn(out: Path) -> dict:
-            from raydc.mixed_policy import run_mixed_policy
-
-            return run_mixed_policy(cfg, student, teacher, traces, out)
-
-        return self.run_stage("mixed_policy", parts, fn)
-
-    def _traces(self) -> tuple[str, str]:
-        """Where prepare reads its traces, and their fingerprint: the mixed-policy or the
-        generated traces when those stages are on, else ``data.path``."""
-        for name, enabled in (
-            ("mixed_policy", self.cfg.mixed_policy.enabled),
-            ("generate", self.cfg.generate.enabled),
-        ):
-            if enabled:
-                made = self.results.get(name) or getattr(self, name)()
-                return str(made.out_dir / "traces.parquet"), made.fingerprint
-        return self.cfg.data.path, fingerprint_paths(self.cfg.data.path)
-
-    def prepare(self) -> StageResult:
-        cfg = self.cfg
-        tok = cfg.data.tokenizer or cfg.score.student
-        traces, data_files = self._traces()
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=traces))
-        parts = {
-            "data": dataclasses.asdict(cfg.data),
-            "data_files": data_files,
-            "tokenizer": tokenizer_fingerprint(tok),
-        }
-        if cfg.data.teacher_tokenizer:
-            parts["teacher_tokenizer"] = tokenizer_fingerprint(cfg.data.teacher_tokenizer)
-        if cfg.data.teacher_logprobs_path:
-            parts["teacher_logprobs"] = fingerprint_paths(cfg.data.teacher_logprobs_path)
-
-        def fn(out: Path) -> dict:
-            from raydc.prepare.stage import run_prepare
-
-            return run_prepare(cfg, out)
-
-        return self.run_stage("prepare", parts, fn)
-
-    def score(self) -> StageResult:
-        cfg = self.cfg
-        prepared = self.results.get("prepare") or self.prepare()
-        from raydc.method.weights import needs_teacher
-
-        # cfg.weights is left out on purpose: weights are computed in the loss from the
-        # stored log-probs, so changing them (or a Tune trial) never re-scores; the
-        # inspection side table (score.inspection) holds them for reading only.
-        parts = {
-            "score": dataclasses.asdict(cfg.score),
-            "prepare": prepared.fingerprint,
-            "student": fingerprint_paths(cfg.score.student),
-            "teacher": fingerprint_paths(cfg.score.teacher),
-            "needs_teacher": needs_teacher(cfg.weights),
-        }
-
-        def fn(out: Path) -> dict:
-            from raydc.score.stage import run_score
-
-            return run_score(cfg, str(prepared.out_dir), out)
-
-        return self.run_stage("score", parts, fn)
-
-    def select(self) -> StageResult:
-        cfg = self.cfg
-        scored = self.results.get("score") or self.score()
-        parts = {"select": dataclasses.asdict(cfg.select), "score": scored.fingerprint}
-
-        def fn(out: Path) -> dict:
-            from raydc.select import run_select
-
-            return run_select(cfg, str(scored.out_dir), out)
-
-        return self.run_stage("select", parts, fn)
-
-    def training_data(self) -> StageResult:
-        """The scored rows training reads: selected ones when selection is on."""
-        if self.cfg.select.enabled:
-            return self.results.get("select") or self.select()
-        return self.results.get("score") or self.score()
-
-    def _training_parts(self, data: StageResult) -> dict:
-        """What train and tune both read: the training config and weights, the data, the
-        student they start from and the seed."""
-        cfg = self.cfg
-        return {
-            "train": dataclasses.asdict(cfg.train),
-            "weights": cfg.weights.to_dict(),
-            "data": data.fingerprint,
-            "student": fingerprint_paths(cfg.train.student or cfg.score.student),
-            "seed": cfg.run.seed,
-        }
-
-    def train(self) -> StageResult:
-        cfg = self.cfg
-        data = self.training_data()
-        parts = self._training_parts(data)
-
-        def fn(out: Path) -> dict:
-            from raydc.train import run_train
-
-            return run_train(cfg, str(data.out_dir), out)
-
-        return self.run_stage("train", parts, fn, resumable=True, vouch=_model_outputs)
-
-    def tune(self) -> StageResult:
-        from raydc.tune import check_space
-
-        cfg = self.cfg
-        check_space(cfg)  # before scoring: a bad space should not cost a scoring run
-        data = self.training_data()
-        parts = {"tune": dataclasses.asdict(cfg.tune), **self._training_parts(data)}
-        if cfg.tune.metric != "val_nll":  # the trials run eval
-            parts["eval"] = dataclasses.asdict(cfg.eval)
-            parts["eval_data"] = fingerprint_paths(cfg.eval.path)
-            parts["teacher"] = fingerprint_paths(cfg.score.teacher)
-
-        def fn(out: Path) -> dict:
-            from raydc.tune import run_tune
-
-            return run_tune(cfg, str(data.out_dir), out)
-
-        return self.run_stage("tune", parts, fn, resumable=True, vouch=_model_outputs)
-
-    def stages(self) -> StageResult:
-        """A staged run (``raydc.pipeline.phases``): each stage a job of its own under
-        ``stages/<name>/``, from the previous stage's model; returns the last one's."""
-        from raydc.pipeline.phases import run_stages
-
-        results = run_stages(Pipeline, self.cfg, self.root, self.log, self._connect)
-        for spec, res in zip(self.cfg.stages, results):
-            self.results[f"stages/{spec.name}"] = res
-        self.results["stages"] = results[-1]
-        return results[-1]
-
-    def stage_pipeline(self, name: str) -> Pipeline:
-        """Stage ``name`` of a staged run as a Pipeline of its own, the stages before it
-        run (or reused) first: ``raydc tune --stage NAME`` searches that stage's weighting."""
-        from raydc.pipeline.phases import run_stages
-
-        if not self.cfg.stages:
-            raise StageError(f"--stage {name!r}: this config has no stages")
-        return run_stages(Pipeline, self.cfg, self.root, self.log, self._connect, until=name)
+    def run(self, name: str) -> StageResult:
+        """Stage ``name``, after the stages it needs (each run or reused once)."""
+        if name in self.results:
+            return self.results[name]
+        if self.cfg.phases and name in MODEL_STAGES:
+            return self._phases()
+        stage = stage_named(name)
+        up = {need: self.run(need) for need in stage.needs(self.cfg)}
+        parts = stage.reads(self.cfg, up)
+        return self.run_stage(
+            name, parts, lambda out: stage.run(self.cfg, up, out), stage.resumes, stage.vouch
+        )
 
     def model_stage(self) -> StageResult:
-        """Train, or tune when ``tune.enabled``, or the last stage of a staged run: the
-        stage that produces the model."""
-        if self.cfg.stages:
-            return self.results.get("stages") or self.stages()
-        if self.cfg.tune.enabled:
-            return self.results.get("tune") or self.tune()
-        return self.results.get("train") or self.train()
+        """The stage that produces the job's model: train, or tune when ``tune.enabled``,
+        or the last phase of a run with DASD phases."""
+        return self.run("tune" if self.cfg.tune.enabled else "train")
 
-    def eval(self) -> StageResult:
-        cfg = self.cfg
-        upstream = self.model_stage()
-        model_dir = upstream.summary.get("model_dir")
-        if not model_dir:
-            raise StageError(f"stage {upstream.name!r} reported no model_dir to evaluate")
-        parts = {
-            "eval": dataclasses.asdict(cfg.eval),
-            "model": upstream.fingerprint,
-            "eval_data": fingerprint_paths(cfg.eval.path),
-            "teacher": fingerprint_paths(cfg.score.teacher),
-        }
+    def _phases(self) -> StageResult:
+        """Each DASD phase a job of its own under ``phases/<name>/``, from the previous
+        phase's model (``raydc.pipeline.phases``); the last one's model stage."""
+        from raydc.pipeline.phases import run_phases
 
-        initial = None
-        if cfg.eval.baseline:
-            from raydc.train.trainer import student_path  # the model training starts from
+        model = "tune" if self.cfg.tune.enabled else "train"
+        phases = run_phases(Pipeline, self.cfg, self.root, self.log, self._connect)
+        for spec, results in zip(self.cfg.phases, phases):
+            for stage, res in results.items():
+                self.results[f"phases/{spec.name}/{stage}"] = res
+        self.results[model] = phases[-1][model]
+        return self.results[model]
 
-            initial = student_path(cfg)
+    def phase_pipeline(self, name: str) -> Pipeline:
+        """Phase ``name`` as a Pipeline of its own, the phases before it run (or reused)
+        first: ``raydc tune --phase NAME`` searches that phase's weighting."""
+        from raydc.pipeline.phases import run_phases
 
-        def fn(out: Path) -> dict:
-            from raydc.eval import run_eval_stage
-
-            return run_eval_stage(cfg, model_dir, out, initial)
-
-        return self.run_stage("eval", parts, fn)
+        if not self.cfg.phases:
+            raise StageError(f"--phase {name!r}: this config has no phases")
+        return run_phases(Pipeline, self.cfg, self.root, self.log, self._connect, until=name)
 
     # -- running them
 
     def run_all(self) -> dict[str, StageResult]:
-        """The whole job: [generate | mixed_policy] -> prepare -> score -> [select] -> train
-        or tune -> [eval]; or each of ``stages`` so, then [eval]."""
-        if self.cfg.stages:  # each stage checks its own inputs
-            check_inputs(self.cfg, ("eval",))
-            self.stages()
-            if self.cfg.eval.enabled:
-                self.eval()
-            return self.results
-        check_inputs(self.cfg, ("prepare", "score", "select", "model", "eval"))
-        if self.cfg.generate.enabled:
-            self.generate()
-        if self.cfg.mixed_policy.enabled:
-            self.mixed_policy()
-        self.prepare()
-        self.score()
-        if self.cfg.select.enabled:
-            self.select()
-        self.model_stage()
-        if self.cfg.eval.enabled:
-            self.eval()
+        """The whole job: every enabled stage in table order ([generate | mixed_policy] ->
+        prepare -> score -> [select] -> train or tune -> [eval]); with DASD phases, each
+        phase so (each checks its own inputs), then [eval]. Inputs are checked before the
+        first stage runs."""
+        if self.cfg.phases:
+            names = ["eval"] if self.cfg.eval.enabled else []
+            self._check(names, phases=True)
+            self.model_stage()
+        else:
+            names = [s.name for s in STAGES if s.enabled(self.cfg)]
+            self._check(names)
+        for name in names:
+            self.run(name)
         return self.results
 
-    def run_until(self, stage: str) -> StageResult:
-        """Run ``stage`` and whatever it needs that is not done yet (``raydc <stage>``)."""
-        if self.cfg.stages and stage != "eval":
-            if stage in ("train", "tune"):
+    def run_until(self, name: str) -> StageResult:
+        """Run stage ``name`` and whatever it needs that is not done yet (``raydc <stage>``)."""
+        stage_named(name)  # an unknown name fails here, naming the stages
+        if self.cfg.phases and name != "eval":
+            if name in MODEL_STAGES:
                 return self.model_stage()
             raise StageError(
-                f"{stage}: this is a staged run; name the stage (--stage NAME) or run the job"
+                f"{name}: this config has DASD phases; name the phase (--phase NAME) or run the job"
             )
-        if stage == "select" and not self.cfg.select.enabled:
-            raise StageError("select: select.enabled is false; set select.enabled=true")
-        upstream = {
-            "generate": ("generate",),
-            "mixed_policy": ("prepare",),
-            "prepare": ("prepare",),
-            "score": ("prepare", "score"),
-            "select": ("prepare", "score", "select"),
-            "train": ("prepare", "score", "select", "model"),
-            "tune": ("prepare", "score", "select", "model"),
-            "eval": ("prepare", "score", "select", "model", "eval"),
-        }[stage]
-        check_inputs(self.cfg, upstream)
-        return getattr(self, stage)()
+        self._check([name], phases=bool(self.cfg.phases))
+        return self.run(name)
 
-
-def _model_outputs(out: Path, summary: dict) -> list[Path]:
-    """What train and tune vouch for: the exported model (eval and users read it), not the
-    checkpoints, which a user may prune once the run is done."""
-    model = summary.get("model_dir")
-    return [Path(model)] if model and Path(model).exists() else []
+    def _check(self, names: list[str], phases: bool = False) -> None:
+        """The input checks of ``names`` and the stages they need; with phases, of ``names``
+        alone (the phases check their own stages)."""
+        if phases:
+            for name in names:
+                stage_named(name).check(self.cfg)
+        else:
+            check_inputs(self.cfg, names)

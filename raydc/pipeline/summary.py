@@ -80,6 +80,9 @@ def summarize_run(results: dict[str, StageResult], cfg: RaydcConfig) -> dict:
             "reused": r.skipped,
             "seconds": r.summary.get("seconds"),
         }
+    phases = _phases(results)
+    if phases:
+        s["phases"] = phases
     if "prepare" in results:
         p = results["prepare"].summary
         s["rows"] = {k: p.get(k) for k in ("rows_in", "rows_out", "rows_rejected")}
@@ -128,6 +131,22 @@ def summarize_run(results: dict[str, StageResult], cfg: RaydcConfig) -> dict:
     return s
 
 
+def _phases(results: dict[str, StageResult]) -> dict[str, dict]:
+    """Per DASD phase (results named ``phases/<phase>/<stage>``): its rows, steps and loss."""
+    out: dict[str, dict] = {}
+    for key, r in results.items():
+        parts = key.split("/")
+        if len(parts) != 3 or parts[0] != "phases":
+            continue
+        ph = out.setdefault(parts[1], {})
+        if parts[2] == "prepare":
+            ph.update({k: r.summary.get(k) for k in ("rows_in", "rows_out", "rows_rejected")})
+        elif parts[2] in ("train", "tune"):
+            m = r.summary.get("metrics") or {}
+            ph.update(steps=r.summary.get("steps", m.get("step")), loss=m.get("loss"))
+    return out
+
+
 def _figures(metrics: dict) -> str:
     return ", ".join(
         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
@@ -143,6 +162,18 @@ def format_summary(s: dict) -> str:
             f"{_fmt_int(rows['rows_out'])}, rejected {_fmt_int(rows['rows_rejected'])}"
             + (f"  ({s['rejects']})" if rows.get("rows_rejected") and s.get("rejects") else "")
         )
+    for name, ph in (s.get("phases") or {}).items():
+        bits = []
+        if ph.get("rows_in") is not None:
+            bits.append(
+                f"rows in {_fmt_int(ph['rows_in'])}, out {_fmt_int(ph.get('rows_out'))}, "
+                f"rejected {_fmt_int(ph.get('rows_rejected') or 0)}"
+            )
+        if ph.get("steps") is not None:
+            bits.append(f"{ph['steps']} steps")
+        if isinstance(ph.get("loss"), (int, float)):
+            bits.append(f"loss {ph['loss']:.4g}")
+        lines.append(f"{'phase ' + name:<18}" + "; ".join(bits))
     for key, label in (("scored_rows", "scored rows"), ("selected_rows", "selected rows")):
         if s.get(key) is not None:
             lines.append(f"{label:<18}{_fmt_int(s[key])}")

@@ -17,9 +17,9 @@ offsets, and:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from raydc.infra.chat import render, special_ids, tokenize, turn_tokens
 from raydc.method.align import (
     NAN,
     AlignmentError,
@@ -113,59 +113,6 @@ def teacher_ids_to_offsets(cand: Candidate, teacher_tok, teacher_specials: set[i
 
 
 # ----------------------------------------------------------------------------- rendering
-
-
-def special_ids(tok) -> set[int]:
-    ids = set(getattr(tok, "all_special_ids", []) or [])
-    if tok.eos_token_id is not None:
-        ids.add(int(tok.eos_token_id))
-    return ids
-
-
-def render(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and each assistant content's (start, end) in it.
-
-    Contents are located in order (a cursor walks the rendered text message by message),
-    so an assistant answer that also appears inside the prompt is found at its own place.
-    """
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-    spans, cursor = [], 0
-    for i, m in enumerate(messages):
-        if not m["content"]:
-            continue
-        pos = text.find(m["content"], cursor)
-        if pos < 0:
-            if m["role"] == "assistant":
-                raise RowReject(
-                    f"messages[{i}].content",
-                    "template",
-                    "the chat template changed or dropped this assistant message's content",
-                )
-            continue  # e.g. a template that rewrites the system prompt
-        if m["role"] == "assistant":
-            spans.append((pos, pos + len(m["content"])))
-        cursor = pos + len(m["content"])
-    return text, spans
-
-
-def tokenize(tok, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    return list(enc["input_ids"]), [(int(s), int(e)) for s, e in enc["offset_mapping"]]
-
-
-def turn_tokens(
-    offsets: Sequence[tuple[int, int]], ids: Sequence[int], spans, specials: set[int]
-) -> list[tuple[list[int], int | None]]:
-    """Per assistant turn: (indices of tokens overlapping the content, end-of-turn index)."""
-    turns = []
-    for cs, ce in spans:
-        content = [i for i, (s, e) in enumerate(offsets) if s < ce and e > cs and i > 0]
-        eot = None
-        after = [i for i, (s, _) in enumerate(offsets) if s >= ce]
-        if after and ids[after[0]] in specials:
-            eot = after[0]
-        turns.append((content, eot))
-    return turns
 
 
 def prepare_candidate(tok, cand: Candidate, dcfg, specials: set[int] | None = None) -> Prepared:
@@ -273,8 +220,9 @@ def _given_teacher(cand: Candidate, text, spans, offsets, turns, T) -> list[floa
         )
     (cs, ce), (content, eot) = spans[0], turns[0]
     content_text = text[cs:ce]
-    if t["tokens"] is not None:
-        joined = "".join(t["tokens"])
+    # the text the teacher's tokens spell: their strings, or the text their bytes decode to
+    joined = "".join(t["tokens"]) if t["tokens"] is not None else t.get("text")
+    if joined is not None:
         if not joined.startswith(content_text):
             at = next(
                 (i for i, (a, b) in enumerate(zip(joined, content_text)) if a != b),
@@ -285,9 +233,7 @@ def _given_teacher(cand: Candidate, text, spans, offsets, turns, T) -> list[floa
                 "teacher_tokens_mismatch",
                 f"teacher token strings differ from the response at character {at}",
             )
-        src = offsets_from_strings(t["tokens"])
-    else:
-        src = t["offsets"]
+    src = offsets_from_strings(t["tokens"]) if t["tokens"] is not None else t["offsets"]
     rel = [(offsets[i][0] - cs, offsets[i][1] - cs) for i in content]
     try:
         vals = align_turn(len(content_text), src, lps, rel, eot is not None)

@@ -9,7 +9,9 @@ align) into Parquet shards; rejects and counts are written beside them per batch
 (``raydc.infra.schemas``) and merged at the end. The driver never holds the rows.
 
 Counting: rows_in counts candidates (a source row with a list of responses contributes
-one per response; a source row rejected before it is split counts once).
+one per response; a source row rejected before it is split counts once). A Parquet string
+cell that is not UTF-8 is its row's reject (``parse.table_rows``), not the batch's crash.
+The stage fails when it keeps no row, or when a row id repeats (``check_unique_ids``).
 """
 
 from __future__ import annotations
@@ -25,28 +27,31 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from raydc.config import roles
 from raydc.infra.artifacts import (
     PARTS_DIR,
     REJECTS_FILE,
     batch_key,
     check_reject_share,
+    fingerprint_paths,
     prepare_out_dir,
     summarize_parts,
     tokenizer_fingerprint,
     write_json,
     write_parts,
 )
+from raydc.infra.models import check_input, check_model
 from raydc.infra.runtime import connect_ray
 from raydc.infra.schemas import PREPARED_SCHEMA
-from raydc.prepare.join import IDS, JOIN, LOGPROBS, merge_joined
-from raydc.prepare.parse import RowReject, parse_row
+from raydc.infra.stage import Stage
+from raydc.prepare.join import JOIN, JOINED_COLUMNS, merge_joined, teacher_key
+from raydc.prepare.parse import MISSING_KINDS, RowReject, parse_row, row_id_of, table_rows
 from raydc.prepare.render import prepare_candidate, special_ids, teacher_ids_to_offsets
 
 if TYPE_CHECKING:
-    from raydc.config import DataConfig
+    from raydc.config import DataConfig, RaydcConfig
 
 READ_CHUNK_ROWS = 1024
-JOINED_COLUMNS = (JOIN, IDS, LOGPROBS)  # beside a raw JSONL line after a join
 
 
 class PrepareError(RuntimeError):
@@ -204,9 +209,11 @@ def prepare_batch(batch: pa.Table, tokenizer: str, dcfg: DataConfig, parts_dir: 
         "loss_tokens": 0,
         "given_teacher_rows": 0,
         "rows_read": batch.num_rows,  # source rows, or joined rows after a join
+        # given teacher log-probs of the kept rows that are missing, by why (parse.py)
+        "teacher_logprobs_missing": dict.fromkeys(MISSING_KINDS, 0),
     }
     default_ids = []
-    for row in batch.to_pylist():
+    for row in table_rows(batch):
         default_id = f"{row.pop('_source')}:{row.pop('_index')}"
         default_ids.append(default_id)
         try:
@@ -219,8 +226,11 @@ def prepare_batch(batch: pa.Table, tokenizer: str, dcfg: DataConfig, parts_dir: 
             cands = parse_row(row, dcfg, default_id)
         except RowReject as e:
             rid = default_id
-            if isinstance(row, dict) and row.get(dcfg.id_key) is not None and "_raw" not in row:
-                rid = str(row[dcfg.id_key])
+            if isinstance(row, dict) and "_raw" not in row:
+                try:
+                    rid = row_id_of(row, dcfg.id_key) or default_id
+                except RowReject:
+                    pass  # an undecodable id: the position names the row
             rejects.append({"row_id": rid, "field": e.field, "reason": e.reason})
             stats["rows_in"] += 1
             continue
@@ -238,6 +248,8 @@ def prepare_batch(batch: pa.Table, tokenizer: str, dcfg: DataConfig, parts_dir: 
             stats["tokens"] += len(prep.input_ids)
             stats["loss_tokens"] += int(sum(prep.loss_mask))
             stats["given_teacher_rows"] += int(prep.teacher_logprobs is not None)
+            for kind, n in (cand.teacher or {}).get("missing", {}).items():
+                stats["teacher_logprobs_missing"][kind] += n
     stats["rows_out"], stats["rows_rejected"] = len(good), len(rejects)
     write_parts(parts_dir, batch_key(default_ids), "prepare", rejects, stats)
     return pa.Table.from_pylist(good, schema=PREPARED_SCHEMA)
@@ -256,7 +268,7 @@ def _join_counts(dcfg, totals: dict) -> dict:
         raise PrepareError(
             f"data.teacher_logprobs_path={dcfg.teacher_logprobs_path!r}: the join on "
             f"{dcfg.join_key!r} returned {joined} rows for {source} trace rows; a key appears "
-            "in more than one log-prob row"
+            f"in more than one log-prob row ({teacher_key(dcfg)!r})"
         )
     rows, bad = (
         int(totals.get("teacher_logprob_rows", 0)),
@@ -266,8 +278,9 @@ def _join_counts(dcfg, totals: dict) -> dict:
         "teacher_logprobs_join": {
             "path": dcfg.teacher_logprobs_path,
             "key": dcfg.join_key,
+            "teacher_key": teacher_key(dcfg),
             "logprob_rows": rows,
-            "logprob_rows_bad": bad,  # no key, ids or log-probs: not joinable
+            "logprob_rows_bad": bad,  # not a JSON object, or no key: not joinable
             "matched_rows": int(totals.get("joined_rows", 0)),
         }
     }
@@ -279,7 +292,7 @@ def run_prepare(cfg, out_dir: str | os.PathLike) -> dict:
     rows_rejected). The tokenizer is ``cfg.data.tokenizer`` or the student's."""
     t0 = time.time()
     dcfg = cfg.data
-    tokenizer = dcfg.tokenizer or cfg.score.student
+    tokenizer = roles(cfg).tokenizer
     if not tokenizer:
         raise PrepareError("no tokenizer: set data.tokenizer or score.student")
     from raydc.infra.models import tokenizer_path
@@ -301,6 +314,9 @@ def run_prepare(cfg, out_dir: str | os.PathLike) -> dict:
         "tokens": int(totals.get("tokens", 0)),
         "loss_tokens": int(totals.get("loss_tokens", 0)),
         "given_teacher_rows": int(totals.get("given_teacher_rows", 0)),
+        "teacher_logprobs_missing": {
+            k: int(totals.get("teacher_logprobs_missing", {}).get(k, 0)) for k in MISSING_KINDS
+        },
         **_join_counts(dcfg, totals),
         "source": str(dcfg.path),
         "tokenizer": tokenizer,
@@ -313,4 +329,111 @@ def run_prepare(cfg, out_dir: str | os.PathLike) -> dict:
     check_reject_share(
         "prepare", summary, dcfg.max_reject_share, out / REJECTS_FILE, error=PrepareError
     )
+    if summary["rows_out"] == 0:  # rows that came in were all rejected: raised above
+        raise PrepareError(
+            f"prepare kept no rows: {summary['rows_in']} in, {summary['rows_rejected']} "
+            f"rejected; data.path={dcfg.path!r} holds no trace rows (see "
+            f"{out / 'summary.json'} and {out / REJECTS_FILE}): nothing to score or train on"
+        )
+    check_unique_ids(out, dcfg)
     return summary
+
+
+def check_unique_ids(out: Path, dcfg) -> None:
+    """Refuse prepared rows whose ids repeat: the scored store, the selection and the
+    training data address rows by id, so a repeat would make select refuse the store after
+    a whole scoring pass, or train on both rows silently. A stage failure, not a reject of
+    the later rows: the rows stream through many workers with no order between them, so
+    no worker can tell which one came first; and a repeated id means ``data.id_key`` is
+    not an id column or the file holds rows twice, which the user fixes, not raydc.
+    Reads only the ``row_id`` column, as 64-bit hashes (exact: a repeated hash is
+    checked on the ids themselves)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from raydc.infra.artifacts import data_files
+
+    def ids(f):
+        return pq.read_table(f, columns=["row_id"]).column(0).to_pylist()
+
+    files = data_files(out)
+    hashes = np.concatenate(
+        [np.fromiter((hash(i) for i in ids(f)), np.int64) for f in files] or [np.zeros(0, np.int64)]
+    )
+    values, counts = np.unique(hashes, return_counts=True)
+    suspects = set(values[counts > 1].tolist())
+    if not suspects:
+        return
+    seen: dict[str, int] = {}
+    for f in files:
+        for i in ids(f):
+            if hash(i) in suspects:
+                seen[i] = seen.get(i, 0) + 1
+    repeated = {i: n for i, n in seen.items() if n > 1}
+    if not repeated:
+        return
+    first = min(repeated)
+    more = (
+        f" ({len(repeated)} ids repeat, e.g. {sorted(repeated)[:5]})" if len(repeated) > 1 else ""
+    )
+    raise PrepareError(
+        f"prepare: row id {first!r} appears {repeated[first]} times{more}: row ids must be "
+        f"unique (the scored store, the selection and training address rows by id). "
+        f"data.id_key={dcfg.id_key!r}: make it a column of unique ids, or remove the repeated "
+        "rows from data.path"
+    )
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _needs(cfg) -> tuple[str, ...]:
+    """The traces prepare reads: the mixed-policy or generated ones when that stage is on."""
+    if cfg.mixed_policy.enabled:
+        return ("mixed_policy",)
+    return ("generate",) if cfg.generate.enabled else ()
+
+
+def _traces(cfg, up) -> tuple[RaydcConfig, str]:
+    """The config prepare runs with (``data.path``: the traces it reads) and those
+    traces' fingerprint."""
+    if up:
+        (made,) = up.values()
+        path, fp = str(made.out_dir / "traces.parquet"), made.fingerprint
+    else:
+        path, fp = cfg.data.path, fingerprint_paths(cfg.data.path)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path)), fp
+
+
+def _reads(cfg, up) -> dict:
+    cfg, data_files = _traces(cfg, up)
+    parts = {
+        "data": dataclasses.asdict(cfg.data),
+        "data_files": data_files,
+        "tokenizer": tokenizer_fingerprint(roles(cfg).tokenizer),
+    }
+    if cfg.data.teacher_tokenizer:
+        parts["teacher_tokenizer"] = tokenizer_fingerprint(cfg.data.teacher_tokenizer)
+    if cfg.data.teacher_logprobs_path:
+        parts["teacher_logprobs"] = fingerprint_paths(cfg.data.teacher_logprobs_path)
+    return parts
+
+
+def _check(cfg) -> None:
+    dcfg = cfg.data
+    if not (cfg.generate.enabled or cfg.mixed_policy.enabled):
+        check_input("data.path", dcfg.path)
+    check_input("data.teacher_logprobs_path", dcfg.teacher_logprobs_path)
+    check_model("score.student", cfg.score.student)
+    check_model("data.tokenizer", dcfg.tokenizer, tokenizer_only=True)
+    check_model("data.teacher_tokenizer", dcfg.teacher_tokenizer, tokenizer_only=True)
+
+
+PREPARE = Stage(
+    "prepare",
+    help="read and tokenize the traces (rejects with reasons)",
+    needs=_needs,
+    check=_check,
+    reads=_reads,
+    run=lambda cfg, up, out: run_prepare(_traces(cfg, up)[0], out),
+)

@@ -43,14 +43,18 @@ from raydc.infra.artifacts import (
     check_reject_share,
     column_bytes,
     data_files,
+    fingerprint_paths,
     prepare_out_dir,
     summarize_parts,
     tokenizer_fingerprint,
     write_json,
     write_parts,
 )
+from raydc.infra.models import check_model, check_vocab
 from raydc.infra.runtime import LIGHT_CPUS
 from raydc.infra.schemas import INSPECT_DIR, SCORED_WRITE_ARGS
+from raydc.infra.stage import Stage
+from raydc.method.weights import needs_teacher
 from raydc.score.actors import ENGINE_PARTS, StudentScorer, vocab_size
 from raydc.score.store import (
     bytes_per_token,
@@ -303,14 +307,22 @@ def _manifest(cfg, prep: dict, summary: dict, *, out, on_disk, same, files, prep
         "versions": versions,
         "counts": {k: summary[k] for k in MANIFEST_COUNTS},
         "config": {"score": dataclasses.asdict(scfg), "data": prep.get("config")},
-        "weights": cfg.weights.to_dict(),
-        "weight_diagnostics": stored_weight_diagnostics(data_files(out), cfg.weights),
         "store": {**store_info(scfg), "column_bytes": on_disk},
         "input_fingerprint": fingerprint_paths(*files),
         "prepared": str(prepared),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": summary["seconds"],
         "engines": summary["engines"],
+        # The weighting is not part of what scoring reads, except for the inspection table
+        # (its fingerprint keys the weights then): only there do these describe the store.
+        **(
+            {
+                "weights": cfg.weights.to_dict(),
+                "weight_diagnostics": stored_weight_diagnostics(data_files(out), cfg.weights),
+            }
+            if scfg.inspection
+            else {}
+        ),
     }
 
 
@@ -355,3 +367,31 @@ def _backend_version(backend: str) -> dict:
     if backend != "vllm":
         out["vllm"] = None
     return out
+
+
+def _check(cfg) -> None:
+    check_model("score.student", cfg.score.student)
+    if cfg.score.teacher and needs_teacher(cfg.weights):
+        check_model("score.teacher", cfg.score.teacher)
+    if cfg.score.teacher and Path(cfg.score.teacher).is_dir():
+        check_vocab("score.teacher", cfg.score.teacher)
+
+
+SCORE = Stage(
+    "score",
+    help="score teacher tokens under the student (and teacher) with vLLM",
+    needs=lambda cfg: ("prepare",),
+    check=_check,
+    # cfg.weights is left out on purpose: weights are computed in the loss from the stored
+    # log-probs, so changing them (or a Tune trial) never re-scores. Only the inspection
+    # table (score.inspection, off by default) stores weights, so only then do they count.
+    reads=lambda cfg, up: {
+        "score": dataclasses.asdict(cfg.score),
+        "prepare": up["prepare"].fingerprint,
+        "student": fingerprint_paths(cfg.score.student),
+        "teacher": fingerprint_paths(cfg.score.teacher),
+        "needs_teacher": needs_teacher(cfg.weights),
+        "weights": cfg.weights.to_dict() if cfg.score.inspection else None,
+    },
+    run=lambda cfg, up, out: run_score(cfg, str(up["prepare"].out_dir), out),
+)

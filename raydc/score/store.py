@@ -5,11 +5,13 @@ counted and masked in ``teacher_mask``) and casts a batch to the store's schema
 (``raydc.infra.schemas.scored_schema``; log-probs as float16 or float32, ``to_store``).
 ``store_info``, ``bytes_per_token`` and ``stored_weight_diagnostics`` describe the written
 store in the manifest; the diagnostics are of the configured weights recomputed from the stored
-log-probs, i.e. what training sees.
+log-probs, i.e. what training sees. ``write_store`` is the one writer of the store's format
+outside the score stage (tests, benches).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import TYPE_CHECKING
@@ -37,10 +39,16 @@ def set_column(batch: pa.Table, name: str, col: pa.Array) -> pa.Table:
 
 def batch_weights(s_rows, t_rows, m_rows, sid_rows, wcfg) -> list[np.ndarray]:
     """``compute_weights`` of ``wcfg`` for rows given as lists (ragged). Rows with and without
-    teacher log-probs are weighted apart: without, d = log p_S."""
+    teacher log-probs are weighted apart: without, d = log p_S.
+    An entropy gate is left out (the store holds no entropy; training applies it)."""
+    import dataclasses
+
     import torch
 
-    from raydc.method.weights import compute_weights
+    from raydc.method.weights import compute_weights, needs_entropy
+
+    if needs_entropy(wcfg):
+        wcfg = dataclasses.replace(wcfg, gate="none")
 
     B, T = len(m_rows), max((len(m) for m in m_rows), default=0)
     m_BT = torch.zeros(B, T, dtype=torch.bool)
@@ -192,3 +200,87 @@ def stored_weight_diagnostics(files: list[str], wcfg) -> dict:
     if isinstance(diag.get("corr_weight_length"), float) and math.isnan(diag["corr_weight_length"]):
         diag["corr_weight_length"] = None  # JSON has no NaN
     return diag
+
+
+def write_store(
+    out_dir: str | os.PathLike,
+    columns: dict,
+    student_dir: str,
+    teacher_dir: str | None = None,
+    n_files: int = 1,
+    logprobs: str = "float32",
+    row_group_size: int | None = None,
+) -> str:
+    """A scored store written outside the score stage (tests, benches, hand-made data):
+    ``columns`` (``row_id``, ``input_ids``, ``loss_mask``, ``student_logprobs``, and any
+    other scored column; ``prompt_id``, ``sentence_ids``, ``num_tokens`` and
+    ``num_loss_tokens`` are derived when absent) cast to the store's schema and written in
+    ``n_files`` parts with the score stage's writer settings, plus the ``manifest.json``
+    training checks (the student's fingerprint, the counts, the store's format)."""
+    from raydc.infra.artifacts import fingerprint_paths
+    from raydc.infra.schemas import SCORED_WRITE_ARGS
+
+    cols = dict(columns)
+    n = len(cols["row_id"])
+    mask = _as_list_array(cols["loss_mask"], pa.bool_())
+    lengths = np.diff(np.asarray(mask.offsets))
+    cols.setdefault("prompt_id", cols["row_id"])
+    cols.setdefault("num_tokens", lengths)
+    if "num_loss_tokens" not in cols:
+        flags = np.asarray(mask.values.to_numpy(zero_copy_only=False), np.int64)
+        starts = np.asarray(mask.offsets)[:-1]
+        sums = np.add.reduceat(flags, starts) if len(flags) else np.zeros(n, np.int64)
+        cols["num_loss_tokens"] = np.where(lengths > 0, sums, 0)
+    if "sentence_ids" not in cols:
+        zeros = pa.array(np.zeros(int(lengths.sum()), np.int32))
+        cols["sentence_ids"] = pa.ListArray.from_arrays(mask.offsets, zeros)
+    schema = scored_schema(logprobs)
+    arrays = {}
+    for f in schema:
+        v = cols.get(f.name)
+        if v is None:
+            arrays[f.name] = pa.nulls(n, f.type)
+        elif pa.types.is_list(f.type):
+            arrays[f.name] = _as_list_array(v, f.type.value_type).cast(f.type)
+        else:
+            arrays[f.name] = pa.array(np.asarray(v).tolist(), f.type)
+    table = pa.table(arrays, schema=schema)
+    out = os.fspath(out_dir)
+    os.makedirs(out, exist_ok=True)
+    per = max(1, -(-n // n_files))
+    for j in range(n_files):
+        pq.write_table(
+            table.slice(j * per, per),
+            os.path.join(out, f"part-{j:05d}.parquet"),
+            row_group_size=row_group_size,
+            **SCORED_WRITE_ARGS,
+        )
+    manifest = {
+        "student": {"path": str(student_dir), "fingerprint": fingerprint_paths(student_dir)},
+        "tokenizer_fingerprint": fingerprint_paths(student_dir),
+        "teacher": None
+        if not teacher_dir
+        else {"path": str(teacher_dir), "fingerprint": fingerprint_paths(teacher_dir)},
+        "backend": "write_store",
+        "counts": {
+            "rows_in": n,
+            "rows_out": n,
+            "rows_rejected": 0,
+            "tokens": int(sum(cols["num_tokens"])),
+            "loss_tokens": int(sum(cols["num_loss_tokens"])),
+        },
+        "store": {"format": STORE_FORMAT, "logprobs": logprobs, "inspection": None},
+    }
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    return out
+
+
+def _as_list_array(values, value_type: pa.DataType) -> pa.Array:
+    """A list column given as an Arrow array, or as a sequence of rows (None: a null row)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(values, pa.Array):
+        return values
+    rows = [None if v is None else np.asarray(v).tolist() for v in values]
+    return pa.array(rows, pa.list_(value_type))

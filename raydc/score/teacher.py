@@ -51,7 +51,7 @@ class TeacherScorer(EngineActor):
         self.max_len = max_prompt_len(model, score_cfg.engine.max_model_len)
         self.scorer = make_scorer(score_cfg, model, score_cfg.teacher_temperature)
         if not self.same:
-            from raydc.prepare.render import special_ids
+            from raydc.infra.chat import special_ids
 
             self.tok = load_teacher_tokenizer(model)
             self.specials = special_ids(self.tok)
@@ -116,8 +116,8 @@ class TeacherScorer(EngineActor):
         """Per row: the teacher's log-probs of its own rendering of the conversation, with
         its token offsets, assistant-turn spans and each turn's (content, end-of-turn)
         tokens. Tokens beyond the teacher's context are dropped (they stay unknown)."""
-        from raydc.prepare.parse import RowReject
-        from raydc.prepare.render import render, tokenize, turn_tokens
+        from raydc.infra.artifacts import RowReject
+        from raydc.infra.chat import render, tokenize, turn_tokens
 
         t_ids, sides = [], []
         for r in rows:

@@ -20,6 +20,11 @@ with ``input_ids[:, 1:]``. The weights are per *row* (prefix, sentence, sequence
 per-sequence granularities must not see a neighbour), so a packed micro-batch carries a
 ``RowLayout`` that views its targets as [R, L-1], one row each, and scatters per-row
 weights back: a packed row weighs exactly what it weighs alone.
+
+``student_entropy`` (the student's predictive entropy in nats per position, for the entropy
+gates of ``raydc.method.weights``) is optional all the way: read when the scored table has
+the column, carried through ``take`` / ``concat`` / ``collate`` like the log-probs, None
+otherwise.
 """
 
 from __future__ import annotations
@@ -80,8 +85,11 @@ def _token_column(table, name: str, dtype, required: bool, row_ids: list[str], o
     return out, ~nulls
 
 
-def _check_loss_tokens(row_ids: list[str], offsets, mask: np.ndarray, s_lp: np.ndarray) -> None:
-    """No loss on a row's first token (nothing predicts it); finite log-probs on the rest."""
+def _check_loss_tokens(
+    row_ids: list[str], offsets, mask: np.ndarray, s_lp: np.ndarray, ent: np.ndarray | None
+) -> None:
+    """No loss on a row's first token (nothing predicts it); finite log-probs (and a finite,
+    non-negative entropy where the column exists) on the rest."""
     starts = offsets[:-1]
     if len(starts) and mask[starts].any():
         r = int(np.argmax(mask[starts]))
@@ -95,6 +103,14 @@ def _check_loss_tokens(row_ids: list[str], offsets, mask: np.ndarray, s_lp: np.n
         raise ScoredDataError(
             f"scored row {row_ids[r]!r}: field student_logprobs is not finite on loss tokens"
         )
+    if ent is not None:
+        bad = mask & ~(np.isfinite(ent) & (ent >= -1e-3))
+        if bad.any():
+            r = int(np.searchsorted(offsets, int(np.argmax(bad)), side="right") - 1)
+            raise ScoredDataError(
+                f"scored row {row_ids[r]!r}: field student_entropy is not a finite entropy "
+                "(>= 0 nats) on loss tokens"
+            )
 
 
 @dataclass
@@ -114,6 +130,7 @@ class RowBlock:
     teacher_logprobs: np.ndarray | None  # [N] float32; rows without them: see has_teacher
     has_teacher: np.ndarray  # [R] bool
     teacher_mask: np.ndarray | None = None  # [N] bool: False where the teacher said nothing
+    student_entropy: np.ndarray | None = None  # [N] float32, nats; None: the store has none
 
     def __len__(self) -> int:
         return len(self.row_ids)
@@ -168,7 +185,8 @@ class RowBlock:
         t_mask, have_tm = column("teacher_mask", bool)
         if t_mask is not None and not have_tm.all():
             t_mask[np.repeat(~have_tm, lengths)] = True  # no mask given: all known
-        _check_loss_tokens(row_ids, off, mask, s_lp)
+        ent, _ = column("student_entropy", np.float32, required=True)
+        _check_loss_tokens(row_ids, off, mask, s_lp, ent)
         return cls(
             row_ids=row_ids,
             offsets=off,
@@ -179,6 +197,7 @@ class RowBlock:
             teacher_logprobs=t_lp if have_t.any() else None,
             has_teacher=have_t,
             teacher_mask=t_mask,
+            student_entropy=ent,
         )
 
     def take(self, rows: list[int] | np.ndarray) -> RowBlock:
@@ -200,6 +219,7 @@ class RowBlock:
             teacher_logprobs=None if self.teacher_logprobs is None else cut(self.teacher_logprobs),
             has_teacher=self.has_teacher[rows] if rows else self.has_teacher[:0],
             teacher_mask=None if self.teacher_mask is None else cut(self.teacher_mask),
+            student_entropy=None if self.student_entropy is None else cut(self.student_entropy),
         )
 
     @classmethod
@@ -230,6 +250,13 @@ class RowBlock:
                     for b, n in zip(blocks, sizes)
                 ]
             )
+        have_ent = [b.student_entropy is not None for b in blocks]
+        if any(have_ent) and not all(have_ent):
+            b = blocks[have_ent.index(False)]
+            raise ScoredDataError(
+                f"scored row {b.row_ids[0]!r}: field student_entropy is missing while other "
+                "scored rows have it; score all rows with it or none"
+            )
         return cls(
             row_ids=[r for b in blocks for r in b.row_ids],
             offsets=offsets,
@@ -240,6 +267,9 @@ class RowBlock:
             teacher_logprobs=t_lp,
             has_teacher=np.concatenate([b.has_teacher for b in blocks]),
             teacher_mask=t_mask,
+            student_entropy=(
+                np.concatenate([b.student_entropy for b in blocks]) if all(have_ent) else None
+            ),
         )
 
 
@@ -341,6 +371,7 @@ class MicroBatch:
     tokens: int  # real (non-pad) tokens
     slots: int  # B x T
     teacher_mask: torch.Tensor | None = None  # [B, T-1] bool: False where the teacher is silent
+    student_entropy: torch.Tensor | None = None  # [B, T-1] float32 nats; None: not stored
 
     def to(self, device) -> MicroBatch:
         def mv(x):
@@ -361,6 +392,7 @@ class MicroBatch:
             self.tokens,
             self.slots,
             mv(self.teacher_mask),
+            mv(self.student_entropy),
         )
 
     @property
@@ -405,13 +437,14 @@ def collate(
     t_lp = cols(block.teacher_logprobs) if with_teacher else None
     t_mask = cols(block.teacher_mask) if with_teacher else None
     ids, mask, sent = cols(block.input_ids), cols(block.loss_mask), cols(block.sentence_ids)
+    ent = cols(block.student_entropy)
     row_ids = [block.row_ids[r] for r in rows]
     if packed:
-        return _packed(row_ids, ids, mask, s_lp, t_lp, sent, t_mask)
-    return _padded(row_ids, ids, mask, s_lp, t_lp, sent, t_mask, pad_id)
+        return _packed(row_ids, ids, mask, s_lp, t_lp, sent, t_mask, ent)
+    return _padded(row_ids, ids, mask, s_lp, t_lp, sent, t_mask, ent, pad_id)
 
 
-def _packed(row_ids, ids, mask, s_lp, t_lp, sent, t_mask) -> MicroBatch:
+def _packed(row_ids, ids, mask, s_lp, t_lp, sent, t_mask, ent) -> MicroBatch:
     """Rows end to end in one sequence [1, T], positions restarting on every row."""
 
     def targets(parts: list[np.ndarray] | None, dtype) -> torch.Tensor | None:
@@ -435,10 +468,11 @@ def _packed(row_ids, ids, mask, s_lp, t_lp, sent, t_mask) -> MicroBatch:
         tokens=T,
         slots=T,
         teacher_mask=targets(t_mask, bool),
+        student_entropy=targets(ent, np.float32),
     )
 
 
-def _padded(row_ids, ids, mask, s_lp, t_lp, sent, t_mask, pad_id: int) -> MicroBatch:
+def _padded(row_ids, ids, mask, s_lp, t_lp, sent, t_mask, ent, pad_id: int) -> MicroBatch:
     """One batch row per scored row, right-padded to the longest: [B, T]."""
     B, T = len(ids), max(len(x) for x in ids)
 
@@ -464,4 +498,5 @@ def _padded(row_ids, ids, mask, s_lp, t_lp, sent, t_mask, pad_id: int) -> MicroB
         tokens=sum(len(x) for x in ids),
         slots=B * T,
         teacher_mask=targets(t_mask, True, bool),
+        student_entropy=targets(ent, 0.0, np.float32),
     )

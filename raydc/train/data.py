@@ -41,22 +41,54 @@ def scored_files(scored_dir: str | Path) -> list[str]:
 
 
 @dataclass(frozen=True)
+class StoreManifest:
+    """What training reads of a score (or select) stage's ``manifest.json``: which student
+    made the scores, the store's format, the row count and, for a selection, its source."""
+
+    file: Path
+    student_path: str | None
+    student_fingerprint: str | None
+    format: int  # 1: written before the store had a format (float32, text in the rows)
+    rows: int | None
+    selection_source: str | None = None  # the scored folder, relative to the select folder
+    selection_files: dict[str, int] | None = None  # its files' sizes at selection time
+
+    @classmethod
+    def parse(cls, data: dict, file: str | Path) -> StoreManifest:
+        student = data.get("student") or {}
+        sel = data.get("selection")
+        return cls(
+            file=Path(file),
+            student_path=student.get("path"),
+            student_fingerprint=student.get("fingerprint"),
+            format=int((data.get("store") or {}).get("format", 1)),
+            rows=(data.get("counts") or {}).get("rows_out"),
+            selection_source=sel.get("source") if isinstance(sel, dict) else None,
+            selection_files=sel.get("source_files") if isinstance(sel, dict) else None,
+        )
+
+    @property
+    def is_selection(self) -> bool:
+        return self.selection_files is not None or self.selection_source is not None
+
+
+@dataclass(frozen=True)
 class ScoredStore:
     """What training reads: the scored files, their manifest, and the row ids a selection
     kept (None: every row)."""
 
     folder: Path
     files: list[str]
-    manifest: dict
+    manifest: StoreManifest
     keep: frozenset[str] | None = None
 
 
-def check_format(manifest: dict, folder: str | Path) -> int:
+def check_format(manifest: StoreManifest, folder: str | Path) -> int:
     """The store's format; one newer than this raydc reads is refused. Format 1 (before the
     compact store: float32 log-probs, text and weights in the rows) is read as it is."""
     from raydc.infra.schemas import STORE_FORMAT
 
-    fmt = int((manifest.get("store") or {}).get("format", 1))
+    fmt = manifest.format
     if fmt > STORE_FORMAT:
         raise ScoredDataError(
             f"{folder}: scored store format {fmt} is newer than this raydc reads "
@@ -79,13 +111,12 @@ def open_store(folder: str | Path) -> ScoredStore:
     selection = d / SELECTION_FILE
     if not selection.exists():
         return ScoredStore(d, scored_files(d), manifest)
-    sel = manifest.get("selection") or {}
-    if not sel.get("source"):
+    if not manifest.selection_source:
         raise ScoredDataError(f"{d / 'manifest.json'}: field selection.source is missing")
-    src = (d / sel["source"]).resolve()
+    src = (d / manifest.selection_source).resolve()
     files = scored_files(src)
     now = {Path(f).name: Path(f).stat().st_size for f in files}
-    then = sel.get("source_files") or {}
+    then = manifest.selection_files or {}
     changed = sorted(n for n in now.keys() | then.keys() if now.get(n) != then.get(n))
     if changed:
         shown = ", ".join(
@@ -99,7 +130,7 @@ def open_store(folder: str | Path) -> ScoredStore:
     return ScoredStore(d, files, manifest, frozenset(kept))
 
 
-def read_manifest(scored_dir: str | Path) -> dict:
+def read_manifest(scored_dir: str | Path) -> StoreManifest:
     path = Path(scored_dir) / "manifest.json"
     if not path.exists():
         raise ScoredDataError(
@@ -107,13 +138,16 @@ def read_manifest(scored_dir: str | Path) -> dict:
             "made the scores"
         )
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ScoredDataError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ScoredDataError(f"{path}: not a JSON object")
+    return StoreManifest.parse(data, path)
 
 
 def check_student(
-    manifest: dict, student_path: str, scored_dir: str | Path = "", fp: str | None = None
+    manifest: StoreManifest, student_path: str, scored_dir: str | Path = "", fp: str | None = None
 ) -> str:
     """Refuse scores made by another student; return the training student's fingerprint.
 
@@ -122,15 +156,13 @@ def check_student(
     from raydc.infra.artifacts import fingerprint_paths
 
     fp = fp or fingerprint_paths(student_path)
-    scored = (manifest.get("student") or {}).get("fingerprint")
+    scored = manifest.student_fingerprint
     if not scored:
-        raise ScoredDataError(
-            f"{Path(scored_dir) / 'manifest.json'}: field student.fingerprint is missing"
-        )
+        raise ScoredDataError(f"{manifest.file}: field student.fingerprint is missing")
     if scored != fp:
         raise ScoredDataError(
             f"the scores in {str(scored_dir)!r} were made with student "
-            f"{(manifest.get('student') or {}).get('path')!r} (fingerprint {scored}), but "
+            f"{manifest.student_path!r} (fingerprint {scored}), but "
             f"training would start from {student_path!r} (fingerprint {fp}). Their stored "
             "student log-probs do not describe this model: re-score with this student, or "
             "train the student that was scored."

@@ -23,8 +23,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,6 +35,9 @@ from raydc.train.metrics import StepWindow, process_io, weight_metrics
 from raydc.train.rescore import RescoredLogprobs, held_out_nll, rescore_shard
 from raydc.train.shard import RankShard, WindowReader, plan_epoch
 from raydc.train.step import Learner, StepStats
+
+if TYPE_CHECKING:
+    from raydc.config import RaydcConfig
 
 STATE_FILE = "raydc_state.json"
 DS_TAG = "ds"
@@ -49,6 +54,27 @@ HEADLINE = (
     "padding_share",
     "budget_fill",
 )
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What the driver hands every training worker (``train_loop_config["worker"]``, the
+    dataclass itself across the Ray boundary): the config, the student to load, the scored
+    columns to read, each rank's pieces of the store, the run folder and the test hook."""
+
+    cfg: RaydcConfig
+    student: str
+    columns: list[str]
+    pieces: list  # per rank: the (file, row group) pieces of its shard (raydc.train.shard)
+    run_dir: str  # Ray Train's run folder (its checkpoint snapshot)
+    after_step: Callable[[StepInfo], None] | None = None
+
+    @classmethod
+    def of(cls, config: dict) -> WorkerConfig:
+        return config[WORKER_KEY]
+
+
+WORKER_KEY = "worker"
 
 
 @dataclass(frozen=True)
@@ -97,10 +123,10 @@ class Worker:
 
         self.t_entry = time.time()
         self.first_step_s = float("nan")
-        self.cfg = config["cfg"]
+        self.config = WorkerConfig.of(config)
+        self.cfg = self.config.cfg
         self.tc = self.cfg.train
         self.wc = self.cfg.weights
-        self.config = config
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -113,16 +139,18 @@ class Worker:
         torch.manual_seed(self.tc.seed)
         self.learner = self._build_learner()
         self.shard = RankShard.open(
-            config["pieces"][self.rank], config["columns"], self.tc.val_share, self.tc.seed
+            self.config.pieces[self.rank], self.config.columns, self.tc.val_share, self.tc.seed
         )
-        self.val = self.shard.read_held_out() if config.get("has_val") else None
+        self.val = self.shard.read_held_out() if self.tc.val_share > 0 else None
         self.rescored: RescoredLogprobs | None = None
         self.step = 0
         self.epoch = 0
         self.pos = 0  # micro-batches of this epoch already consumed
         self.resumed_from = 0  # the checkpoint step this attempt started from
+        self.resumed_path: str | None = None  # that checkpoint, as Ray Train names it
+        self.resumed_model = False  # whether it holds the exported model (a final one)
         self.restored_metrics: dict = {}  # reported with the checkpoint resumed from
-        self.warm_started_from: int | None = None  # the previous stage's last step
+        self.warm_started_from: int | None = None  # the previous DASD phase's last step
         self.last_rows_fp = ""
         self.plan = None
         self.reader: WindowReader | None = None
@@ -138,7 +166,7 @@ class Worker:
         from raydc.train.ds_config import build_ds_config, lr_lambda, resolve_precision
         from raydc.train.model import StudentLogprobs, load_student
 
-        student = self.config["student"]
+        student = self.config.student
         self.tokenizer = AutoTokenizer.from_pretrained(student)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
@@ -285,13 +313,30 @@ class Worker:
     # ------------------------------------------------------------------ checkpoints
     def report(self, final: bool = False) -> None:
         """Report the window's metrics to Ray Train, with a checkpoint every
-        ``checkpoint_every`` steps and at the end (the final one holds the exported model)."""
+        ``checkpoint_every`` steps and at the end (the final one holds the exported model),
+        except at the end of a run resumed from its final checkpoint: that one stays."""
         import ray.train
 
         metrics = self.window_metrics()
         if not final and self.step % self.tc.checkpoint_every != 0:
             ray.train.report(metrics)
             return
+        name = f"step_{self.step:08d}"
+        resumed_here = self.resumed_path is not None and self.step == self.resumed_from
+        if final and resumed_here:
+            # Nothing trained since the resume. Reported again under its own folder name,
+            # the checkpoint would be a second entry for one folder in Ray Train's list,
+            # and Ray, keeping the newest keep_checkpoints entries, deletes the folder
+            # with the older entry. The final checkpoint stays the result (its exported
+            # model is copied out of it); ``checkpoint_path`` is what Tune's report
+            # callback adds for a checkpoint.
+            (has_model,) = _all_reduce([float(self.resumed_model)], "min")
+            if has_model:
+                metrics.update(final=True, checkpoint_path=self.resumed_path)
+                ray.train.report(metrics)
+                return
+            if name == Path(self.resumed_path).name:  # no model in it: export anew, beside it
+                name += "_export"
         tmp = tempfile.mkdtemp(prefix=f"raydc_ckpt_r{self.rank}_")
         try:
             self.save(tmp, metrics)
@@ -301,7 +346,7 @@ class Worker:
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=f"step_{self.step:08d}",
+                checkpoint_dir_name=name,
             )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -313,6 +358,9 @@ class Worker:
             pos=self.pos,
             world=self.world,
             shard_rows=int(len(self.shard.lengths)),
+            # the previous DASD phase's last step this run started from: a resumed run
+            # reports it too
+            init_checkpoint_step=self.warm_started_from,
             # The figures reported with this checkpoint: a run resumed from its final
             # checkpoint takes no step, and reports these instead of an empty window.
             metrics=metrics or {},
@@ -333,26 +381,27 @@ class Worker:
         self.engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=True)
         self.step, self.epoch, self.pos = state["step"], state["epoch"], state["pos"]
         self.resumed_from = self.step
+        self.warm_started_from = state.get("init_checkpoint_step")
         self.restored_metrics = state.get("metrics") or {}
         if (Path(ckpt_dir) / RescoredLogprobs.file_name(self.rank)).exists():
             self.rescored = RescoredLogprobs(self.shard, self.rank)
             self.rescored.load(ckpt_dir)
 
     def warm_start(self, ckpt_dir: str) -> None:
-        """Weights and optimizer state of another run's checkpoint (the previous stage of
-        a staged run); the step count, data position and learning-rate schedule start
-        anew, as a stage trained with the same settings from there would."""
+        """Weights and optimizer state of another run's checkpoint (the previous DASD
+        phase); the step count, data position and learning-rate schedule start
+        anew, as a phase trained with the same settings from there would."""
         state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
         if state["world"] != self.world:
             raise RuntimeError(
                 f"train.init_checkpoint={ckpt_dir}: written by {state['world']} workers; this "
-                f"stage has {self.world} (DeepSpeed ZeRO checkpoints are per rank: keep "
-                "train.num_workers across stages, or set the stage's optimizer: fresh)"
+                f"phase has {self.world} (DeepSpeed ZeRO checkpoints are per rank: keep "
+                "train.num_workers across phases, or set the phase's optimizer: fresh)"
             )
         self.engine.load_checkpoint(
             ckpt_dir, tag=DS_TAG, load_module_strict=True, load_lr_scheduler_states=False
         )
-        # The loaded optimizer holds the previous stage's last learning rate; this stage's
+        # The loaded optimizer holds the previous phase's last learning rate; this phase's
         # schedule starts at its own step 0.
         for group, lr in zip(
             self.engine.optimizer.param_groups, self.learner.scheduler.get_last_lr()
@@ -374,7 +423,7 @@ class Worker:
         if self.rank == 0:
             from transformers import AutoConfig, AutoModelForCausalLM
 
-            config = AutoConfig.from_pretrained(self.config["student"])
+            config = AutoConfig.from_pretrained(self.config.student)
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
                 self.precision, torch.float32
             )
@@ -394,7 +443,8 @@ def train_loop_per_worker(config: dict) -> None:
     ``train.max_steps`` (re-scoring every ``rescore_every`` steps), report every
     ``log_every`` steps and checkpoint every ``checkpoint_every``; the final report's
     checkpoint holds the exported model."""
-    if not config.get("use_gpu"):
+    spec = WorkerConfig.of(config)
+    if not spec.cfg.train.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from raydc.infra.models import offline_env
 
@@ -407,15 +457,16 @@ def train_loop_per_worker(config: dict) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             w.load(d)
-    elif tc.init_checkpoint:  # a staged run: where the previous stage left off
+            w.resumed_path = ckpt.path
+            w.resumed_model = (Path(d) / "model").is_dir()
+    elif tc.init_checkpoint:  # a DASD phase: where the previous one left off
         w.warm_start(tc.init_checkpoint)
     w.plan_current_epoch()  # the epoch we stopped in, re-planned; pos skips what it consumed
-    after_step = config.get("after_step")
     while w.step < tc.max_steps:
         w.train_step()
-        if after_step is not None:
-            after_step(
-                StepInfo(w.step, w.epoch, w.rank, w.world, tc.checkpoint_every, config["run_dir"])
+        if spec.after_step is not None:
+            spec.after_step(
+                StepInfo(w.step, w.epoch, w.rank, w.world, tc.checkpoint_every, spec.run_dir)
             )
         if tc.rescore_every and w.step % tc.rescore_every == 0 and w.step < tc.max_steps:
             w.rescore()

@@ -27,15 +27,22 @@ from torch import nn
 from raydc.method.loss import chunked_token_logprobs
 
 
-def _head_logprobs(self, hidden_BTH, targets_BT, chunk_size):
+def _head_logprobs(self, hidden_BTH, targets_BT, chunk_size, with_entropy=False):
     return chunked_token_logprobs(
-        hidden_BTH, self.weight, targets_BT, getattr(self, "bias", None), chunk_size
+        hidden_BTH,
+        self.weight,
+        targets_BT,
+        getattr(self, "bias", None),
+        chunk_size,
+        with_entropy=with_entropy,
     )
 
 
 class StudentLogprobs(nn.Module):
     """forward(input_ids [B, T], position_ids [B, T] or None) -> logp [B, T - 1] of
-    input_ids[:, 1:].
+    input_ids[:, 1:]; with ``with_entropy=True``, (logp, entropy [B, T - 1]): also the
+    student's predictive entropy in nats at each of those positions, detached, from the
+    same chunked head pass.
 
     No attention mask: right-padded rows need none under causal attention (no real token
     sees a pad), and packed rows are told apart by ``position_ids`` restarting at 0.
@@ -50,8 +57,11 @@ class StudentLogprobs(nn.Module):
         self._head = [head]  # not a submodule twice: it already lives under lm
 
     def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        with_entropy: bool = False,
+    ):
         body = self.lm.get_decoder() if hasattr(self.lm, "get_decoder") else self.lm.model
         hidden_BTH = body(
             input_ids=input_ids,
@@ -59,7 +69,7 @@ class StudentLogprobs(nn.Module):
             use_cache=False,
             **segment_kwargs(position_ids),
         ).last_hidden_state
-        return self._head[0](hidden_BTH[:, :-1], input_ids[:, 1:], self.chunk_size)
+        return self._head[0](hidden_BTH[:, :-1], input_ids[:, 1:], self.chunk_size, with_entropy)
 
 
 PACKED_SDPA = "sdpa_packed"

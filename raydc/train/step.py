@@ -13,6 +13,11 @@ gradients over the ``world`` ranks, so the gradient it steps with is
 ``sum(w m l) / D_global * world * grad_accum``; the sum of their gradients then equals the
 gradient of the global loss ``sum_all(w m l) / D_global``, whatever the number of workers
 or accumulation steps (tests/integration/test_train.py checks 1 vs 2 workers).
+
+Entropy gates (``raydc.method.weights.needs_entropy``) read the student's per-token
+entropy: with ``student_ref=current`` from the training forward itself (the chunked head
+computes it with the log-probs), otherwise from the micro-batch's optional
+``student_entropy`` column.
 """
 
 from __future__ import annotations
@@ -24,7 +29,13 @@ from dataclasses import dataclass
 import torch
 
 from raydc.method.loss import loss_denominators, weighted_token_loss
-from raydc.method.weights import WeightConfig, compute_weights, loss_tokens
+from raydc.method.weights import (
+    WeightConfig,
+    WeightConfigError,
+    compute_weights,
+    loss_tokens,
+    needs_entropy,
+)
 from raydc.train.batch import MicroBatch
 
 # all_reduce(values, op) -> reduced values, op one of "sum" | "min" | "max"
@@ -37,23 +48,35 @@ def no_reduce(values: Sequence[float], op: str = "sum") -> list:
 
 
 def micro_batch_weights(
-    mb: MicroBatch, wc: WeightConfig, live_logp: torch.Tensor | None = None, uniform: bool = False
+    mb: MicroBatch,
+    wc: WeightConfig,
+    live_logp: torch.Tensor | None = None,
+    uniform: bool = False,
+    live_entropy: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Detached weights [B, T-1] of ``mb``'s targets, computed per row.
 
     ``live_logp`` (the training forward's own log-probs) replaces the stored student
-    log-probs (``student_ref=current``); ``uniform`` gives w = 1 (weight warmup). Packed
-    rows are weighed in their own [R, L-1] view (``RowLayout``), so granularities and
+    log-probs (``student_ref=current``), and ``live_entropy`` (the same forward's entropy)
+    the stored ``student_entropy``; ``uniform`` gives w = 1 (weight warmup). Packed rows
+    are weighed in their own [R, L-1] view (``RowLayout``), so granularities and
     per-sequence normalisation never see a neighbouring row.
     """
     m = mb.loss_mask
     if uniform:
         return m.to(torch.float32)
     s = live_logp.detach().float() if live_logp is not None else mb.student_logprobs
+    h = live_entropy.detach().float() if live_entropy is not None else mb.student_entropy
+    if h is None and needs_entropy(wc):
+        raise WeightConfigError(
+            f"weights.gate={wc.gate!r} needs the student's per-token entropy (student_entropy), "
+            f"and rows {mb.row_ids[:3]} have none: train with train.student_ref=current (the "
+            "training forward computes it) or from a scored store with a student_entropy column"
+        )
     t, sid, tm = mb.teacher_logprobs, mb.sentence_ids, mb.teacher_mask
     lay = mb.layout
     if lay is None:
-        return compute_weights(s, t, m, wc, sentence_ids=sid, teacher_mask=tm)
+        return compute_weights(s, t, m, wc, sentence_ids=sid, teacher_mask=tm, student_entropy=h)
     w_RL = compute_weights(
         lay.to_rows(s),
         None if t is None else lay.to_rows(t),
@@ -61,6 +84,7 @@ def micro_batch_weights(
         wc,
         sentence_ids=lay.to_rows(sid),
         teacher_mask=None if tm is None else lay.to_rows(tm, fill=True),
+        student_entropy=None if h is None else lay.to_rows(h),
     )
     return lay.from_rows(w_RL, m.shape)
 
@@ -89,21 +113,34 @@ class Learner:
     def forward(self, mb: MicroBatch) -> torch.Tensor:
         return self.engine(mb.input_ids, mb.position_ids)
 
+    def forward_live(self, mb: MicroBatch, with_entropy: bool):
+        """(logp, entropy or None): the forward whose log-probs weigh ``student_ref=current``
+        (the entropy only when asked: it costs one more pass over each logits chunk)."""
+        if with_entropy:
+            return self.engine(mb.input_ids, mb.position_ids, with_entropy=True)
+        return self.forward(mb), None
+
     def step(self, mbs: list[MicroBatch], uniform: bool = False) -> StepStats:
         """One optimizer step over ``mbs`` (this rank's ``grad_accum`` micro-batches)."""
         t0 = time.perf_counter()
         G = len(mbs)
         live: list[torch.Tensor | None] = [None] * G
+        live_h: list[torch.Tensor | None] = [None] * G
         current = self.tc.student_ref == "current" and not uniform
         if current:
+            want_h = needs_entropy(self.wc)
             if G == 1:
-                live[0] = self.forward(mbs[0])  # kept with its graph for the backward
+                # kept with its graph for the backward (the entropy has none)
+                live[0], live_h[0] = self.forward_live(mbs[0], want_h)
             else:
                 # The denominator needs every micro-batch's weights before the first
                 # backward: one extra no-grad forward per micro-batch (same parameters).
                 with torch.no_grad():
-                    live = [self.forward(mb) for mb in mbs]
-        weights = [micro_batch_weights(mb, self.wc, lp, uniform) for mb, lp in zip(mbs, live)]
+                    pairs = [self.forward_live(mb, want_h) for mb in mbs]
+                live, live_h = [lp for lp, _ in pairs], [h for _, h in pairs]
+        weights = [
+            micro_batch_weights(mb, self.wc, lp, uniform, h) for mb, lp, h in zip(mbs, live, live_h)
+        ]
         # The tokens that count: the loss mask less what the mask transform removed.
         masks = [loss_tokens(w, mb.loss_mask, self.wc) for mb, w in zip(mbs, weights)]
         tok, wsum = 0.0, 0.0

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from raydc.config import RaydcConfig
+from raydc.config import RaydcConfig, roles
 from raydc.train.data import (
     ScoredDataError,
     check_schema,
@@ -39,7 +39,7 @@ RUN_NAME = "train"
 
 
 def student_path(cfg: RaydcConfig) -> str:
-    path = cfg.train.student or cfg.score.student
+    path = roles(cfg).student
     if not path:
         raise ScoredDataError("train.student (or score.student) must name the student model folder")
     return path
@@ -127,28 +127,26 @@ def build_trainer(
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
-    from raydc.train.loop import train_loop_per_worker
+    from raydc.train.loop import WORKER_KEY, WorkerConfig, train_loop_per_worker
 
     tc = cfg.train
     student = student_path(cfg)
     store = open_store(scored_dir)
-    # The scores' student: the one training starts from, unless a staged run scored a later
-    # stage's traces under the initial student (train.scored_student)
-    check_student(store.manifest, tc.scored_student or student, scored_dir, fp=student_fingerprint)
+    # The scores' student: the one training starts from, unless a DASD phase scored its
+    # traces under the initial student (train.scored_student)
+    check_student(store.manifest, roles(cfg).scored_student, scored_dir, fp=student_fingerprint)
     columns = check_schema(store.files)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     groups = build_index(store.files, store.keep)
-    loop_config = {
-        "cfg": cfg,
-        "student": student,
-        "columns": columns,
-        "pieces": assign_pieces(groups, tc.num_workers),
-        "has_val": tc.val_share > 0,
-        "use_gpu": tc.use_gpu,
-        "after_step": after_step,
-        "run_dir": str(out / "ray" / RUN_NAME),
-    }
+    worker = WorkerConfig(
+        cfg=cfg,
+        student=student,
+        columns=columns,
+        pieces=assign_pieces(groups, tc.num_workers),
+        run_dir=str(out / "ray" / RUN_NAME),
+        after_step=after_step,
+    )
     resources = {"CPU": tc.cpus_per_worker}
     if tc.use_gpu:
         resources["GPU"] = 1
@@ -162,7 +160,7 @@ def build_trainer(
     run_kwargs.update(run_config_overrides or {})
     return TorchTrainer(
         loop_fn or train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={WORKER_KEY: worker},
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
         ),
@@ -208,7 +206,7 @@ def run_train(
     if ckpt is None:
         raise RuntimeError("training finished without a checkpoint")
     model_dir = export_model(ckpt, out / "model")
-    counts = manifest.get("counts") or {}
+
     metrics = {
         k: v
         for k, v in (result.metrics or {}).items()
@@ -216,7 +214,7 @@ def run_train(
     }
     raw = result.metrics or {}
     summary = {
-        "rows_in": counts.get("rows_out"),
+        "rows_in": manifest.rows,
         "shards": {
             "rows_per_rank": raw.get("shard_rows_per_rank"),
             "tokens_per_rank": raw.get("shard_tokens_per_rank"),

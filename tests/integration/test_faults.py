@@ -118,7 +118,7 @@ def test_driver_killed_in_score_and_in_train_resumes_to_the_same_result(ray_loca
     (out / "train" / MARKER).unlink()
     (out / ".train.pending.json").write_text(json.dumps({"fingerprint": marker["fingerprint"]}))
     pipe = Pipeline(load_config(DEFAULT_CONFIG, [f"run.output_dir={out}"] + OVERRIDES))
-    res = pipe.train()
+    res = pipe.run("train")
     assert not res.skipped
     again = res.summary["metrics"]
     assert again["step"] == 12
@@ -134,7 +134,7 @@ def test_driver_killed_in_score_and_in_train_resumes_to_the_same_result(ray_loca
     pipe = Pipeline(
         load_config(DEFAULT_CONFIG, [f"run.output_dir={out}"] + OVERRIDES), log=logs.append
     )
-    assert pipe.train().skipped
+    assert pipe.run("train").skipped
     assert not pipe.results["score"].skipped
     assert any(f"{shards[0].name} is missing" in x for x in logs)
     # Re-made (Ray Data names its files afresh): every scored row is back.

@@ -19,6 +19,7 @@ by the tests that read them:
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -322,6 +323,45 @@ def test_a_16k_token_row_trains_on_cpu(ray_local, tiny_student, tmp_path):
     assert m["budget_fill"] == pytest.approx((16_384 + 12) / 16_400)
     assert torch.isfinite(torch.tensor(m["loss"])) and m["grad_norm"] > 0
     assert Path(summary["model_dir"], "model.safetensors").exists()
+
+
+def _files(folder: str) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in Path(folder).iterdir()}
+
+
+@pytest.mark.parametrize("keep, reruns", [(None, 3), (1, 1)])
+def test_a_finished_run_rerun_at_its_final_step_re_exports_the_same_model(
+    ray_local, tiny_student, scored, tmp_path, keep, reruns
+):
+    # The exported model deleted after the run and the run repeated (a stage whose model
+    # went missing reruns): each rerun resumes at the final step, takes no step and copies
+    # the model out of the final checkpoint. Reporting that checkpoint again under its own
+    # name made Ray Train keep two entries for one folder and delete the folder with the
+    # older entry (the second rerun with the default keep_checkpoints=2, the first with 1).
+    extra = {} if keep is None else {"keep_checkpoints": keep}
+    cfg = _cfg(
+        tiny_student,
+        num_workers=1,
+        max_steps=2,
+        grad_accum=1,
+        val_share=0.0,
+        checkpoint_every=1,
+        **extra,
+    )
+    out = tmp_path / "run"
+    first, _ = _train(cfg, scored, out)
+    want = _files(first["model_dir"])
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(want)
+    for _ in range(reruns):
+        shutil.rmtree(first["model_dir"])
+        again, by_step = _train(cfg, scored, out)
+        assert again["checkpoint"] == first["checkpoint"]
+        assert _files(again["model_dir"]) == want  # weights, config, tokenizer: same bytes
+        assert again["metrics"]["step"] == 2
+        assert again["metrics"]["loss"] == first["metrics"]["loss"]
+        assert by_step[2]["resumed_from_step"] == 2 and by_step[2]["final"] is True
+        assert by_step[2]["checkpoint_path"] == first["checkpoint"]  # what Tune reads
+        assert Path(first["checkpoint"], "model", "model.safetensors").exists()
 
 
 def test_export_loads_in_transformers_and_vllm(z2, tmp_path):

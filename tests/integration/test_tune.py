@@ -46,7 +46,7 @@ def test_two_trial_sweep_scores_once_and_resumes(ray_local, tmp_path):
     )
     logs: list[str] = []
     pipe = Pipeline(cfg, log=logs.append)
-    res = pipe.tune()
+    res = pipe.run_until("tune")
     s = res.summary
 
     # Scoring ran once, before the sweep; the trials never re-scored.

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import os
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from raydc.infra.artifacts import (
+    HISTORY,
+    LOCK,
     PARTS_DIR,
     REJECTS_FILE,
     TOKENIZER_FILES,
+    LinkRefused,
+    StageError,
+    append_history,
     fingerprint_paths,
+    lock_output_dir,
+    release_output_dir,
     summarize_parts,
     tokenizer_fingerprint,
     write_parts,
+    write_private,
 )
 
 
@@ -63,3 +73,80 @@ def test_summarize_parts_gives_the_summary_head_and_refuses_lost_rows(tmp_path):
     write_parts(str(out / PARTS_DIR), "k0", "prepare", [], {"rows_in": 5})
     with pytest.raises(ValueError, match="prepare lost rows: 5 in != 2 out \\+ 0 rejected"):
         summarize_parts(out, "prepare", error=ValueError)
+
+
+# ----------------------------------------------------------------------------- no links
+
+PRECIOUS = b"a file of the user's, not raydc's\n"
+
+
+def _planted(tmp_path, name: str):
+    """``<tmp>/run/<name>`` as a symbolic link to a file of the user's; both paths."""
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    victim = tmp_path / f"victim-{name.strip('.')}"
+    victim.write_bytes(PRECIOUS)
+    (run / name).symlink_to(victim)
+    return run, victim
+
+
+def _refusal(path, victim) -> str:
+    return (
+        f"{path} is a symbolic link (to {victim}): raydc writes this file itself and does not "
+        "follow a link there (it would overwrite the link's target); remove the link"
+    )
+
+
+def test_a_symlink_planted_as_the_lock_is_refused_and_its_target_untouched(tmp_path, capsys):
+    from raydc.cli import main
+
+    run, victim = _planted(tmp_path, LOCK)
+    with pytest.raises(LinkRefused) as e:
+        lock_output_dir(run)
+    assert str(e.value) == _refusal(run / LOCK, victim)
+    assert isinstance(e.value, StageError) and isinstance(e.value, OSError)
+    assert victim.read_bytes() == PRECIOUS
+    # The command stops on it with one line and exit 1, before it checks the config (the
+    # model below does not exist): the target used to be truncated even then.
+    capsys.readouterr()
+    assert main(["prepare", f"run.output_dir={run}", "score.student=/no/such/model"]) == 1
+    assert capsys.readouterr().err == f"raydc: {_refusal(run / LOCK, victim)}\n"
+    assert victim.read_bytes() == PRECIOUS and (run / LOCK).is_symlink()
+    # A real lock file works as before.
+    (run / LOCK).unlink()
+    lock_output_dir(run)
+    assert (run / LOCK).read_text().startswith(f"pid {os.getpid()} on ")
+    release_output_dir(run)
+
+
+def test_a_symlink_planted_as_the_history_is_refused_and_its_target_untouched(tmp_path):
+    run, victim = _planted(tmp_path, HISTORY)
+    record = {"stage": "prepare", "fingerprint": "f0", "seconds": 1.5, "finished": 2.0}
+    with pytest.raises(LinkRefused) as e:
+        append_history(run, record)
+    assert str(e.value) == _refusal(run / HISTORY, victim)
+    assert victim.read_bytes() == PRECIOUS
+    (run / HISTORY).unlink()
+    append_history(run, record)
+    append_history(run, {**record, "stage": "score"})
+    assert (run / HISTORY).read_text() == (
+        '{"stage": "prepare", "fingerprint": "f0", "seconds": 1.5, "finished": 2.0}\n'
+        '{"stage": "score", "fingerprint": "f0", "seconds": 1.5, "finished": 2.0}\n'
+    )
+
+
+def test_write_private_writes_a_file_and_never_through_a_link(tmp_path):
+    run, victim = _planted(tmp_path, ".train.pending.json")
+    with pytest.raises(LinkRefused) as e:
+        write_private(run / ".train.pending.json", '{"fingerprint": "f1"}')
+    assert str(e.value) == _refusal(run / ".train.pending.json", victim)
+    assert victim.read_bytes() == PRECIOUS
+    # A dangling link is refused too: its target is not created.
+    (run / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(LinkRefused):
+        write_private(run / "dangling", "x")
+    assert not (tmp_path / "nowhere").exists()
+    # A plain file is written whole, replacing what was there.
+    write_private(run / "plain.json", "a longer first text")
+    write_private(run / "plain.json", "second")
+    assert (run / "plain.json").read_text() == "second"

@@ -253,12 +253,13 @@ def test_the_dasd_recipe_configs_validate():
     blocks = re.findall(r"```yaml\n(.*?)```", doc, re.S)
     assert len(blocks) == 2
     recipe = from_dict(yaml.safe_load(blocks[0]))
-    assert [s.name for s in recipe.stages] == ["t06", "t10", "mixed"]
+    assert [s.name for s in recipe.phases] == ["t06", "t10", "mixed"]
     assert recipe.select.enabled and recipe.train.zero_stage == 3
-    t06, t10, mixed = recipe.stages
+    t06, t10, mixed = recipe.phases
     assert t06.generate == {"enabled": True, "temperature": 0.6}
     assert t10.generate["temperature"] == 1.0 and t10.optimizer == "carry"
     assert mixed.mixed_policy["enabled"] and mixed.mixed_policy["length_cap"] == 1.5
     public = from_dict(yaml.safe_load(blocks[1]))
     assert public.data.teacher_token_ids_key == "token_ids" and public.data.teacher_tokenizer
-    assert public.data.teacher_logprobs_path and public.data.join_key == "sample_uuid"
+    assert public.data.teacher_logprobs_path and public.data.join_key == "uuid"
+    assert public.data.teacher_join_key == "sample_uuid" and public.data.id_key == "uuid"

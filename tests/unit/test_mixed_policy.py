@@ -60,3 +60,24 @@ def test_a_continuation_is_kept_only_when_its_answer_grades_correct():
     assert _verdict(cfg, Item("r", "p", "q", gold="none", extra={}), stop, "#### 4").startswith(
         "no_gold_answer"
     )
+
+
+def test_a_pass_that_keeps_no_trace_fails_naming_why(tmp_path):
+    """No usable input trace: the stage fails with the counts by reason and the rejects
+    file (written first), instead of finishing with nothing for prepare to read."""
+    import pyarrow.parquet as pq
+
+    from raydc.config import from_dict
+    from raydc.mixed_policy import MixedPolicyError, run_mixed_policy
+
+    traces = tmp_path / "traces.jsonl"
+    traces.write_text('{"prompt": "  ", "response": "A."}\n{"prompt": "Q?", "response": ""}\n')
+    cfg = from_dict({"mixed_policy": {"engine": {"backend": "local"}}})
+    out = tmp_path / "mp"
+    with pytest.raises(
+        MixedPolicyError,
+        match=r"kept no traces: 2 in, 2 rejected \(reasons \{'missing_prompt': 1, "
+        r"'missing_response': 1\}\); see .*rejects.parquet",
+    ):
+        run_mixed_policy(cfg, "tiny-bpe", "tiny-bpe", traces, out)
+    assert pq.read_table(out / "rejects.parquet").num_rows == 2

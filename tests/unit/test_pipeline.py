@@ -75,7 +75,7 @@ def test_a_deleted_or_truncated_output_reruns_the_stage_that_made_it(tmp_path):
 
 
 def test_train_vouches_for_its_model_not_its_checkpoints(tmp_path):
-    from raydc.pipeline.runner import _model_outputs
+    from raydc.infra.stage import model_outputs as _model_outputs
 
     pipe = Pipeline(_cfg(tmp_path / "run"), log=lambda m: None, connect_ray=False)
 

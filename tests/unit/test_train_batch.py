@@ -143,3 +143,62 @@ def test_the_teacher_mask_travels_into_micro_batches_and_neutralises_weights():
         assert rows[0, 1] == 1.0  # token 2 of row a: the teacher said nothing
         assert rows[0, 0] != 1.0 and rows[2, 2] != 1.0
     assert RowBlock.from_table(scored_table()).teacher_mask is None
+
+
+ENTROPY = [[0.0, 2.0, 0.3], [0.0, 1.0], [0.0, 0.5, 4.0, 0.2]]
+
+
+def test_the_student_entropy_column_travels_into_micro_batches():
+    block = RowBlock.from_table(scored_table(student_entropy=ENTROPY))
+    assert block.student_entropy.tolist() == pytest.approx([x for r in ENTROPY for x in r])
+    assert RowBlock.from_table(scored_table()).student_entropy is None
+    padded = collate(block, [0, 1, 2], packed=False)
+    expect = torch.tensor([[2.0, 0.3, 0.0], [1.0, 0.0, 0.0], [0.5, 4.0, 0.2]])
+    assert torch.equal(padded.student_entropy, expect)
+    packed = collate(block, [0, 1, 2], packed=True)
+    assert torch.equal(packed.layout.to_rows(packed.student_entropy), padded.student_entropy)
+    assert collate(RowBlock.from_table(scored_table()), [0], packed=True).student_entropy is None
+    taken = block.take([2, 0])
+    assert taken.student_entropy.tolist() == pytest.approx([0.0, 0.5, 4.0, 0.2, 0.0, 2.0, 0.3])
+    both = RowBlock.concat([block, taken])
+    assert len(both.student_entropy) == both.offsets[-1] == 16
+    assert padded.to("cpu").student_entropy is not None
+
+
+def test_student_entropy_checks_name_the_row_and_field():
+    no_ent = RowBlock.from_table(scored_table().slice(0, 1))
+    with_ent = RowBlock.from_table(scored_table(student_entropy=ENTROPY))
+    with pytest.raises(ScoredDataError, match=r"row 'a'.*student_entropy is missing"):
+        RowBlock.concat([with_ent, no_ent])
+    with pytest.raises(ScoredDataError, match=r"row 'b'.*field student_entropy is null"):
+        RowBlock.from_table(scored_table(student_entropy=[ENTROPY[0], None, ENTROPY[2]]))
+    bad = [[0.0, 2.0, 0.3], [0.0, -1.0], [0.0, 0.5, 4.0, 0.2]]
+    with pytest.raises(ScoredDataError, match=r"row 'b'.*student_entropy is not a finite"):
+        RowBlock.from_table(scored_table(student_entropy=bad))
+    # off the loss tokens (row c's position 1) nothing is checked
+    off = [[0.0, 2.0, 0.3], [0.0, 1.0], [0.0, float("nan"), 4.0, 0.2]]
+    RowBlock.from_table(scored_table(student_entropy=off))
+    with pytest.raises(ScoredDataError, match=r"row 'c'.*student_entropy has 3 values"):
+        RowBlock.from_table(scored_table(student_entropy=[*ENTROPY[:2], [0.0, 1.0, 1.0]]))
+
+
+def test_a_stored_entropy_feeds_the_entropy_gates():
+    from raydc.method.weights import WeightConfigError, preset
+    from raydc.train.step import micro_batch_weights
+
+    block = RowBlock.from_table(scored_table(student_entropy=ENTROPY))
+    for packed in (True, False):
+        mb = collate(block, [0, 1, 2], packed=packed)
+        w = micro_batch_weights(mb, preset("eaft"))
+        rows = mb.layout.to_rows(w) if packed else w
+        # eaft: w = min(1, H / 3) on loss tokens (row a: both; b: one; c: the last two)
+        assert rows[0, :2].tolist() == pytest.approx([2.0 / 3, 0.1])
+        assert rows[1, 0].item() == pytest.approx(1.0 / 3)
+        assert rows[2].tolist() == pytest.approx([0.0, 1.0, 0.2 / 3])
+    mb = collate(RowBlock.from_table(scored_table()), [0, 1], packed=False)
+    with pytest.raises(WeightConfigError, match=r"gate='entropy_power'.*student_ref=current"):
+        micro_batch_weights(mb, preset("eaft"))
+    # a live entropy (student_ref=current) replaces the stored one
+    live = torch.full(mb.loss_mask.shape, 1.5)
+    w = micro_batch_weights(mb, preset("eaft"), live_entropy=live)
+    assert w[mb.loss_mask].tolist() == pytest.approx([0.5] * 3)

@@ -10,6 +10,7 @@ import pytest
 
 from raydc.train.data import (
     ScoredDataError,
+    StoreManifest,
     check_schema,
     check_student,
     is_val_key,
@@ -46,7 +47,8 @@ def test_other_students_scores_are_refused(tmp_path):
     b.mkdir()
     (a / "config.json").write_text(json.dumps({"x": 1}))
     (b / "config.json").write_text(json.dumps({"x": 2}))
-    manifest = {"student": {"path": str(a), "fingerprint": fingerprint_paths(a)}}
+    data = {"student": {"path": str(a), "fingerprint": fingerprint_paths(a)}}
+    manifest = StoreManifest.parse(data, tmp_path / "manifest.json")
     assert check_student(manifest, str(a)) == fingerprint_paths(a)
     with pytest.raises(ScoredDataError, match="made with student .* re-score"):
         check_student(manifest, str(b))

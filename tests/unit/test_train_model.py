@@ -162,6 +162,27 @@ def test_student_logprobs_head_matches_full_logits(tiny_student):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_the_head_returns_the_exact_entropy_with_unchanged_logprobs(lm):
+    """with_entropy: the same log-probs, plus each position's entropy, packed rows exactly
+    as rows alone (the entropy the gates of student_ref=current read)."""
+    from raydc.method.entropy import token_entropy
+
+    model = StudentLogprobs(lm, chunk_size=5)
+    block = _block(seed=7)
+    rows = list(range(len(block)))
+    packed = collate(block, rows, packed=True)
+    with torch.no_grad():
+        logp, ent = model(packed.input_ids, packed.position_ids, with_entropy=True)
+        assert torch.equal(logp, model(packed.input_ids, packed.position_ids))
+        for r in rows:
+            ids = collate(block, [r], packed=False).input_ids
+            hidden = lm.get_decoder()(input_ids=ids).last_hidden_state[0, :-1]
+            ref = token_entropy(hidden @ lm.get_output_embeddings().weight.T)  # full logits
+            got = packed.layout.to_rows(ent)[r, : ids.shape[1] - 1]  # the row in the pack
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert not ent.requires_grad
+
+
 def test_attention_implementation_choice():
     assert resolve_attn_implementation("auto", on_gpu=False) == "sdpa_packed"
     assert resolve_attn_implementation("eager", on_gpu=True) == "eager"

@@ -14,7 +14,7 @@ import torch
 
 from raydc.config import TrainConfig
 from raydc.method.loss import loss_denominators, weighted_token_loss
-from raydc.method.weights import preset
+from raydc.method.weights import WeightConfigError, preset
 from raydc.train.batch import collate
 from raydc.train.model import StudentLogprobs, load_student
 from raydc.train.step import Learner, micro_batch_weights, no_reduce
@@ -25,8 +25,8 @@ class _Engine:
     def __init__(self, model, grad_accum: int):
         self.module, self.G = model, grad_accum
 
-    def __call__(self, input_ids, position_ids):
-        return self.module(input_ids, position_ids)
+    def __call__(self, input_ids, position_ids, **kwargs):
+        return self.module(input_ids, position_ids, **kwargs)
 
     def backward(self, loss):
         (loss / self.G).backward()
@@ -95,3 +95,38 @@ def test_weight_warmup_gives_uniform_weights_and_no_reduce_is_identity():
     w = micro_batch_weights(mb, preset("discord"), uniform=True)
     assert torch.equal(w, mb.loss_mask.float())
     assert no_reduce([1.0, 2.5], "max") == [1.0, 2.5]
+
+
+@pytest.mark.parametrize("G", [1, 2])
+def test_student_ref_current_gates_with_the_forwards_own_entropy(tiny_student, G):
+    """An entropy gate under student_ref=current reads the live forward's entropy (no
+    stored column needed): the step's weights are compute_weights of the live log-probs
+    and the exact entropy of the full logits."""
+    from raydc.method.entropy import token_entropy
+    from raydc.method.weights import compute_weights
+
+    # the random tiny student's entropy is near ln V: a scale of 50 nats keeps w = H / 50 < 1
+    wc = preset("eaft", gate_h=50.0)
+    block = _block(seed=8, lengths=(9, 5, 14, 3))
+    torch.manual_seed(0)
+    lm = load_student(tiny_student, TrainConfig(), on_gpu=False)
+    model = StudentLogprobs(lm, 4)
+    mbs = [collate(block, rows, packed=False) for rows in ([[0, 1, 2, 3]], [[0, 1], [2, 3]])[G - 1]]
+    expect = []
+    with torch.no_grad():
+        for mb in mbs:
+            hidden = lm.get_decoder()(input_ids=mb.input_ids).last_hidden_state[:, :-1]
+            logits = hidden @ lm.get_output_embeddings().weight.T
+            s = torch.log_softmax(logits, -1).gather(-1, mb.input_ids[:, 1:, None])[..., 0]
+            expect.append(
+                compute_weights(s, None, mb.loss_mask, wc, student_entropy=token_entropy(logits))
+            )
+    tc = TrainConfig(student_ref="current")
+    learner = Learner(_Engine(model, G), _Sched(), tc, wc, 1, no_reduce)
+    stats = learner.step(mbs)
+    for got, exp, mb in zip(stats.weights, expect, mbs):
+        torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
+        assert (got[mb.loss_mask] < 0.5).all()  # every token was gated
+    # student_ref=init with no stored entropy: the error names the field and the fix
+    with pytest.raises(WeightConfigError, match="student_entropy.*student_ref=current"):
+        Learner(_Engine(model, G), _Sched(), TrainConfig(), wc, 1, no_reduce).step(mbs)

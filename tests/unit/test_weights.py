@@ -23,6 +23,7 @@ S = torch.tensor([[0.0, -0.5, -1.0, -2.0, -0.1]])
 T = torch.tensor([[0.0, -1.0, -0.5, -1.0, -0.1]])
 M = torch.tensor([[False, True, True, True, True]])
 D = [0.5, -0.5, -1.0, 0.0]  # s - t on the response tokens
+H = torch.tensor([[0.0, 2.0, 0.2, 0.1, 4.0]])  # the student's entropy (nats) per position
 
 
 def sig(x):
@@ -151,8 +152,9 @@ def test_per_sequence_rescales_to_mean_one():
 def test_weights_are_detached_and_zero_off_mask():
     s = S.clone().requires_grad_(True)
     t = T.clone().requires_grad_(True)
+    h = H.clone().requires_grad_(True)
     for name in PRESETS:
-        w = compute_weights(s, t, M, preset(name))
+        w = compute_weights(s, t, M, preset(name), student_entropy=h)
         assert not w.requires_grad
         assert w[0, 0] == 0.0
 
@@ -187,7 +189,7 @@ def test_minus_inf_logprob_is_bounded():
     s = S.clone()
     s[0, 2] = float("-inf")
     for name in PRESETS:
-        w = compute_weights(s, T, M, preset(name))
+        w = compute_weights(s, T, M, preset(name), student_entropy=H)
         assert torch.isfinite(w).all()
 
 
@@ -412,3 +414,239 @@ def test_where_the_teacher_is_silent_the_weight_is_exactly_one():
     # exp_clip: forced to 1 even where the clip bounds would not allow it
     clip = WeightConfig(transform="exp_clip", w_min=1.5, w_max=4.0)
     assert compute_weights(S, T, M, clip, teacher_mask=known)[0, 2] == 1.0
+
+
+# ----------------------------------------------------------------------------- entropy gates
+# H = [_, 2.0, 0.2, 0.1, 4.0] nats and s = log p_S = [_, -0.5, -1.0, -2.0, -0.1] on the
+# response tokens.
+H_RESP = [2.0, 0.2, 0.1, 4.0]
+S_RESP = [-0.5, -1.0, -2.0, -0.1]
+
+
+def conflict_gate(s, h, gate_h=1.0, gate_p=0.1, gate_tau=0.25):
+    return 1 - sig((gate_h - h) / gate_tau) * sig((math.log(gate_p) - s) / gate_tau)
+
+
+def test_conflict_gate_hand_computed():
+    cfg = WeightConfig(transform="none", gate="conflict", normalization="none")
+    w = compute_weights(S, T, M, cfg, student_entropy=H)
+    assert w[0, 0] == 0.0
+    expect = [conflict_gate(s, h) for s, h in zip(S_RESP, H_RESP)]
+    assert resp(w) == pytest.approx(expect, abs=1e-6)
+    cfg = cfg.replace(gate_h=0.5, gate_p=0.3, gate_tau=0.1)
+    w = compute_weights(S, T, M, cfg, student_entropy=H)
+    expect = [conflict_gate(s, h, 0.5, 0.3, 0.1) for s, h in zip(S_RESP, H_RESP)]
+    assert resp(w) == pytest.approx(expect, abs=1e-6)
+
+
+def test_conflict_gate_suppresses_confident_conflicts_only():
+    # Four tokens, the four corners: (p_S, H) = unlikely & confident (a confident
+    # conflict), unlikely & unsure (not known yet), likely & confident, likely & unsure.
+    s = torch.log(torch.tensor([[0.01, 0.01, 0.9, 0.9]]))
+    h = torch.tensor([[0.05, 3.0, 0.05, 3.0]])
+    m = torch.ones(1, 4, dtype=torch.bool)
+    w = compute_weights(s, None, m, preset("eaft_conflict"), student_entropy=h)[0].tolist()
+    assert w[0] < 0.03  # the gate's least value is 1 - sigmoid(gate_h / gate_tau) = 0.018
+    assert min(w[1:]) > 0.98
+    # exactly at both thresholds: 1 - 1/2 * 1/2
+    at = compute_weights(
+        torch.tensor([[math.log(0.1)]]),
+        None,
+        torch.ones(1, 1, dtype=torch.bool),
+        preset("eaft_conflict"),
+        student_entropy=torch.tensor([[1.0]]),
+    )
+    assert float(at) == pytest.approx(0.75)
+
+
+def test_entropy_power_gate_is_eafts_weight():
+    # EAFT (2601.02151): the NLL times (H / 3) ** alpha; min(1, .) only bites above 3 nats.
+    w = compute_weights(S, T, M, preset("eaft"), student_entropy=H)
+    assert resp(w) == pytest.approx([2.0 / 3, 0.2 / 3, 0.1 / 3, 1.0])
+    w = compute_weights(S, T, M, preset("eaft", gate_gamma=2.0), student_entropy=H)
+    assert resp(w) == pytest.approx([(2.0 / 3) ** 2, (0.2 / 3) ** 2, (0.1 / 3) ** 2, 1.0])
+    w = compute_weights(S, T, M, preset("eaft", gate_h=2.0), student_entropy=H)
+    assert resp(w) == pytest.approx([1.0, 0.1, 0.05, 1.0])
+    w = compute_weights(S, T, M, preset("eaft", gate_gamma=0.0), student_entropy=H)
+    assert resp(w) == [1.0] * 4
+
+
+def test_the_gate_multiplies_the_base_weight_and_off_gives_the_base_weights():
+    base = compute_weights(S, T, M, preset("discord"))
+    gated = compute_weights(S, T, M, preset("discord", gate="conflict"), student_entropy=H)
+    g = [conflict_gate(s, h) for s, h in zip(S_RESP, H_RESP)]
+    assert resp(gated) == pytest.approx([2 * sig(d) * x for d, x in zip(D, g)], abs=1e-6)
+    assert (gated <= base).all() and (gated < base).any()
+    # gate none: the base weights exactly, whatever the gate fields and entropy say
+    for name in ("discord", "tis", "dft", "sft"):
+        off = preset(name, gate="none", gate_h=0.3, gate_p=0.5, gate_tau=2.0, gate_gamma=3.0)
+        ref = compute_weights(S, T, M, preset(name))
+        assert torch.equal(compute_weights(S, T, M, off, student_entropy=H), ref)
+        assert torch.equal(compute_weights(S, T, M, off), ref)
+
+
+def test_a_teacher_silent_token_is_still_gated():
+    # teacher-silent tokens get the transform's neutral 1; the gate reads the student only
+    known = torch.tensor([[True, True, False, True, True]])
+    cfg = preset("discord", gate="conflict")
+    w = compute_weights(S, T, M, cfg, teacher_mask=known, student_entropy=H)
+    assert resp(w)[1] == pytest.approx(conflict_gate(-1.0, 0.2))
+    assert resp(w)[0] == pytest.approx(2 * sig(0.5) * conflict_gate(-0.5, 2.0))
+
+
+def test_nll_mix_hand_computed_and_one_is_sft():
+    w = compute_weights(S, T, M, preset("discord", nll_mix=0.25))
+    assert resp(w) == pytest.approx([0.25 + 0.75 * 2 * sig(d) for d in D])
+    w = compute_weights(S, T, M, preset("das_token_mix"))
+    assert resp(w) == pytest.approx([0.5 + 0.5 * 2 * sig(-d) for d in D])
+    # mixed after the gate: w = a + (1 - a) g w_base
+    cfg = preset("eaft", nll_mix=0.2)
+    w = compute_weights(S, T, M, cfg, student_entropy=H)
+    assert resp(w) == pytest.approx([0.2 + 0.8 * min(1.0, h / 3) for h in H_RESP])
+    # nll_mix = 1: SFT's weights exactly, for every family and normalisation
+    for name in PRESETS:
+        for norm in ("none", "self_norm", "per_sequence"):
+            cfg = preset(name, nll_mix=1.0, normalization=norm)
+            w = compute_weights(S, T, M, cfg, student_entropy=H)
+            assert resp(w) == [1.0] * 4, (name, norm)
+            assert w[0, 0] == 0.0
+
+
+def test_nll_mix_brings_masked_tokens_back():
+    from raydc.method.weights import loss_tokens
+
+    cfg = WeightConfig(transform="mask", lo=0.5, hi=2.0, nll_mix=0.3)
+    w = compute_weights(S, T, M, cfg)
+    assert resp(w) == pytest.approx([1.0, 1.0, 0.3, 1.0])
+    assert loss_tokens(w, M, cfg).tolist() == M.tolist()
+
+
+def test_nll_mix_one_gives_the_sft_loss():
+    from raydc.method.loss import weighted_token_loss
+
+    loss = torch.tensor([[9.0, 1.0, 2.0, 3.0, 6.0]])
+    for name in ("discord", "tis", "eaft_conflict"):
+        cfg = preset(name, nll_mix=1.0)
+        w = compute_weights(S, T, M, cfg, student_entropy=H)
+        got = weighted_token_loss(loss, w, M, cfg.normalization)
+        assert float(got) == 3.0  # (1 + 2 + 3 + 6) / 4
+
+
+def test_gate_and_mix_with_per_sequence_rescale_to_mean_one():
+    cfg = preset("eaft", normalization="per_sequence", nll_mix=0.1)
+    w = compute_weights(S, T, M, cfg, student_entropy=H)
+    raw = [0.1 + 0.9 * min(1.0, h / 3) for h in H_RESP]
+    assert resp(w) == pytest.approx([x / (sum(raw) / 4) for x in raw])
+
+
+def test_an_entropy_gate_needs_the_entropy():
+    from raydc.method.weights import needs_entropy
+
+    for name in ("eaft", "eaft_conflict"):
+        assert needs_entropy(preset(name))
+        with pytest.raises(WeightConfigError, match=r"gate=.* needs student_entropy"):
+            compute_weights(S, T, M, preset(name))
+    assert not needs_entropy(preset("das_token_mix")) and not needs_entropy(preset("discord"))
+
+
+@pytest.mark.parametrize(
+    "bad,msg",
+    [
+        (float("nan"), "student_entropy is nan at row 0, position 3"),
+        (float("inf"), "student_entropy is inf at row 0, position 3"),
+        (-0.5, r"student_entropy is negative \(-0.5\) at row 0, position 3"),
+    ],
+)
+def test_bad_entropy_raises_naming_the_field_and_position(bad, msg):
+    h = H.clone()
+    h[0, 3] = bad
+    with pytest.raises(ValueError, match=msg):
+        compute_weights(S, T, M, preset("eaft"), student_entropy=h)
+    # off the loss mask anything goes; a rounding hair below 0 is 0
+    h = H.clone()
+    h[0, 0], h[0, 2] = float("nan"), -1e-6
+    w = compute_weights(S, T, M, preset("eaft"), student_entropy=h)
+    assert resp(w)[1] == 0.0
+    with pytest.raises(ValueError, match="student_entropy has shape"):
+        compute_weights(S, T, M, preset("eaft"), student_entropy=H[:, :3])
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(gate="entropy"), "gate"),
+        (dict(gate_h=0.0), "gate_h"),
+        (dict(gate_p=0.0), "gate_p"),
+        (dict(gate_p=1.0), "gate_p"),
+        (dict(gate_tau=0.0), "gate_tau"),
+        (dict(gate_gamma=-1.0), "gate_gamma"),
+        (dict(nll_mix=-0.1), "nll_mix"),
+        (dict(nll_mix=1.5), "nll_mix"),
+        (dict(gate_h=float("inf")), "gate_h"),
+    ],
+)
+def test_invalid_gate_and_mix_name_the_field(kwargs, field):
+    with pytest.raises(WeightConfigError, match=rf"WeightConfig\.{field}="):
+        WeightConfig(**kwargs)
+
+
+def test_entropy_presets():
+    e = preset("eaft")
+    assert (e.transform, e.gate, e.gate_h, e.gate_gamma, e.normalization, e.nll_mix) == (
+        "none",
+        "entropy_power",
+        3.0,
+        1.0,
+        "none",
+        0.0,
+    )
+    c = preset("eaft_conflict")
+    assert (c.transform, c.gate, c.gate_h, c.gate_p, c.gate_tau, c.normalization) == (
+        "none",
+        "conflict",
+        1.0,
+        0.1,
+        0.25,
+        "none",
+    )
+    d = preset("das_token_mix")
+    assert d == preset("das_token", nll_mix=0.5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    s=st.lists(logprob, min_size=1, max_size=12),
+    data=st.data(),
+    gate=st.sampled_from(["conflict", "entropy_power"]),
+    gate_h=st.floats(0.01, 10.0),
+    gate_p=st.floats(0.001, 0.999),
+    gate_tau=st.floats(0.01, 5.0),
+    nll_mix=st.floats(0.0, 1.0),
+)
+def test_gated_mixed_weights_stay_between_the_mix_and_the_base(
+    s, data, gate, gate_h, gate_p, gate_tau, nll_mix
+):
+    h = data.draw(st.lists(st.floats(0.0, 12.0), min_size=len(s), max_size=len(s)))
+    t = data.draw(st.lists(logprob, min_size=len(s), max_size=len(s)))
+    st_, tt, ht = (torch.tensor([x], dtype=torch.float64) for x in (s, t, h))
+    m = torch.ones_like(st_, dtype=torch.bool)
+    base_cfg = preset("discord")
+    base = compute_weights(st_, tt, m, base_cfg)
+    cfg = base_cfg.replace(gate=gate, gate_h=gate_h, gate_p=gate_p, gate_tau=gate_tau)
+    gated = compute_weights(st_, tt, m, cfg, student_entropy=ht)
+    assert (gated >= 0).all() and (gated <= base * (1 + 1e-12)).all()
+    mixed = compute_weights(st_, tt, m, cfg.replace(nll_mix=nll_mix), student_entropy=ht)
+    expect = nll_mix + (1 - nll_mix) * gated
+    torch.testing.assert_close(mixed, expect, atol=1e-12, rtol=1e-12)
+
+
+def test_diagnostics_clip_shares_follow_the_mix():
+    s = torch.tensor([[-0.1, -2.0, -3.0, 0.0], [-1.0, -1.5, -0.2, -0.3]])
+    t = torch.tensor([[-1.0, -0.5, -0.2, 0.0], [-1.0, -0.5, -4.0, -0.3]])
+    m = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    cfg = preset("tis", granularity="token")
+    plain = weight_diagnostics(compute_weights(s, t, m, cfg), m, cfg)["clip_shares"]
+    mixed_cfg = cfg.replace(nll_mix=0.5)
+    mixed = weight_diagnostics(compute_weights(s, t, m, mixed_cfg), m, mixed_cfg)["clip_shares"]
+    assert plain["at_w_max"] > 0
+    assert mixed == plain

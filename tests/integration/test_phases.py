@@ -1,7 +1,7 @@
 """The DASD recipe from one config, on the shipped sumtask pair (real Ray, vLLM CPU,
-DeepSpeed): generate at T=0.6 -> stage 1, generate at T=1.0 -> stage 2 resumed from stage
-1 (weights and optimizer state, its traces scored under stage 1's student), a mixed-policy
-stage whose traces are the stage-2 student's prefixes continued by the teacher, then eval."""
+DeepSpeed): generate at T=0.6 -> phase 1, generate at T=1.0 -> phase 2 resumed from phase
+1 (weights and optimizer state, its traces scored under phase 1's student), a mixed-policy
+phase whose traces are the phase-2 student's prefixes continued by the teacher, then eval."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ LOCAL = {"backend": "local", "max_model_len": 256, "cpus_per_engine": 0.5}
 
 
 @pytest.fixture(scope="module")
-def staged(tmp_path_factory, ray_local):
-    out = tmp_path_factory.mktemp("staged")
+def phased(tmp_path_factory, ray_local):
+    out = tmp_path_factory.mktemp("phased")
     cfg = from_dict(
         {
             "run": {"output_dir": str(out)},
@@ -63,14 +63,14 @@ def staged(tmp_path_factory, ray_local):
                 "baseline": False,
                 "engine": LOCAL,
             },
-            "stages": [
+            "phases": [
                 {
                     "name": "t06",
                     "generate": {"enabled": True, "temperature": 0.6},
                     "train": {"max_steps": T1_STEPS},
                 },
                 {
-                    # lr ~0: its model must be stage 1's to within the update's size
+                    # lr ~0: its model must be phase 1's to within the update's size
                     "name": "t10",
                     "generate": {"enabled": True, "temperature": 1.0, "seed": 1},
                     "train": {"max_steps": T2_STEPS, "lr": 1e-12},
@@ -110,46 +110,46 @@ def _adam_steps(ckpt: str) -> set[int]:
     return {int(s["step"]) for s in opt["state"].values()}
 
 
-def test_the_temperature_stages_generate_at_their_temperature(staged):
-    pipe, out = staged
+def test_the_temperature_phases_generate_at_their_temperature(phased):
+    pipe, out = phased
     for name, t in (("t06", 0.6), ("t10", 1.0)):
-        traces = pq.read_table(out / "stages" / name / "generate" / "traces.parquet")
+        traces = pq.read_table(out / "phases" / name / "generate" / "traces.parquet")
         temps = traces.column("temperature").to_pylist()
         assert len(temps) > 0 and all(x == pytest.approx(t) for x in temps)
-    assert pipe.results["stages/t06"].summary["steps"] == T1_STEPS
+    assert pipe.results["phases/t06"].summary["steps"] == T1_STEPS
 
 
-def test_stage_two_starts_where_stage_one_ended(staged):
-    pipe, out = staged
-    s1, s2 = pipe.results["stages/t06"].summary, pipe.results["stages/t10"].summary
-    # its traces were scored under the stage-1 student
+def test_phase_two_starts_where_phase_one_ended(phased):
+    pipe, out = phased
+    s1, s2 = pipe.results["phases/t06"].summary, pipe.results["phases/t10"].summary
+    # its traces were scored under the phase-1 student
     import json
 
-    manifest = json.loads((out / "stages" / "t10" / "score" / "manifest.json").read_text())
+    manifest = json.loads((out / "phases" / "t10" / "score" / "manifest.json").read_text())
     assert manifest["student"]["fingerprint"] == fingerprint_paths(s1["model_dir"])
-    # its first step started from stage 1's last weights (lr ~0 since), not the initial
+    # its first step started from phase 1's last weights (lr ~0 since), not the initial
     w0, w1, w2 = (
         _weights(d) for d in (SUMTASK / "models" / "student", s1["model_dir"], s2["model_dir"])
     )
     moved = max(float((w1[k].float() - w0[k].float()).abs().max()) for k in w1)
     kept = max(float((w2[k] - w1[k]).abs().max()) for k in w1)
     assert moved > 1e-4 and kept < 1e-6
-    # and from its optimizer state: Adam's step counter went on from stage 1's
+    # and from its optimizer state: Adam's step counter went on from phase 1's
     assert s2["metrics"]["init_checkpoint_step"] == T1_STEPS
     assert _adam_steps(s1["checkpoint"]) == {T1_STEPS}
     assert _adam_steps(s2["checkpoint"]) == {T1_STEPS + T2_STEPS}
 
 
-def test_the_mixed_policy_stage_continues_the_students_prefixes(staged):
-    pipe, out = staged
-    mp = out / "stages" / "mixed" / "mixed_policy"
+def test_the_mixed_policy_phase_continues_the_students_prefixes(phased):
+    pipe, out = phased
+    mp = out / "phases" / "mixed" / "mixed_policy"
     import json
 
     summary = json.loads((mp / "summary.json").read_text())
     assert summary["rows_in"] == 12
     assert summary["rows_in"] == summary["rows_out"] + summary["rows_rejected"]
-    # the prefixes were written by the stage-2 student
-    assert summary["student"] == pipe.results["stages/t10"].summary["model_dir"]
+    # the prefixes were written by the phase-2 student
+    assert summary["student"] == pipe.results["phases/t10"].summary["model_dir"]
     rows = pq.read_table(mp / "traces.parquet").to_pylist()
     assert len(rows) == summary["rows_out"] > 0
     for r in rows:
@@ -160,29 +160,29 @@ def test_the_mixed_policy_stage_continues_the_students_prefixes(staged):
         assert all(s >= cut for s, _ in r["teacher_offsets"])
         assert all(v <= 0 and math.isfinite(v) for v in r["teacher_logprobs"])
     # they trained like any traces: the prepare stage read them, training ran
-    prep = json.loads((out / "stages" / "mixed" / "prepare" / "summary.json").read_text())
+    prep = json.loads((out / "phases" / "mixed" / "prepare" / "summary.json").read_text())
     assert prep["rows_out"] == len(rows) and prep["given_teacher_rows"] == len(rows)
-    assert pipe.results["stages/mixed"].summary["steps"] == 1
+    assert pipe.results["phases/mixed"].summary["steps"] == 1
 
 
-def test_eval_runs_once_after_the_last_stage(staged):
-    pipe, out = staged
+def test_eval_runs_once_after_the_last_phase(phased):
+    pipe, out = phased
     ev = pipe.results["eval"].summary
-    assert "pass@1" in ev and ev["model"] == pipe.results["stages/mixed"].summary["model_dir"]
-    assert not (out / "stages" / "t06" / "eval").exists()
+    assert "pass@1" in ev and ev["model"] == pipe.results["phases/mixed"].summary["model_dir"]
+    assert not (out / "phases" / "t06" / "eval").exists()
 
 
-def test_a_stage_opens_on_its_own_for_tune_reusing_the_stages_before(staged):
-    """``raydc tune --stage t10``: the stages before it are reused (nothing reruns), and
-    the stage's own Pipeline starts from stage 1's model and checkpoint."""
-    pipe, out = staged
-    history = (out / "stages" / "t06" / "stages.jsonl").read_text()
-    child = pipe.stage_pipeline("t10")
+def test_a_phase_opens_on_its_own_for_tune_reusing_the_phases_before(phased):
+    """``raydc tune --phase t10``: the phases before it are reused (nothing reruns), and
+    the phase's own Pipeline starts from phase 1's model and checkpoint."""
+    pipe, out = phased
+    history = (out / "phases" / "t06" / "stages.jsonl").read_text()
+    child = pipe.phase_pipeline("t10")
     try:
-        s1 = pipe.results["stages/t06"].summary
+        s1 = pipe.results["phases/t06"].summary
         assert child.cfg.train.student == s1["model_dir"] == child.cfg.score.student
         assert child.cfg.train.init_checkpoint == str(s1["checkpoint"])
         assert child.run_until("train").skipped  # done before, same fingerprint
     finally:
         child.close()
-    assert (out / "stages" / "t06" / "stages.jsonl").read_text() == history
+    assert (out / "phases" / "t06" / "stages.jsonl").read_text() == history

@@ -194,28 +194,30 @@ MALFORMED = [
         "teacher_logprobs",
         "logprobs_length",
     ),
+    # A null, NaN, inf, sentinel or positive log-prob is missing (tests/unit/
+    # test_teacher_logprobs.py); a row with no value at all gives none.
     (
-        b'{"prompt": "hi", "response": "Two.", "teacher_logprobs": [-1.0, NaN, -1.0]}',
+        b'{"prompt": "hi", "response": "Two.", "teacher_logprobs": [NaN, -Infinity, null]}',
         "teacher_logprobs",
-        "logprobs_not_finite",
+        "logprobs_all_missing",
     ),
     (
-        b'{"prompt": "hi", "response": "Two.", "teacher_logprobs": [-1.0, -Infinity, -1.0]}',
+        b'{"prompt": "hi", "response": "Two.", "teacher_logprobs": [-9999.0, 0.5, -1e30]}',
         "teacher_logprobs",
-        "logprobs_not_finite",
-    ),
-    (
-        b'{"prompt": "hi", "response": "Two.", "teacher_logprobs": [-1.0, null, -1.0]}',
-        "teacher_logprobs",
-        "logprobs_not_finite",
-    ),
-    (
-        b'{"prompt": "hi", "response": "Two.", "teacher_logprobs": [-1.0, 0.5, -1.0]}',
-        "teacher_logprobs",
-        "logprobs_positive",
+        "logprobs_all_missing",
     ),
     (
         b'{"prompt": "hi", "response": "Two.", "teacher_logprobs": [-1.0, "a", -1.0]}',
+        "teacher_logprobs",
+        "wrong_type",
+    ),
+    (
+        b'{"prompt": "hi", "response": "Two.", "teacher_logprobs": [-1.0, "-0.5", -1.0]}',
+        "teacher_logprobs",
+        "wrong_type",
+    ),
+    (
+        b'{"prompt": "hi", "response": "Two.", "teacher_logprobs": [-1.0, true, -1.0]}',
         "teacher_logprobs",
         "wrong_type",
     ),

@@ -322,7 +322,7 @@ def test_the_float16_store_round_trips_within_its_bound(scored, tmp_path):
 
     from raydc.infra.schemas import SCORED_WRITE_ARGS
     from raydc.method.loss import weighted_token_loss
-    from raydc.method.weights import PRESETS, compute_weights, preset
+    from raydc.method.weights import PRESETS, compute_weights, needs_entropy, preset
     from raydc.score.store import finish_batch
     from raydc.train.batch import RowBlock
 
@@ -362,6 +362,8 @@ def test_the_float16_store_round_trips_within_its_bound(scored, tmp_path):
     bound = 2 * 2.0**-11 * L
     worst = {}
     for name in PRESETS:
+        if needs_entropy(preset(name)):
+            continue  # the store holds no student entropy (yet): nothing to compare
         for gran in ("token", "sentence"):
             cfg = preset(name, granularity=gran)
             w32 = compute_weights(s32, t32, m, cfg, sid)

@@ -1,0 +1,119 @@
+"""How a dead vLLM engine is reported: vLLM's processes write their ERROR records to the
+stage folder (``engine_log_env``), and the stage fails naming the engine's own error
+(``engine_error``, ``engine_failure``). The real engine dying on Ray and in-process is
+tests/integration/test_engine_dies.py; the engine settings are tested here too."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from raydc.config import VLLMEngineConfig
+from raydc.engines.sampler import (
+    ENGINE_ERRORS,
+    ENGINE_LOGGING,
+    GenerationError,
+    engine_error,
+    engine_failure,
+    engine_log_env,
+)
+
+# What vLLM's processes write through engine_log_env's handler when a worker hits an
+# exception and the engine core then dies (abridged from a real run).
+LOG = """\
+2026-01-01 10:00:00,001 pid=11 ERROR vllm.v1.executor.multiproc_executor: WorkerProc hit an exception.
+Traceback (most recent call last):
+  File "vllm/v1/executor/multiproc_executor.py", line 1055, in _execute_worker_rpc
+    output = func(*args, **kwargs)
+RuntimeError: CPU Generator does not use offset
+2026-01-01 10:00:00,002 pid=10 ERROR vllm.v1.engine.core: EngineCore encountered a fatal error.
+Traceback (most recent call last):
+  File "vllm/v1/engine/core.py", line 1500, in run_engine_core
+    raise RuntimeError(
+RuntimeError: Worker failed with error 'CPU Generator does not use offset', please check the stack trace above for the root cause
+"""  # noqa: E501
+
+
+def test_engine_error_is_the_first_exception_line_of_vllms_errors(tmp_path):
+    assert engine_error(None) is None
+    assert engine_error(tmp_path) is None  # no file: nothing failed
+    (tmp_path / ENGINE_ERRORS).write_text(LOG)
+    assert engine_error(tmp_path) == "RuntimeError: CPU Generator does not use offset"
+    (tmp_path / ENGINE_ERRORS).write_text("2026-01-01 pid=1 ERROR vllm.x: no traceback\n")
+    assert engine_error(tmp_path) is None
+
+
+def test_a_dead_engine_is_reported_with_its_own_error(tmp_path):
+    from ray.exceptions import ActorDiedError
+
+    (tmp_path / ENGINE_ERRORS).write_text(LOG)
+    on_ray = engine_failure(ActorDiedError(), "/models/t", "ray", tmp_path)
+    assert isinstance(on_ray, GenerationError)
+    assert str(on_ray) == (
+        "the vLLM engine of /models/t died: RuntimeError: CPU Generator does not use offset "
+        "(a dead engine is restarted 1 time(s) on Ray, then the stage fails; vLLM's errors: "
+        f"{tmp_path / ENGINE_ERRORS})"
+    )
+    local = engine_failure(RuntimeError("EngineCore died"), "/models/t", "local", tmp_path)
+    assert str(local) == (
+        "the vLLM engine of /models/t died: RuntimeError: CPU Generator does not use offset "
+        f"(vLLM's errors: {tmp_path / ENGINE_ERRORS})"
+    )
+    # No error log (a stage that gave no log_dir): the actor's death, and where to look.
+    bare = engine_failure(ActorDiedError(), "/models/t", "ray", None)
+    assert str(bare) == (
+        "the vLLM engine of /models/t died: ActorDiedError; its own error is in the Ray "
+        "worker log of the engine actor (a dead engine is restarted 1 time(s) on Ray, then "
+        "the stage fails)"
+    )
+    # Anything else is not the engine's: passed on as it is.
+    other = ValueError("bad row")
+    assert engine_failure(other, "/models/t", "ray", tmp_path / "empty") is other
+
+
+def test_engine_log_env_adds_an_error_file_to_vllms_own_logging(tmp_path):
+    (tmp_path / ENGINE_ERRORS).write_text("errors of an engine started before\n")
+    env = engine_log_env(tmp_path)
+    assert env == {
+        "VLLM_CONFIGURE_LOGGING": "1",
+        "VLLM_LOGGING_CONFIG_PATH": str((tmp_path / ENGINE_LOGGING).resolve()),
+    }
+    assert not (tmp_path / ENGINE_ERRORS).exists()  # each engine's errors alone
+    config = json.loads((tmp_path / ENGINE_LOGGING).read_text())
+    assert config["loggers"]["vllm"]["handlers"] == ["vllm", "raydc_errors"]
+    assert config["handlers"]["vllm"]["class"] == "logging.StreamHandler"  # vLLM's console
+    errors = config["handlers"]["raydc_errors"]
+    assert errors["level"] == "ERROR" and errors["class"] == "logging.FileHandler"
+    assert errors["filename"] == str((tmp_path / ENGINE_ERRORS).resolve())
+    # The config as vLLM applies it, in a process of its own: an exception logged by a vLLM
+    # module lands in the file with its traceback, and engine_error finds it.
+    code = (
+        "import json, logging, logging.config, sys\n"
+        "logging.config.dictConfig(json.load(open(sys.argv[1])))\n"
+        "try:\n"
+        "    raise IndexError('index out of range in self')\n"
+        "except IndexError:\n"
+        "    logging.getLogger('vllm.v1.worker').exception('WorkerProc hit an exception.')\n"
+        "logging.getLogger('vllm.v1.worker').warning('not an error')\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, env["VLLM_LOGGING_CONFIG_PATH"]], check=True, timeout=300
+    )
+    text = (tmp_path / ENGINE_ERRORS).read_text()
+    assert "WorkerProc hit an exception." in text and "not an error" not in text
+    assert engine_error(tmp_path) == "IndexError: index out of range in self"
+
+
+@pytest.mark.parametrize(
+    ("gpus", "seeded", "chunked"),
+    [(0.0, True, False), (0.0, False, None), (1.0, True, None)],
+)
+def test_seeded_sampling_on_cpu_turns_chunked_prefill_off(gpus, seeded, chunked):
+    # vLLM 0.32 rewinds a seeded request's generator after a partial prefill, and a CPU
+    # generator cannot: "CPU Generator does not use offset" killed the engine.
+    kwargs = VLLMEngineConfig(gpus_per_engine=gpus).llm_kwargs("processed_logprobs", seeded=seeded)
+    assert kwargs.get("enable_chunked_prefill") is chunked
+    assert VLLMEngineConfig().restart_args() == {"max_restarts": 1, "max_task_retries": 1}

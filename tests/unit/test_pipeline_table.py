@@ -1,0 +1,98 @@
+"""raydc.pipeline.table: one stage table from which the job's order, each stage's needs and
+the input checks derive; the roles read through raydc.config.roles."""
+
+from __future__ import annotations
+
+import pytest
+
+from raydc.config import ConfigError, from_dict, roles
+from raydc.pipeline.table import STAGES, closure, stage_named
+
+
+def _cfg(**over):
+    tree = {
+        "data": {"path": "/d/t.jsonl"},
+        "score": {"student": "/m/s", "teacher": "/m/t"},
+        "eval": {"path": "/d/e.jsonl"},
+    }
+    for dotted, value in over.items():
+        section, key = dotted.split("__")
+        tree.setdefault(section, {})[key] = value
+    return from_dict(tree)
+
+
+def test_the_job_order_and_each_stages_needs_follow_the_config():
+    names = [s.name for s in STAGES]
+    assert names == [
+        "generate", "mixed_policy", "prepare", "score", "select", "train", "tune", "eval"
+    ]  # fmt: skip
+    cfg = _cfg()
+    assert [s.name for s in STAGES if s.enabled(cfg)] == ["prepare", "score", "train", "eval"]
+    assert closure(cfg, ["eval"]) == ["prepare", "score", "train", "eval"]
+    sel = _cfg(select__enabled=True, tune__enabled=True, tune__space={"weights.tau": [1, 2]})
+    assert [s.name for s in STAGES if s.enabled(sel)] == [
+        "prepare", "score", "select", "tune", "eval"
+    ]  # fmt: skip
+    assert closure(sel, ["eval"]) == ["prepare", "score", "select", "tune", "eval"]
+    gen = _cfg(generate__enabled=True, generate__prompts="/d/p.jsonl")
+    assert closure(gen, ["score"]) == ["generate", "prepare", "score"]
+    mixed = _cfg(mixed_policy__enabled=True, generate__enabled=True, generate__prompts="/d/p.jsonl")
+    assert stage_named("prepare").needs(mixed) == ("mixed_policy",)
+    with pytest.raises(ValueError, match="no stage 'scorer'; the stages are"):
+        stage_named("scorer")
+
+
+def test_only_train_and_tune_resume_and_vouch_for_their_model_alone():
+    assert {s.name for s in STAGES if s.resumes} == {"train", "tune"}
+    assert {s.name for s in STAGES if s.vouch} == {"train", "tune"}
+    assert {s.name for s in STAGES if not s.optional} == {"prepare", "score"}
+
+
+def test_the_score_fingerprint_ignores_the_weighting_unless_inspection_stores_it():
+    from raydc.infra.artifacts import StageResult
+
+    up = {"prepare": StageResult("prepare", None, "fp-prepare", {}, False)}
+    score = stage_named("score")
+    tau1, tau2 = _cfg(weights__tau=1.0), _cfg(weights__tau=2.0)
+    assert score.reads(tau1, up) == score.reads(tau2, up)  # a Tune trial never re-scores
+    on1 = _cfg(weights__tau=1.0, score__inspection=True)
+    on2 = _cfg(weights__tau=2.0, score__inspection=True)
+    assert score.reads(on1, up) != score.reads(on2, up)  # the inspection table holds weights
+    assert score.reads(on2, up)["weights"]["tau"] == 2.0
+
+
+def test_roles_fill_each_empty_field_from_one_chain():
+    r = roles(_cfg())
+    assert (r.student, r.scored_student, r.tokenizer) == ("/m/s", "/m/s", "/m/s")
+    assert (r.teacher, r.generate_teacher, r.mixed_teacher, r.mixed_student) == (
+        "/m/t", "/m/t", "/m/t", "/m/s"
+    )  # fmt: skip
+    r = roles(
+        _cfg(
+            train__student="/m/s2",
+            train__scored_student="/m/s1",
+            data__tokenizer="tiny-bpe",
+            generate__teacher="/m/g",
+            mixed_policy__teacher="/m/mt",
+        )
+    )
+    assert (r.student, r.scored_student, r.tokenizer) == ("/m/s2", "/m/s1", "tiny-bpe")
+    assert (r.generate_teacher, r.mixed_teacher, r.mixed_student) == ("/m/g", "/m/mt", "/m/s2")
+
+
+def test_the_input_checks_of_a_run_are_its_stages_checks(tmp_path):
+    from raydc.pipeline.resolve import check_inputs
+
+    cfg = _cfg()
+    with pytest.raises(ConfigError, match=r"data.path='/d/t.jsonl': no such file"):
+        check_inputs(cfg, ["prepare"])
+    traces = tmp_path / "t.jsonl"
+    traces.write_text("{}\n")
+    cfg = _cfg(data__path=str(traces), score__student=str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match=r"score.student=.*: no such model folder"):
+        check_inputs(cfg, ["prepare"])
+    # eval alone checks eval's prompts, not its upstream's files, when they are done
+    with pytest.raises(ConfigError, match=r"eval.path='/d/e.jsonl': no such file"):
+        stage_named("eval").check(cfg)
+    with pytest.raises(ConfigError, match=r"tune.space: empty"):
+        stage_named("tune").check(_cfg(tune__enabled=False))
