@@ -8,9 +8,9 @@ import sys
 import yaml
 
 from raydc.cli import build_parser, load, main
-from raydc.pipeline.table import STAGES
 from raydc.config import from_dict, load_config
 from raydc.pipeline import DEFAULT_CONFIG
+from raydc.pipeline.table import STAGES
 
 
 def test_help_lists_every_stage_and_run():
