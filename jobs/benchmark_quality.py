@@ -3,7 +3,7 @@ the best student, in a regime where distillation helps? (issue 15; bench/quality
 
 The task and models are the embedded default's (raydc/assets/sumtask): a running sum mod
 10 over lists of codes; the shipped teacher knows all 40 codes, the shipped student 24.
-Stages, top to bottom:
+Steps, top to bottom (bench/quality/steps.py):
   1. the problem sets (eval, val, the prior's known-code lists, trace prompts) and the
      teacher's T = 1 samples of the eval prompts (ExAccErr's eps);
   2. offline traces: teacher samples at T = 1 (2 candidates a prompt; DASD selection picks
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ and this 
 import torch  # noqa: E402
 
 from bench.machine import LoadMonitor  # noqa: E402
-from bench.quality import report, stages  # noqa: E402
+from bench.quality import report, steps  # noqa: E402
 from bench.quality.jobs import worker_init  # noqa: E402
 from bench.quality.run import ARMS, LATER_ARMS, BenchmarkRun, Plan  # noqa: E402
 from raydc.infra.models import offline_env  # noqa: E402
@@ -92,14 +92,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
 def run_benchmark(args: argparse.Namespace, plan: Plan, run: BenchmarkRun) -> dict:
     """Stages 1-5; returns the timings and the choices later arms used."""
     t = {"start": time.time()}
-    task = stages.make_data(run, plan.sizes)
-    stages.make_traces(run, plan.sizes, task)
+    task = steps.make_data(run, plan.sizes)
+    steps.make_traces(run, plan.sizes, task)
     del task
     t["setup_s"] = time.time() - t["start"]
     chosen: dict = {}
     if "tune" in plan.arms:
         t0 = time.time()
-        base = dict(stages.base_job(run, plan), phases=[(run.trace_path("t10"), plan.steps)])
+        base = dict(steps.base_job(run, plan), phases=[(run.trace_path("t10"), plan.steps)])
         tuned = tune_search(base, plan, run)
         chosen["tune"] = tuned["chosen"]
         run.info["tune"] = tuned
@@ -108,12 +108,12 @@ def run_benchmark(args: argparse.Namespace, plan: Plan, run: BenchmarkRun) -> di
         )
     workers = mp.get_context("spawn").Pool(args.workers, worker_init, (1,))
     t0 = time.time()
-    base = {**stages.base_job(run, plan), "phases": [], "evals": [0], "tags": {"arm": "initial"}}
+    base = {**steps.base_job(run, plan), "phases": [], "evals": [0], "tags": {"arm": "initial"}}
     first = [a for a in plan.arms if a not in LATER_ARMS]
-    later = stages.later_arms(plan)
+    later = steps.later_arms(plan)
     jobs = [dict(base, seed=s) for s in range(plan.seeds)]
     jobs += [
-        stages.arm_job(run, plan, a, s, chosen)
+        steps.arm_job(run, plan, a, s, chosen)
         for s in range(plan.seeds)
         for a in first
         if s < plan.seeds_of(a)
@@ -122,15 +122,15 @@ def run_benchmark(args: argparse.Namespace, plan: Plan, run: BenchmarkRun) -> di
     deadline = t["start"] + plan.deadline_s
     # Time kept for the later arms: half their planned seeds at least.
     reserve = len(later) * max(1, plan.later_seeds // 2)
-    records = stages.run_jobs(run, workers, args.workers, jobs, deadline, reserve)
+    records = steps.run_jobs(run, workers, args.workers, jobs, deadline, reserve)
     if later:
-        chosen.update(stages.choose_best_and_risky(records, plan.steps))
+        chosen.update(steps.choose_best_and_risky(records, plan.steps))
         run.info["chosen"] = {k: chosen[k] for k in ("best", "risky", "means")}
         run.log(f"best preset {chosen['best']}, riskiest {chosen['risky']}: {chosen['means']}")
         jobs = [
-            stages.arm_job(run, plan, a, s, chosen) for s in range(plan.later_seeds) for a in later
+            steps.arm_job(run, plan, a, s, chosen) for s in range(plan.later_seeds) for a in later
         ]
-        stages.run_jobs(run, workers, args.workers, jobs, deadline)
+        steps.run_jobs(run, workers, args.workers, jobs, deadline)
     workers.close()
     workers.join()
     t["arms_s"] = time.time() - t0

@@ -99,29 +99,39 @@ def execute(command: str, args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         return 0
 
+    from raydc.infra import tracking
     from raydc.infra.artifacts import StageError, write_private
+    from raydc.infra.runtime import RAY_LOG, native_stderr_to
     from raydc.pipeline import Pipeline
     from raydc.pipeline.summary import format_summary, summarize_run
 
     try:
         pipe = Pipeline(cfg)
+        tracking.start_job(pipe.cfg)  # MLflow / W&B (run.trackers): the job's run
         if args.phase:
             pipe = pipe.phase_pipeline(args.phase)
-        if command == "run":
-            pipe.run_all()
-        else:
-            pipe.run_until(command)
+        # Ray's C++ log lines on the driver's stderr go to the run's ray.log too
+        with native_stderr_to(Path(pipe.cfg.run.output_dir) / RAY_LOG):
+            if command == "run":
+                pipe.run_all()
+            else:
+                pipe.run_until(command)
     except ConfigError as e:
+        tracking.finish_job("FAILED")
         print(f"raydc: config error: {e}", file=sys.stderr)
         return 2
     except StageError as e:
+        tracking.finish_job("FAILED")
         print(f"raydc: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        tracking.finish_job("KILLED")
         print("raydc: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     summary = summarize_run(pipe.results, pipe.cfg)
     print(format_summary(summary), flush=True)
+    for name, where in tracking.finish_job("FINISHED", summary, pipe.results).items():
+        print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in where.items()))
     if command == "run":
         out = Path(pipe.cfg.run.output_dir) / "summary.json"
         write_private(out, json.dumps(summary, indent=2, default=str))

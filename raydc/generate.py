@@ -52,7 +52,7 @@ from raydc.engines.sampler import (
     sampling_figures,
 )
 from raydc.infra.artifacts import fingerprint_paths, write_json
-from raydc.infra.models import check_input, check_model
+from raydc.infra.models import check_context, check_input, check_model, check_vocab
 from raydc.infra.schemas import trace_schema
 from raydc.infra.stage import Stage
 from raydc.method.align import char_spans, token_pieces
@@ -74,6 +74,9 @@ def run_generate(
 
     t0 = time.perf_counter()
     gcfg = cfg.generate
+    check_context(
+        "generate.engine.max_model_len", gcfg.engine.max_model_len, "teacher", str(teacher_dir)
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records, pkey = read_prompts(prompts_path, gcfg)
@@ -236,7 +239,13 @@ def _teacher(cfg) -> str:
 def _check(cfg) -> None:
     check_input("generate.prompts", cfg.generate.prompts)
     field = "generate.teacher" if cfg.generate.teacher else "score.teacher"
-    check_model(field, _teacher(cfg))
+    teacher = _teacher(cfg)
+    check_model(field, teacher)
+    if Path(teacher).expanduser().is_dir():  # the score stage's checks, for this engine
+        check_vocab(field, teacher)
+        check_context(
+            "generate.engine.max_model_len", cfg.generate.engine.max_model_len, field, teacher
+        )
 
 
 GENERATE = Stage(

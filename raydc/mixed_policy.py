@@ -13,8 +13,11 @@ score stage scores the teacher), and ``data.mask_student_prefix`` takes it out o
 ``out_dir/traces.parquet`` has the generate stage's columns (``raydc.generate``) plus
 ``student_prefix_chars`` (the response's first characters the student wrote) and
 ``student_prefix_tokens``. Counts, over the input traces: ``rows_in == rows_out +
-rows_rejected``; rejects.parquet says why (no prompt, a student response too short to cut,
-a truncated continuation, a wrong final answer).
+rows_rejected``; rejects.parquet says why (no prompt, a student budget or an engine context
+too small to cut a response and continue it, a student response too short to cut, a
+truncated continuation, a wrong final answer). The budgets are sized to
+``engine.max_model_len`` before any engine starts (``fit_budgets``);
+``student_caps_cut_to_context`` counts the rows whose ``length_cap`` budget was cut to fit.
 
 The prompts, prefixes and token ids of the requests are held in this process, as the
 generate stage holds its prompts; samples stream to Parquet.
@@ -48,7 +51,7 @@ from raydc.engines.sampler import (
 )
 from raydc.eval.graders import GoldAnswerError, gold_answer, grade
 from raydc.infra.artifacts import fingerprint_paths
-from raydc.infra.models import check_input
+from raydc.infra.models import check_context, check_input, check_model, check_vocab
 from raydc.infra.runtime import connect_ray
 from raydc.infra.schemas import trace_schema
 from raydc.infra.stage import Stage
@@ -93,7 +96,9 @@ class Item:
     prompt: str
     gold: str | None
     extra: dict  # the source row's other string columns, kept in the trace row
-    cap: int = 0
+    cap: int = 0  # the student's token budget
+    trace_tokens: int = 0  # the teacher trace's length in student tokens (sizes ``cap``)
+    prompt_ids: list[int] = dataclasses.field(default_factory=list)  # the student's prompt
     prefix: str = ""
     prefix_tokens: int = 0
 
@@ -105,8 +110,9 @@ def _reject(rejects: list, row_id: str, field: str, reason: str) -> None:
 # ----------------------------------------------------------------------------- inputs
 
 
-def read_items(cfg, path: str | Path, student_tok, rejects: list) -> list[Item]:
-    """The input traces as Items with the student's length cap; bad rows to ``rejects``."""
+def read_items(cfg, path: str | Path, student_tok, rejects: list) -> tuple[list[Item], str]:
+    """The input traces as Items with the student's length cap, and their prompt column;
+    bad rows to ``rejects``."""
     mcfg, dcfg = cfg.mixed_policy, cfg.data
     records = read_records(path)
     if mcfg.num_prompts is not None:
@@ -142,9 +148,24 @@ def read_items(cfg, path: str | Path, student_tok, rejects: list) -> list[Item]:
                 gold=gold if isinstance(gold, str) else response,  # else: the trace's answer
                 extra=extra,
                 cap=length_cap(n_teacher, mcfg.length_cap),
+                trace_tokens=n_teacher,
             )
         )
-    return items
+    return items, pkey
+
+
+def check_length_cap(mcfg, items: list[Item]) -> None:
+    """A ``length_cap`` that gives no trace a student response long enough to cut (2
+    tokens) is a config error, raised before any engine starts."""
+    if not items or any(it.cap >= 2 for it in items):
+        return
+    longest = max(it.trace_tokens for it in items)
+    raise ConfigError(
+        f"mixed_policy.length_cap={mcfg.length_cap!r}: too small for every trace: the longest "
+        f"teacher trace ({longest} student tokens) gives the student "
+        f"{length_cap(longest, mcfg.length_cap)} token(s), and a cut needs a response of 2; "
+        "raise it (the default is 1.5)"
+    )
 
 
 def _answer_key(rows: list[dict], key: str) -> str | None:
@@ -154,6 +175,79 @@ def _answer_key(rows: list[dict], key: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------- passes
+
+
+def teacher_head(teacher_tok, mcfg, prompt: str) -> str:
+    """The teacher's prompt in its own chat template, ready for the answer (the student's
+    prefix follows it)."""
+    messages = [{"role": "user", "content": prompt}]
+    if mcfg.system_prompt:
+        messages.insert(0, {"role": "system", "content": mcfg.system_prompt})
+    return teacher_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def fit_budgets(
+    cfg, student_tok, teacher_tok, items: list[Item], pkey: str, rejects: list
+) -> tuple[list[Item], int]:
+    """Before any generation: each Item's student budget (``cap``) cut to what
+    ``mixed_policy.engine.max_model_len`` holds on both sides, or the row rejected with what
+    stops it (every row used to reach the student's engine first, and a context too small
+    for the teacher was found only after the whole student pass):
+
+    - ``student_cap_too_small`` (field ``mixed_policy.length_cap``): ``length_cap`` x the
+      teacher trace's tokens gives under 2 tokens, and a cut needs a response of 2;
+    - ``prompt_too_long`` (the prompt column): the student's prompt leaves under 2 tokens
+      for its response;
+    - ``teacher_context_too_small`` (field ``mixed_policy.engine.max_model_len``): the
+      teacher's prompt and ``mixed_policy.max_new_tokens`` leave no token for a prefix.
+
+    A kept cap fits the student's prompt + response in the context (one token spare) and the
+    teacher's prompt + the longest prefix (``cap - 1`` tokens, ``cut_point``) +
+    ``max_new_tokens``. The prefix is counted in student tokens: under another tokenizer the
+    teacher's count can differ, and ``teacher_requests`` still rejects a request that does
+    not fit. Returns the kept Items (with ``prompt_ids``) and how many caps were cut to fit.
+    """
+    mcfg = cfg.mixed_policy
+    context, new = mcfg.engine.max_model_len, mcfg.max_new_tokens
+    ids = render_prompts(student_tok, [it.prompt for it in items], mcfg.system_prompt)
+    kept, shortened = [], 0
+    for it, p_ids in zip(items, ids):
+        head = teacher_tok(teacher_head(teacher_tok, mcfg, it.prompt), add_special_tokens=False)
+        n_head = len(head["input_ids"])
+        student_room = context - len(p_ids) - 1  # the student's response
+        teacher_room = context - new - n_head  # the student's prefix, under the teacher
+        if it.cap < 2:
+            _reject(
+                rejects,
+                it.row_id,
+                "mixed_policy.length_cap",
+                f"student_cap_too_small: length_cap={mcfg.length_cap} x {it.trace_tokens} "
+                f"teacher trace token(s) gives the student {it.cap}; a cut needs a response of 2",
+            )
+        elif student_room < 2:
+            _reject(
+                rejects,
+                it.row_id,
+                pkey,
+                f"prompt_too_long: {len(p_ids)} student prompt tokens leave "
+                f"{max(student_room, 0)} for its response within "
+                f"mixed_policy.engine.max_model_len={context}; a cut needs 2",
+            )
+        elif teacher_room < 1:
+            _reject(
+                rejects,
+                it.row_id,
+                "mixed_policy.engine.max_model_len",
+                f"teacher_context_too_small: the teacher's prompt ({n_head} tokens) + "
+                f"mixed_policy.max_new_tokens ({new}) + a 1-token student prefix need "
+                f"{n_head + new + 1} > mixed_policy.engine.max_model_len={context}",
+            )
+        else:
+            cap = min(it.cap, student_room, teacher_room + 1)
+            shortened += cap < it.cap
+            it.cap, it.prompt_ids = cap, p_ids
+            kept.append(it)
+    return kept, shortened
 
 
 def student_prefixes(
@@ -166,30 +260,20 @@ def student_prefixes(
     log_dir: str | Path | None = None,
 ) -> list[Item]:
     """The student's responses, cut: each kept Item gains ``prefix`` (text) and
-    ``prefix_tokens``. Requests are grouped by their cap rounded up to a power of two
-    (one sampling call each); a sample is then cut to its own cap, which with a per-request
-    seed is exactly a sample drawn with that cap. ``log_dir``: where the engines write
-    their errors (``raydc.engines.sampler.iter_samples``)."""
+    ``prefix_tokens``. ``items``: as ``fit_budgets`` keeps them (a cap and the prompt's ids).
+    Requests are grouped by their cap rounded up to a power of two (one sampling call each);
+    a sample is then cut to its own cap, which with a per-request seed is exactly a sample
+    drawn with that cap. ``log_dir``: where the engines write their errors
+    (``raydc.engines.sampler.iter_samples``)."""
     mcfg = cfg.mixed_policy
     special = {int(i) for i in student_tok.all_special_ids}
     stops = stop_token_ids(student_dir, student_tok)
-    ids = render_prompts(student_tok, [it.prompt for it in items], mcfg.system_prompt)
     room = mcfg.engine.max_model_len
     groups: dict[int, list[Request]] = {}
-    for i, (it, p_ids) in enumerate(zip(items, ids)):
-        it.cap = min(it.cap, room - len(p_ids) - 1)
-        if it.cap < 2:
-            _reject(
-                rejects,
-                it.row_id,
-                mcfg.prompt_key,
-                "prompt_too_long: no room for the "
-                f"student's response within engine.max_model_len={room}",
-            )
-            continue
+    for i, it in enumerate(items):
         bucket = 1 << (it.cap - 1).bit_length()
-        groups.setdefault(min(bucket, room - len(p_ids) - 1), []).append(
-            Request(key=i, prompt_token_ids=p_ids, seed=mcfg.seed + i)
+        groups.setdefault(min(bucket, room - len(it.prompt_ids) - 1), []).append(
+            Request(key=i, prompt_token_ids=it.prompt_ids, seed=mcfg.seed + i)
         )
     kept = []
     for budget, requests in sorted(groups.items()):
@@ -223,10 +307,7 @@ def teacher_requests(cfg, teacher_tok, items: list[Item], rejects: list) -> tupl
     room = mcfg.engine.max_model_len - mcfg.max_new_tokens
     requests, kept = [], []
     for it in items:
-        messages = [{"role": "user", "content": it.prompt}]
-        if mcfg.system_prompt:
-            messages.insert(0, {"role": "system", "content": mcfg.system_prompt})
-        head = teacher_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        head = teacher_head(teacher_tok, mcfg, it.prompt)
         ids = list(teacher_tok(head + it.prefix, add_special_tokens=False)["input_ids"])
         if len(ids) > room:
             _reject(
@@ -303,12 +384,18 @@ def run_mixed_policy(
 
     t0 = now()
     mcfg = cfg.mixed_policy
+    for role, model in (("student", student_dir), ("teacher", teacher_dir)):
+        check_context(
+            "mixed_policy.engine.max_model_len", mcfg.engine.max_model_len, role, str(model)
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     student_tok, teacher_tok = load_tokenizer(student_dir), load_tokenizer(teacher_dir)
     rejects: list[dict] = []
-    items = read_items(cfg, traces_path, student_tok, rejects)
+    items, pkey = read_items(cfg, traces_path, student_tok, rejects)
     rows_in = len(items) + len(rejects)
+    check_length_cap(mcfg, items)
+    items, shortened = fit_budgets(cfg, student_tok, teacher_tok, items, pkey, rejects)
     backend = resolve_backend(mcfg.engine.backend, cfg.run.ray_address)
     if backend == "ray" and items:
         connect_ray(cfg.run.ray_address)
@@ -324,6 +411,7 @@ def run_mixed_policy(
         "rows_out": sink.rows,
         "rows_rejected": len(rejects),
         **counts,
+        "student_caps_cut_to_context": shortened,
         "length_cap": mcfg.length_cap,
         "cut_after": mcfg.cut_after,
         "temperature": mcfg.temperature,
@@ -341,12 +429,16 @@ def run_mixed_policy(
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if summary["rows_out"] == 0:
         codes: dict[str, int] = {}
+        first: dict[str, dict] = {}
         for r in rejects:
             code = r["reason"].split(":", 1)[0]
             codes[code] = codes.get(code, 0) + 1
+            first.setdefault(code, r)
+        top = first[max(codes, key=codes.get)] if codes else None
+        example = f"; e.g. row {top['row_id']!r}, {top['field']}: {top['reason']}" if top else ""
         raise MixedPolicyError(
             f"mixed_policy kept no traces: {rows_in} in, {len(rejects)} rejected (reasons "
-            f"{codes}); see {out / 'rejects.parquet'} and {out / 'summary.json'}"
+            f"{codes}); see {out / 'rejects.parquet'} and {out / 'summary.json'}{example}"
         )
     return summary
 
@@ -412,11 +504,35 @@ def _run(cfg, up, out: Path) -> dict:
     return run_mixed_policy(cfg, student, teacher, traces, out)
 
 
+def _check(cfg) -> None:
+    """The traces, and both models as the score stage checks its teacher: each a model
+    folder whose vocabulary covers its tokenizer and whose context holds
+    ``mixed_policy.engine.max_model_len`` (both failed only once their engine started)."""
+    traces, student, teacher = _models(cfg)
+    check_input("mixed_policy.traces", traces)
+    mcfg = cfg.mixed_policy
+    fields = {
+        "student": "mixed_policy.student"
+        if mcfg.student
+        else ("train.student" if cfg.train.student else "score.student"),
+        "teacher": "mixed_policy.teacher"
+        if mcfg.teacher
+        else ("generate.teacher" if cfg.generate.teacher else "score.teacher"),
+    }
+    for role, model in (("student", student), ("teacher", teacher)):
+        check_model(fields[role], model)
+        if model and Path(model).expanduser().is_dir():
+            check_vocab(fields[role], model)
+            check_context(
+                "mixed_policy.engine.max_model_len", mcfg.engine.max_model_len, fields[role], model
+            )
+
+
 MIXED_POLICY = Stage(
     "mixed_policy",
     help="mixed-policy traces: student prefixes continued by the teacher",
     enabled=lambda cfg: cfg.mixed_policy.enabled,
-    check=lambda cfg: check_input("mixed_policy.traces", cfg.mixed_policy.traces or cfg.data.path),
+    check=_check,
     reads=_reads,
     run=_run,
 )

@@ -190,6 +190,7 @@ def run_select(cfg, scored_dir: str | os.PathLike, out_dir: str | os.PathLike) -
         "rows_in": len(records),
         "rows_out": rows_out,
         "rows_rejected": rejects.num_rows,
+        "not_selected": dropped.num_rows,  # of rows_rejected: candidates outside the top k
         "mean_score_kept": sum(r["score"] for r in kept) / max(1, rows_out),
         "mean_score_all": sum(r["score"] for r in records) / max(1, len(records)),
         "seconds": round(time.time() - t0, 3),

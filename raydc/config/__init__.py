@@ -16,6 +16,7 @@ from raydc.config.engines import (
 from raydc.config.roles import Roles, roles
 from raydc.config.sections import (
     DataConfig,
+    LoraConfig,
     PhaseConfig,
     RaydcConfig,
     RunConfig,
@@ -35,6 +36,7 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "GenerateConfig",
+    "LoraConfig",
     "MixedPolicyConfig",
     "RaydcConfig",
     "Roles",

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from raydc.config.tree import ConfigError, choice, positive
@@ -144,6 +145,24 @@ def _check_sampling(path: str, cfg) -> None:
     cfg.engine.validate(f"{path}.engine")
 
 
+def fill_prompt_template(template: str, prompt: str, path: str = "eval.prompt_template") -> str:
+    """The user message: ``prompt`` filled into ``template`` with ``str.format`` (its one
+    field is ``{prompt}``; a literal brace is doubled). A template ``str.format`` cannot
+    fill raises ConfigError naming ``path``."""
+    try:
+        return template.format(prompt=prompt)
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
+        raise ConfigError(
+            f"{path}={template!r}: {type(e).__name__}: {e}; it is filled with str.format: "
+            "{prompt} is the question, and a literal brace is doubled ({{ and }}, "
+            "e.g. \\boxed{{}} for \\boxed{})"
+        ) from None
+
+
+# A question no template holds by chance: a template that does not show it has no {prompt}.
+_TEMPLATE_PROBE = "<raydc: the question>"
+
+
 @dataclass
 class EvalConfig:
     """Generation on held-out prompts and grading."""
@@ -171,6 +190,16 @@ class EvalConfig:
         choice(f"{path}.grader", self.grader, ("gsm8k", "boxed"))
         positive(f"{path}.num_prompts", self.num_prompts)
         _check_sampling(path, self)
+        # Rendered once now, as the eval stage renders each question, so that a template
+        # str.format cannot fill fails at load rather than at eval, after training.
+        field = f"{path}.prompt_template"
+        if _TEMPLATE_PROBE not in fill_prompt_template(
+            self.prompt_template, _TEMPLATE_PROBE, field
+        ):
+            raise ConfigError(
+                f"{field}={self.prompt_template!r}: has no {{prompt}}, so every question "
+                "would get the same message"
+            )
 
 
 @dataclass
@@ -235,7 +264,12 @@ class MixedPolicyConfig:
         positive(f"{path}.num_prompts", self.num_prompts)
         _check_sampling(path, self)
         choice(f"{path}.grader", self.grader, ("gsm8k", "boxed"))
-        if self.length_cap <= 0:
-            raise ConfigError(f"{path}.length_cap={self.length_cap!r}: must be > 0")
+        # The student's budget is ceil(length_cap x the teacher trace's tokens) and a cut
+        # needs 2; a cap that leaves every trace under 2 fails when the traces are read.
+        if not 0 < self.length_cap < math.inf:  # nan and inf fail here, not in math.ceil
+            raise ConfigError(
+                f"{path}.length_cap={self.length_cap!r}: must be a finite number > 0 (the "
+                "student writes at most length_cap x the teacher trace's tokens; DASD: 1.5)"
+            )
         if not 0.0 <= self.cut_after < 1.0:
             raise ConfigError(f"{path}.cut_after={self.cut_after!r}: must be in [0, 1)")

@@ -49,6 +49,11 @@ class DataConfig:
     # public -Logprob set): decoded with data.teacher_tokenizer to character spans
     teacher_token_ids_key: str = "teacher_token_ids"
     teacher_tokenizer: str | None = None  # the tokenizer of teacher_token_ids (folder)
+    # A teacher text (token strings, bytes, decoded ids) that differs from the response is
+    # aligned on the text both share; a row whose response it covers less is rejected.
+    # 0.9: markup (<think> tags, channel headers, whitespace) is a few dozen characters of
+    # a trace of thousands, while an unrelated text matches a few percent.
+    min_teacher_coverage: float = 0.9
     # Teacher ids and log-probs in a file of their own (a public -Logprob set), joined to
     # the traces by join_key (Ray Data's hash join); a trace without a match is rejected
     teacher_logprobs_path: str | None = None
@@ -59,6 +64,9 @@ class DataConfig:
     # mask_student_prefix they carry no loss (DASD trained on them: the default)
     student_prefix_key: str = "student_prefix_chars"
     mask_student_prefix: bool = False
+    # Loss on an empty <think></think> block, which a thinking template (Qwen3) puts before
+    # an answer without reasoning; off: the block is prompt, not a lesson to skip thinking
+    train_empty_think: bool = False
     system_prompt: str | None = None
     tokenizer: str | None = None  # tokenizer folder / shipped name; default: score.student
     max_length: int = 2048
@@ -89,6 +97,10 @@ class DataConfig:
             raise ConfigError(
                 f"{path}.max_reject_share={self.max_reject_share!r}: must be in [0, 1]"
             )
+        if not 0.0 <= self.min_teacher_coverage <= 1.0:
+            raise ConfigError(
+                f"{path}.min_teacher_coverage={self.min_teacher_coverage!r}: must be in [0, 1]"
+            )
 
 
 def _score_engine() -> VLLMEngineConfig:
@@ -112,12 +124,20 @@ class ScoreConfig:
     # softmax(logits / T), the distribution the tokens came from (DASD samples at 0.6 and
     # 1.0). The student is always scored at 1: it is the model being trained.
     teacher_temperature: float = 1.0
+    # The student's predictive entropy per token, stored beside its log-prob (what an
+    # entropy gate reads under train.student_ref=init): auto stores it when the weighting
+    # or the Tune space has a gate; on | off. Exact from transformers; from vLLM, estimated
+    # from the top entropy_top_k prompt log-probs (raydc.method.entropy.topk_entropy).
+    entropy: str = "auto"
+    entropy_top_k: int = 20
     engine: VLLMEngineConfig = field(default_factory=_score_engine)
 
     def validate(self, path: str) -> None:
         choice(f"{path}.backend", self.backend, ("vllm", "transformers"))
         positive(f"{path}.teacher_temperature", self.teacher_temperature)
         choice(f"{path}.logprobs", self.logprobs, ("float16", "float32"))
+        choice(f"{path}.entropy", self.entropy, ("auto", "on", "off"))
+        positive(f"{path}.entropy_top_k", self.entropy_top_k)
         self.engine.validate(f"{path}.engine")
         if self.engine.backend == "local":
             raise ConfigError(
@@ -141,6 +161,51 @@ class SelectConfig:
 
     def validate(self, path: str) -> None:
         positive(f"{path}.top_k", self.top_k)
+
+
+LORA_ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through PEFT (``r: 0``, the default, trains every weight). The frozen
+    base keeps no gradient and no optimizer state; export writes the merged model and the
+    adapter."""
+
+    r: int = 0  # the adapters' rank; 0: off (full fine-tuning)
+    alpha: float = 16.0  # the update is (alpha / r) * B A
+    dropout: float = 0.0  # dropout on each adapter's input (training only)
+    # PEFT's module names (suffixes such as q_proj), or all-linear alone: every linear layer
+    # but the output head (which raydc's chunked loss reads directly: never a target)
+    target_modules: list[str] = field(default_factory=lambda: [LORA_ALL_LINEAR])
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+    def validate(self, path: str) -> None:
+        positive(f"{path}.r", self.r, strict=False)
+        positive(f"{path}.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{path}.dropout={self.dropout!r}: must be in [0, 1)")
+        names = self.target_modules
+        if not names:
+            raise ConfigError(f"{path}.target_modules=[]: name at least one module")
+        for i, name in enumerate(names):
+            if not isinstance(name, str) or not name.strip():
+                raise ConfigError(
+                    f"{path}.target_modules[{i}]={name!r}: must be a module name such as q_proj"
+                )
+        if LORA_ALL_LINEAR in names and len(names) > 1:
+            raise ConfigError(
+                f"{path}.target_modules={names!r}: {LORA_ALL_LINEAR} stands alone (it already "
+                "names every linear layer but the output head)"
+            )
+        if "lm_head" in names:
+            raise ConfigError(
+                f"{path}.target_modules: lm_head is the output head, which the chunked loss "
+                "reads as a plain weight; adapt the decoder layers instead"
+            )
 
 
 @dataclass
@@ -188,8 +253,10 @@ class TrainConfig:
     val_share: float = 0.0  # share of prompts held out for val_nll (0: no validation)
     max_failures: int = 3  # worker-group restarts from the latest checkpoint
     keep_checkpoints: int = 2  # newest checkpoints kept
+    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (r: 0, off)
 
     def validate(self, path: str) -> None:
+        self.lora.validate(f"{path}.lora")
         choice(f"{path}.zero_stage", self.zero_stage, (0, 1, 2, 3))
         choice(f"{path}.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -347,6 +414,9 @@ class PhaseConfig:
         choice(f"{path}.optimizer", self.optimizer, ("carry", "fresh"))
 
 
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # run.trackers; raydc.infra.tracking logs to them
+
+
 @dataclass
 class RunConfig:
     """Where a run writes and which Ray cluster it uses."""
@@ -356,12 +426,24 @@ class RunConfig:
     output_dir: str = "runs/default"
     ray_address: str | None = None  # None: RAY_ADDRESS or a local Ray; "auto", host:port, ray://
     seed: int = 0
+    # Experiment tracking (raydc.infra.tracking), any of: tensorboard (<stage>/tensorboard/),
+    # mlflow, wandb (pip install 'raydc[tracking]'). [] logs to metrics.jsonl only
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # None: MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlruns/mlflow.db
+    mlflow_tracking_uri: str | None = None
+    experiment: str = "raydc"  # the MLflow experiment and the W&B project
 
     def validate(self, path: str) -> None:
         # An empty value would mean "the current folder", where stage folders would be
         # created and cleared beside the user's own files.
         if not str(self.output_dir or "").strip():
             raise ConfigError(f"{path}.output_dir={self.output_dir!r}: must name a folder")
+        for i, name in enumerate(self.trackers):
+            choice(f"{path}.trackers[{i}]", name, TRACKERS)
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ConfigError(f"{path}.trackers={self.trackers}: names a tracker twice")
+        if not str(self.experiment or "").strip():
+            raise ConfigError(f"{path}.experiment={self.experiment!r}: must name an experiment")
 
 
 @dataclass
@@ -386,28 +468,68 @@ class RaydcConfig:
             if hasattr(section, "validate"):
                 section.validate(f.name)
         self._validate_phases()
-        if needs_entropy(self.weights) and self.train.student_ref != "current":
-            # The score stage stores no entropy yet: only the live forward has it.
+        if (
+            needs_entropy(self.weights)
+            and self.train.student_ref != "current"
+            and self.score.entropy == "off"
+        ):
             raise ConfigError(
-                f"weights.gate={self.weights.gate}: needs the student's per-token entropy, "
-                "which only training with train.student_ref=current computes; set it"
+                f"weights.gate={self.weights.gate}: needs the student's per-token entropy: "
+                "store it (score.entropy=auto or on) or compute it live "
+                "(train.student_ref=current)"
             )
         return self
+
+    def stores_entropy(self) -> bool:
+        """Whether the score stage stores the student's entropy (``score.entropy``; with
+        auto, when the weighting or a Tune space over it may use an entropy gate)."""
+        if self.score.entropy != "auto":
+            return self.score.entropy == "on"
+        if needs_entropy(self.weights):
+            return True
+        if not self.tune.enabled:
+            return False
+        for key, spec in self.tune.space.items():
+            if key.startswith("weights.gate"):
+                return True
+            if key == "weights.preset":
+                values = spec.get("values", []) if isinstance(spec, dict) else spec
+                if any(_gated_preset(v) for v in values):
+                    return True
+        return False
 
     def _validate_phases(self) -> None:
         """Each phase's name and overrides, checked now rather than phases later."""
         names = [s.name for s in self.phases]
+        lora_before = False
         for i, spec in enumerate(self.phases):
             spec.validate(f"phases[{i}]")
             if spec.name in names[:i]:
                 raise ConfigError(f"phases[{i}].name={spec.name!r}: used by another phase")
             try:
-                from_dict(phase_tree(self, spec))
+                phase = from_dict(phase_tree(self, spec))
             except ConfigError as e:
                 raise ConfigError(f"phases[{i}] ({spec.name}): {e}") from None
+            lora = phase.train.lora.enabled
+            if i and spec.optimizer == "carry" and (lora or lora_before):
+                # Phase i trains on phase i-1's merged model: a carried adapter (or its
+                # optimizer state) would apply phase i-1's update twice.
+                raise ConfigError(
+                    f"phases[{i}].optimizer='carry' ({spec.name}): with train.lora a phase "
+                    "trains a fresh adapter on the previous phase's merged model; set "
+                    f"phases[{i}].optimizer: fresh"
+                )
+            lora_before = lora
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _gated_preset(name) -> bool:
+    try:
+        return needs_entropy(preset(name))
+    except (WeightConfigError, TypeError):
+        return False  # not a preset: tune's own check names it
 
 
 def _merge(into: dict, over: dict) -> dict:

@@ -17,19 +17,24 @@ if TYPE_CHECKING:
     from raydc.engines.base import Scorer
 
 
-def make_scorer(cfg: ScoreConfig, model: str, temperature: float = 1.0) -> Scorer:
+def make_scorer(
+    cfg: ScoreConfig, model: str, temperature: float = 1.0, entropy: bool = False
+) -> Scorer:
     """A scorer of ``model`` with the engine settings of ``cfg.engine`` (``cfg.backend``
-    decides which), returning log-probs of softmax(logits / temperature)."""
+    decides which), returning log-probs of softmax(logits / temperature); with
+    ``entropy``, ready for ``score_with_entropy`` (vLLM: ``cfg.entropy_top_k`` prompt
+    log-probs per position)."""
+    top_k = int(cfg.entropy_top_k) if entropy else 0
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r}: must be > 0")
     if cfg.backend == "transformers":
         from raydc.engines.hf import TransformersScorer
 
-        return TransformersScorer(model, cfg.engine, temperature)
+        return TransformersScorer(model, cfg.engine, temperature, top_k)
     if cfg.backend == "vllm":
         from raydc.engines.vllm import VLLMScorer
 
-        return VLLMScorer(model, cfg.engine, temperature)
+        return VLLMScorer(model, cfg.engine, temperature, top_k)
     raise ValueError(f"score.backend={cfg.backend!r}: must be 'vllm' or 'transformers'")
 
 

@@ -28,6 +28,13 @@ class Scorer(Protocol):
         """Per row, float32 log-probs [T]; position 0 is 0.0."""
         ...
 
+    def score_with_entropy(
+        self, token_ids: Sequence[Sequence[int]]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per row, the log-probs and the predictive entropy [T] (nats) of the distribution
+        each token was drawn from; position 0: 0.0."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from raydc.config.engines import ENGINE_RESTARTS
 from raydc.infra.artifacts import REJECTS_SCHEMA
-from raydc.infra.runtime import connect_ray
+from raydc.infra.runtime import connect_ray, route_library_logs
 
 BACKENDS = ("auto", "ray", "local")
 
@@ -357,6 +357,7 @@ class LocalEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         import vllm
 
+        route_library_logs()  # from here vLLM's notices in this process go to the run's log
         self.model_dir = str(model_dir)
         self.version = vllm.__version__
         kwargs = ecfg.llm_kwargs("processed_logprobs", seeded=True)
@@ -366,6 +367,7 @@ class LocalEngine:
         os.environ.update(env)
         try:
             self.llm = vllm.LLM(model=self.model_dir, **kwargs)
+            route_library_logs()  # the engine set vLLM's logging up in this process anew
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -451,8 +453,10 @@ def _ray_samples(
     model_dir, requests, s: Sampling, ecfg, stop_ids, log_dir
 ) -> Iterator[list[Sample]]:
     import ray
+    import vllm.logger  # noqa: F401  (imported below anyway: routed before it speaks)
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
+    route_library_logs()  # before vLLM's notices of this driver: to the run's log
     env = engine_log_env(log_dir) if log_dir is not None else {}
     config = vLLMEngineProcessorConfig(
         model_source=str(model_dir),

@@ -63,8 +63,30 @@ def scale_logits(model, scale: float) -> int:
     return len(found)
 
 
+def vocab_of(model: str) -> int | None:
+    """The model's output vocabulary from its ``config.json`` (None when absent)."""
+    import json
+    from pathlib import Path
+
+    cfg = Path(model) / "config.json"
+    if not cfg.exists():
+        return None
+    data = json.loads(cfg.read_text())
+    return int(data.get("text_config", data)["vocab_size"])
+
+
 class VLLMScorer:
-    def __init__(self, model: str, engine: VLLMEngineConfig, temperature: float = 1.0):
+    """``entropy_top_k`` > 0 also asks the engine for that many top prompt log-probs per
+    position, from which ``score_with_entropy`` estimates the entropy (a top-k estimate,
+    within the bounds of ``raydc.method.entropy.topk_entropy``)."""
+
+    def __init__(
+        self,
+        model: str,
+        engine: VLLMEngineConfig,
+        temperature: float = 1.0,
+        entropy_top_k: int = 0,
+    ):
         import functools
 
         from raydc.infra.models import offline_env
@@ -95,11 +117,36 @@ class VLLMScorer:
                     f"be taken at temperature {temperature}"
                 )
         self.watchdog = EngineWatchdog.start(model)
+        self.top_k = int(entropy_top_k)
+        self.vocab = vocab_of(model) if self.top_k else None
         self.params = SamplingParams(
-            max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False
+            max_tokens=1, temperature=1.0, prompt_logprobs=self.top_k, detokenize=False
         )
 
     def score(self, token_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        rows, outs = self._generate(token_ids)
+        return [
+            to_logprobs(i, r, o.prompt_token_ids, o.prompt_logprobs)
+            for i, (r, o) in enumerate(zip(rows, outs))
+        ]
+
+    def score_with_entropy(
+        self, token_ids: Sequence[Sequence[int]]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per row, the log-probs and the entropy estimate [T] of the distribution each
+        token was drawn from (position 0: 0.0), from the top ``entropy_top_k``."""
+        if not self.top_k:
+            raise ValueError("this scorer was made without entropy_top_k")
+        rows, outs = self._generate(token_ids)
+        return [
+            (
+                to_logprobs(i, r, o.prompt_token_ids, o.prompt_logprobs),
+                topk_entropies(o.prompt_logprobs, self.top_k, self.vocab),
+            )
+            for i, (r, o) in enumerate(zip(rows, outs))
+        ]
+
+    def _generate(self, token_ids):
         from vllm.inputs import TokensPrompt
 
         rows = [[int(t) for t in r] for r in token_ids]
@@ -108,10 +155,7 @@ class VLLMScorer:
         )
         if len(outs) != len(rows):
             raise ScoreMismatchError(f"{len(outs)} results for {len(rows)} rows sent")
-        return [
-            to_logprobs(i, r, o.prompt_token_ids, o.prompt_logprobs)
-            for i, (r, o) in enumerate(zip(rows, outs))
-        ]
+        return rows, outs
 
     def close(self) -> None:
         if self.watchdog is not None:
@@ -188,3 +232,25 @@ def to_logprobs(i: int, sent: list[int], got_ids, prompt_logprobs) -> np.ndarray
         logp[t] = lp.logprob
     check_result(i, sent, got_ids, logp)
     return logp
+
+
+def topk_entropies(prompt_logprobs, k: int, vocab: int | None) -> np.ndarray:
+    """float32 [T]: the entropy estimate at each position from its top-``k`` prompt
+    log-probs (the entries of rank <= k: vLLM adds the sent token when it is not among
+    them, and that one must not count as a top-k entry). Position 0: 0.0."""
+    import torch
+
+    from raydc.method.entropy import topk_entropy
+
+    T = len(prompt_logprobs)
+    top = np.full((T, k), -np.inf, np.float64)
+    for t in range(1, T):
+        entry = prompt_logprobs[t] or {}
+        ranked = sorted((lp.rank, lp.logprob) for lp in entry.values() if lp.rank is not None)
+        vals = [v for rank, v in ranked if rank <= k][:k]
+        top[t, : len(vals)] = vals
+    out = np.zeros(T, np.float32)
+    if T > 1:
+        est = topk_entropy(torch.from_numpy(top[1:]), int(vocab or k)).estimate
+        out[1:] = est.numpy().astype(np.float32)
+    return out

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydc.config import ConfigError, roles
+from raydc.config.engines import fill_prompt_template
 from raydc.engines.sampler import (
     Sampling,
     fit_prompts,
@@ -44,7 +45,7 @@ from raydc.engines.sampler import (
 )
 from raydc.eval.graders import GoldAnswerError, gold_answer, grade
 from raydc.infra.artifacts import fingerprint_paths, write_json
-from raydc.infra.models import check_input
+from raydc.infra.models import check_context, check_input, check_vocab
 from raydc.infra.stage import Stage, TrainedModel, Upstream
 
 if TYPE_CHECKING:
@@ -116,6 +117,7 @@ def run_eval(cfg, model_dir: str, out_dir: str | Path, engine: LocalEngine | Non
 
     t0 = time.perf_counter()
     ecfg = cfg.eval
+    check_context("eval.engine.max_model_len", ecfg.engine.max_model_len, "model", str(model_dir))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records, pkey = read_prompts(ecfg.path, ecfg)
@@ -168,13 +170,9 @@ def run_eval(cfg, model_dir: str, out_dir: str | Path, engine: LocalEngine | Non
 
 
 def user_message(ecfg, prompt: str) -> str:
-    """``prompt`` as the user turn: ``eval.prompt_template`` filled in."""
-    try:
-        return ecfg.prompt_template.format(prompt=prompt)
-    except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(
-            f"eval.prompt_template={ecfg.prompt_template!r}: {e!r}; use {{prompt}} only"
-        ) from None
+    """``prompt`` as the user turn: ``eval.prompt_template`` filled in (the config checked
+    at load that it can be, ``EvalConfig.validate``)."""
+    return fill_prompt_template(ecfg.prompt_template, prompt)
 
 
 def _check_rows(
@@ -296,10 +294,19 @@ def model_stage(cfg) -> str:
 
 
 def _check(cfg) -> None:
-    if cfg.eval.enabled and not cfg.eval.path:
+    if not cfg.eval.enabled:
+        return
+    if not cfg.eval.path:
         raise ConfigError("eval.path: not set; name the held-out prompts to evaluate on")
-    if cfg.eval.enabled:
-        check_input("eval.path", cfg.eval.path)
+    check_input("eval.path", cfg.eval.path)
+    # The trained model is the student's architecture and tokenizer; the student itself is
+    # evaluated first with eval.baseline. Checked now, not after training.
+    student = roles(cfg).student
+    if student and Path(student).expanduser().is_dir():
+        field = "train.student" if cfg.train.student else "score.student"
+        check_context("eval.engine.max_model_len", cfg.eval.engine.max_model_len, field, student)
+        if cfg.eval.baseline:
+            check_vocab(field, student)
 
 
 def _run(cfg, up: Upstream, out: Path) -> dict:

@@ -11,6 +11,7 @@ identity (name, sizes, headers; never every byte of big weights) is
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -92,11 +93,15 @@ def build_tiny_model(
     seed: int = 0,
     max_position_embeddings: int = 2048,
     sizes: tuple[int, int, int, int, int] | None = None,
+    vocab_size: int | None = None,
 ) -> str:
     """Save a random-init tiny Qwen2 causal LM and its tokenizer to ``out_dir``; return it.
 
     ``role`` picks a size from TINY_SIZES (the teacher is larger than the student);
     ``sizes`` overrides it as (hidden, layers, heads, kv_heads, intermediate).
+    ``tokenizer``: a shipped name (TOKENIZERS) or a tokenizer folder (the real Qwen2 one:
+    tests/assets/qwen2-tokenizer). ``vocab_size``: the embedding rows (Qwen's 151,936 pad
+    its 151,646 tokens); None: the tokenizer's size rounded up to a multiple of 64.
     """
     offline_env()
     import torch
@@ -105,7 +110,9 @@ def build_tiny_model(
     if role not in TINY_SIZES and sizes is None:
         raise ValueError(f"role={role!r}: must be one of {sorted(TINY_SIZES)} or give sizes")
     tok = load_tokenizer(tokenizer)
-    vocab = ((len(tok) + 63) // 64) * 64
+    vocab = ((len(tok) + 63) // 64) * 64 if vocab_size is None else int(vocab_size)
+    if vocab < len(tok):
+        raise ValueError(f"vocab_size={vocab_size}: below the tokenizer's {len(tok)} tokens")
     config = qwen2_config(
         sizes or TINY_SIZES[role],
         vocab,
@@ -160,6 +167,90 @@ def check_model(field: str, value: str | None, tokenizer_only: bool = False) -> 
                 f"{field}={value!r}: not a local folder, and the hub is offline "
                 f"(HF_HUB_OFFLINE=1) with no cached copy; give the model's folder"
             )
+
+
+# The config.json keys vLLM 0.32 reads a model's context from (the smallest present wins;
+# ``vllm/transformers_utils/model_arch_config_convertor.py``), and the RoPE types whose
+# ``max_position_embeddings`` is already scaled (vLLM multiplies the others by their factor).
+CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "model_max_length",
+    "max_target_positions",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
+_SCALED_ROPE = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def model_context(path: str | os.PathLike) -> tuple[int, str] | None:
+    """The longest ``max_model_len`` vLLM accepts for the model folder ``path`` and where it
+    comes from (``"max_position_embeddings=2048"``), derived as vLLM 0.32 does
+    (``vllm.config.model._get_and_verify_max_len``): the smallest context key of its
+    config.json, capped by the tokenizer's ``model_max_length``, times a RoPE scaling factor;
+    a config.json ``model_max_length`` may allow more. None when unknown (no config.json,
+    no key) or when ``VLLM_ALLOW_LONG_MAX_MODEL_LEN`` lifts vLLM's limit."""
+    if os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "0").strip().lower() in ("1", "true"):
+        return None
+    p = Path(path).expanduser()
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    limit, source = math.inf, ""
+    for key in CONTEXT_KEYS:
+        v = text.get(key)
+        if _number(v) and v < limit:
+            limit, source = v, f"{key}={v}"
+    if limit == math.inf:
+        return None
+    try:
+        tok_max = json.loads((p / "tokenizer_config.json").read_text()).get("model_max_length")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        tok_max = None
+    if _number(tok_max) and tok_max < limit:
+        limit, source = tok_max, f"its tokenizer's model_max_length={tok_max}"
+    rope = text.get("rope_parameters") or text.get("rope_scaling")
+    if isinstance(rope, dict):
+        nested = rope and all(isinstance(r, dict) for r in rope.values())
+        factor = 1.0
+        for r in rope.values() if nested else [rope]:
+            kind = r.get("rope_type", r.get("type"))
+            if kind not in _SCALED_ROPE and _number(r.get("factor")):
+                factor = r["factor"]
+        if factor != 1.0:
+            limit, source = limit * factor, f"{source} x RoPE factor {factor}"
+    allowed = text.get("model_max_length")
+    if _number(allowed) and allowed > limit:
+        limit, source = allowed, f"model_max_length={allowed}"
+    return int(limit), source
+
+
+def check_context(field: str, max_model_len: int, model_field: str, path: str | None) -> None:
+    """An engine's context (``field``, a ``*.engine.max_model_len``) longer than the model
+    ``model_field`` can serve fails here, naming both; vLLM refused it only when the
+    engine started (``User-specified max_model_len ... is greater than the derived
+    max_model_len``), after the stage had read and rendered its prompts. Models that are not
+    local folders are not checked."""
+    if not path or not Path(path).expanduser().is_dir():
+        return
+    context = model_context(path)
+    if context is None or max_model_len <= context[0]:
+        return
+    limit, source = context
+    raise ConfigError(
+        f"{field}={max_model_len}: longer than the context of {model_field}={path!r} "
+        f"({source}); set {field} to at most {limit} (a prompt and its max_new_tokens must "
+        f"fit in it)"
+    )
 
 
 def check_vocab(field: str, path: str) -> None:

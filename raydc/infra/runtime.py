@@ -12,9 +12,10 @@ never touched.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -42,12 +43,16 @@ LIGHT_CPUS = 0.25
 # workers); the reaper finds them by it in /proc/<pid>/environ.
 REAP_TOKEN_VAR = "RAYDC_REAP_TOKEN"
 
-# On a console (not a terminal) Ray Data logs a multi-line progress dump every 10 s; raydc
-# lets through warnings and one "Total Progress" line a minute, and sends everything to
-# the run folder's log file instead. A terminal keeps Ray Data's progress bars.
-PROGRESS_EVERY_S = 60.0
+# Where the notices of the libraries raydc drives go: everything to the run folder's
+# ray.log (named in the summary); the console keeps their warnings and errors, except the
+# notices of NOTICE_LOGGERS below ERROR. Ray Data's progress becomes raydc's own progress
+# lines (raydc.infra.progress.DataProgress).
 RAY_LOG = "ray.log"  # in the run folder
-RAY_LOGGERS = ("ray.data", "ray.train", "ray.tune")
+LIBRARY_LOGGERS = ("ray", "vllm", "transformers")
+# Notices about a library's own set-up that ask nothing of the user: "Token authentication
+# is enabled for this Ray cluster" (a local Ray, where it is the default) and "Triton is
+# installed, but doesn't include CPU backend" (vLLM's CPU build).
+NOTICE_LOGGERS = ("ray._private.authentication", "vllm.triton_utils")
 
 _reaper: subprocess.Popen | None = None
 
@@ -69,6 +74,7 @@ def connect_ray(
     if starts_local:
         _start_reaper()
     env = {k: os.environ[k] for k in RUNTIME_ENV_VARS if k in os.environ}
+    route_library_logs()  # Ray's INFO records are not for the console (route_ray_logs)
     ray.init(
         address=address,
         num_cpus=num_cpus,
@@ -76,57 +82,220 @@ def connect_ray(
         runtime_env={"env_vars": env},
         log_to_driver=False,
         configure_logging=True,
-        logging_level="WARNING",
+        logging_level="INFO",
     )
 
 
 class ConsoleQuiet(logging.Filter):
-    """For Ray's console handlers: warnings and errors, and a progress line a minute."""
-
-    def __init__(self, every_s: float = PROGRESS_EVERY_S):
-        super().__init__()
-        self.every_s, self.last = every_s, -math.inf
+    """For the console handlers of Ray, vLLM and transformers: warnings and errors, but not
+    the set-up notices of ``NOTICE_LOGGERS`` below ERROR (the run's log keeps them)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING:
+        if record.levelno >= logging.ERROR:
             return True
-        if record.getMessage().startswith("Total Progress"):
-            now = time.monotonic()
-            if now - self.last >= self.every_s:
-                self.last = now
-                return True
-        return False
+        if record.levelno < logging.WARNING:
+            return False
+        return not any(record.name == n or record.name.startswith(n + ".") for n in NOTICE_LOGGERS)
 
 
 class _RunLogHandler(logging.FileHandler):
     """The run folder's ray.log (a type of its own, so raydc finds the handlers it added)."""
 
 
-def route_ray_logs(log_file: str | os.PathLike) -> None:
-    """Send the INFO logs of Ray Data, Train and Tune in this process to ``log_file`` and
-    quiet their console handlers (:class:`ConsoleQuiet`). Idempotent; called at each stage
-    start, since Ray may rebuild its handlers. A file handler raydc added for another run
-    folder is removed: one process running two runs writes each run's logs to its own file."""
-    import ray.data  # noqa: F401  (importing it configures the "ray.data" logger)
+_run_log: Path | None = None  # the ray.log of the run this process runs now
 
-    target = str(Path(log_file).resolve())
-    for name in RAY_LOGGERS:
-        logger = logging.getLogger(name)
+
+def _is_console(h: logging.Handler) -> bool:
+    return isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each record, like Python's last resort."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _reaches(logger: logging.Logger, kind) -> bool:
+    """Whether a record of ``logger`` reaches a handler for which ``kind(h)`` holds (its
+    own or an ancestor's)."""
+    lg: logging.Logger | None = logger
+    while lg is not None:
+        if any(kind(h) for h in lg.handlers):
+            return True
+        lg = lg.parent if lg.propagate else None
+    return False
+
+
+def route_library_logs() -> None:
+    """Quiet the console handlers of every logger of ``LIBRARY_LOGGERS`` made so far
+    (:class:`ConsoleQuiet`) and send their records to the current run's ray.log, if one
+    was named (:func:`route_ray_logs`). Idempotent. A library that sets its handlers up
+    when imported (vLLM) is routed again right after its import (raydc.engines.sampler)."""
+    import ray  # noqa: F401  (importing it gives the "ray" logger its console handler)
+
+    # ray.llm gives each of its loggers its own console handler unless "ray.llm" has a
+    # handler: with one, they propagate to "ray", whose handlers are routed here.
+    llm = logging.getLogger("ray.llm")
+    if not llm.handlers:
+        llm.addHandler(logging.NullHandler())
+    for lib in LIBRARY_LOGGERS:
+        if lib in sys.modules:  # vLLM configures its loggers only in its engines' processes
+            logging.getLogger(lib)
+    names = [
+        name
+        for name in sorted(logging.root.manager.loggerDict)  # parents before children
+        if any(name == lib or name.startswith(lib + ".") for lib in LIBRARY_LOGGERS)
+    ]
+    # (a run whose folder is gone, as a test's may be by now, gets nothing more)
+    target = str(_run_log) if _run_log is not None and _run_log.parent.is_dir() else None
+    for name in names:
+        logger = logging.root.manager.loggerDict[name]
+        if not isinstance(logger, logging.Logger):  # a placeholder
+            continue
         for h in logger.handlers:
-            console = isinstance(h, logging.StreamHandler) and not isinstance(
-                h, logging.FileHandler
-            )
-            if console and not any(isinstance(f, ConsoleQuiet) for f in h.filters):
+            if _is_console(h) and not any(isinstance(f, ConsoleQuiet) for f in h.filters):
                 h.addFilter(ConsoleQuiet())
         for h in [h for h in logger.handlers if isinstance(h, _RunLogHandler)]:
-            if h.baseFilename != target:
+            if h.baseFilename != target:  # another run's file (one process, two runs)
                 logger.removeHandler(h)
                 h.close()
-        if not any(isinstance(h, _RunLogHandler) for h in logger.handlers):
+        if target is None or _reaches(logger, lambda h: isinstance(h, _RunLogHandler)):
+            continue
+        if logger.handlers or not logger.propagate or "." not in name:
             fh = _RunLogHandler(target)
             fh.setLevel(logging.INFO)
             fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             logger.addHandler(fh)
+        if not _reaches(logger, _is_console):
+            # A logger with no console handler had its warnings shown by Python's last
+            # resort, which the file handler now stands in the way of: one of its own.
+            console = _Stderr()
+            console.addFilter(ConsoleQuiet())
+            console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            logger.addHandler(console)
+
+
+def route_ray_logs(
+    log_file: str | os.PathLike,
+    stage: str | None = None,
+    progress_every_s: float | None = None,
+    progress_stream=None,
+) -> None:
+    """Send the records of Ray (Data, Train, Tune, Core), vLLM and transformers in this
+    process to ``log_file`` at INFO and keep only their warnings on the console
+    (:func:`route_library_logs`). With ``stage``, Ray Data's progress records (logged off a
+    terminal instead of a bar) become ``[raydc] <stage>`` progress lines on
+    ``progress_stream`` (stderr), one at most every ``progress_every_s`` seconds
+    (:class:`raydc.infra.progress.DataProgress`). Idempotent; called at each stage start,
+    before Ray starts (its token notice goes to the file) and since Ray may rebuild its
+    handlers. One process running two runs writes each run's logs to its own file."""
+    import ray.data  # noqa: F401  (importing it configures the "ray.data" logger)
+
+    from raydc.infra.progress import PROGRESS_EVERY_S, DataProgress
+
+    global _run_log
+    _run_log = Path(log_file).resolve()
+    logging.getLogger("ray").setLevel(logging.INFO)  # the file has Ray's INFO records
+    route_library_logs()
+    data = logging.getLogger("ray.data")
+    for h in [h for h in data.handlers if isinstance(h, DataProgress)]:
+        data.removeHandler(h)
+        h.close()
+    if stage is not None:
+        every = PROGRESS_EVERY_S if progress_every_s is None else progress_every_s
+        data.addHandler(DataProgress(stage, every_s=every, stream=progress_stream))
+
+
+# Ray's C++ core worker writes each of its records of ERROR and above to the process's
+# stderr as well as to its own log (ray-project/ray#18577); only RAY_BACKEND_LOG_LEVEL turns
+# that off, and it drops them from the log too. In the driver, Ray Data's own actor pools
+# set one off on every run ("core_worker.cc: Actor ... has constructor arguments in the
+# object store and max_restarts > 0", ray-project/ray#57733). native_stderr_to() sends such
+# lines (below FATAL) to the run's log; a FATAL one and every other line stay on stderr.
+NATIVE_RECORD = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [TDIWE] \d+ \d+\] \S+:\d+: ")
+
+
+@contextlib.contextmanager
+def native_stderr_to(log_file: str | os.PathLike, ready_timeout_s: float = 30.0):
+    """While inside, this process's file descriptor 2 (what C and C++ code writes to) goes
+    through a small filter process: lines in the format of Ray's C++ log (below FATAL) are
+    appended to ``log_file``, everything else reaches stderr as it came. Python's
+    ``sys.stderr`` writes to stderr directly meanwhile, so raydc's own lines keep their
+    order with stdout. The filter is a process, not a thread, so that what a crashing
+    driver writes last still reaches the console. A no-op where ``sys.stderr`` is not the
+    process's own (a test capturing it), off POSIX, or if the filter does not start."""
+    if os.name != "posix" or sys.__stderr__ is None or sys.stderr is not sys.__stderr__:
+        yield
+        return
+    sys.stderr.flush()
+    console = os.dup(2)
+    ready_r, ready_w = os.pipe()
+    env = {k: v for k, v in os.environ.items() if k != REAP_TOKEN_VAR}  # the reaper's not
+    here = str(Path(__file__).resolve().parents[2])  # this raydc, installed or not
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    args = [sys.executable, "-m", "raydc.infra.runtime", "native-stderr"]
+    try:
+        proc = subprocess.Popen(
+            [*args, str(Path(log_file).resolve()), str(ready_w)],
+            stdin=subprocess.PIPE,
+            stdout=console,
+            stderr=console,
+            pass_fds=(ready_w,),
+            env=env,
+            start_new_session=True,  # a Ctrl-C to the driver's group must not end it first
+        )
+    except OSError:
+        proc = None
+    os.close(ready_w)
+    ready = proc is not None and _wait_readable(ready_r, ready_timeout_s)
+    os.close(ready_r)
+    if not ready:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        os.close(console)
+        yield
+        return
+    saved = sys.stderr
+    os.dup2(proc.stdin.fileno(), 2)
+    proc.stdin.close()  # fd 2 holds the pipe now; the filter ends when it closes
+    # Not closed on the way out: a handler or bar made inside may still hold it.
+    sys.stderr = open(  # noqa: SIM115
+        os.dup(console), "w", buffering=1, encoding=saved.encoding, errors=saved.errors
+    )
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stderr = saved
+        os.dup2(console, 2)
+        os.close(console)
+
+
+def _wait_readable(fd: int, timeout_s: float) -> bool:
+    import select
+
+    readable, _, _ = select.select([fd], [], [], timeout_s)
+    return bool(readable) and os.read(fd, 1) == b"1"
+
+
+def filter_native(source, console, log_path: str) -> None:
+    """The filter of :func:`native_stderr_to`: each line of ``source`` (binary) to the file
+    at ``log_path`` if it is a record of Ray's C++ log below FATAL, else to ``console``."""
+    with open(log_path, "ab") as log:
+        for line in source:
+            out = log if NATIVE_RECORD.match(line) else console
+            try:
+                out.write(line)
+                out.flush()
+            except OSError:  # a closed console: nothing is left to show it
+                pass
 
 
 def _start_reaper() -> None:
@@ -191,5 +360,13 @@ def reap(token: str, driver_pid: int, poll_s: float = 1.0, grace_s: float = 5.0)
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "reap":
         reap(sys.argv[2], int(sys.argv[3]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "native-stderr":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # it ends when the driver's stderr does
+        os.write(int(sys.argv[3]), b"1")
+        os.close(int(sys.argv[3]))
+        filter_native(sys.stdin.buffer, sys.stdout.buffer, sys.argv[2])
     else:
-        sys.exit("usage: python -m raydc.infra.runtime reap <token> <driver pid>")
+        sys.exit(
+            "usage: python -m raydc.infra.runtime reap <token> <driver pid>\n"
+            "       python -m raydc.infra.runtime native-stderr <log file> <ready fd>"
+        )

@@ -49,6 +49,7 @@ SCORED_COLUMNS = (
     "num_loss_tokens",
     "student_logprobs",
     "teacher_mask",
+    "student_entropy",
 )
 LOGPROB_COLUMNS = ("student_logprobs", "teacher_logprobs")
 LOGPROB_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
@@ -74,6 +75,9 @@ def scored_schema(logprobs: str = "float16") -> pa.Schema:
     # False where the teacher has no value (its log-prob was filled with the student's, a
     # neutral ratio); null for a row whose teacher values are all known.
     fields["teacher_mask"] = pa.field("teacher_mask", pa.list_(pa.bool_()))
+    # The student's predictive entropy per token (nats, same precision as the log-probs;
+    # position 0 holds 0.0); null when the score stage did not store it (score.entropy).
+    fields["student_entropy"] = pa.field("student_entropy", lp)
     return pa.schema([fields[n] for n in SCORED_COLUMNS])
 
 
@@ -84,7 +88,7 @@ SCORED_SCHEMA = scored_schema("float16")
 SCORED_WRITE_ARGS = {
     "compression": "zstd",
     "use_dictionary": ["row_id", "prompt_id"],
-    "use_byte_stream_split": [f"{c}.list.element" for c in LOGPROB_COLUMNS],
+    "use_byte_stream_split": [f"{c}.list.element" for c in (*LOGPROB_COLUMNS, "student_entropy")],
 }
 
 # What the select stage writes instead of a second copy of the rows: the kept row ids (with

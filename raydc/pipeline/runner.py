@@ -109,9 +109,9 @@ class Pipeline:
         out.mkdir(parents=True, exist_ok=True)
         (out / OWNED).touch()
         write_private(pending, json.dumps({"fingerprint": fp, "started": time.time()}))
-        if self._connect:
+        if self._connect:  # routed first: what Ray says as it starts goes to the file too
+            route_ray_logs(self.root / RAY_LOG, stage=name)
             connect_ray(self.cfg.run.ray_address)
-            route_ray_logs(self.root / RAY_LOG)
         self.log(f"[raydc] {name:<8} running{' (resuming)' if keep else ''} -> {out}")
         t0 = time.time()
         try:
@@ -122,8 +122,8 @@ class Pipeline:
             self._log_traceback(name)
             raise StageError(
                 f"stage {name!r} failed after {time.time() - t0:.1f}s: {type(e).__name__}: {e}\n"
-                f"(partial output in {out}; traceback in {self.root / LOG}; rerun the same "
-                f"command to resume here)"
+                f"(partial output in {out}; traceback in {self.root / LOG}; Ray's and vLLM's "
+                f"logs in {self.root / RAY_LOG}; rerun the same command to resume here)"
             ) from e
         seconds = time.time() - t0
         record = {

@@ -33,7 +33,14 @@ def _rate(summary: dict, key: str = "tokens") -> float | None:
 def stage_line(name: str, summary: dict) -> str:
     """The one-line report of a stage: counts, throughput, headline metric."""
     bits = []
-    if "rows_in" in summary and "rows_out" in summary:
+    if name == "select" and "not_selected" in summary:
+        # Candidates outside the top k are not rejects: nothing is wrong with them.
+        rej = summary.get("rows_rejected", 0) - summary["not_selected"]
+        bits.append(
+            f"candidates {_fmt_int(summary['rows_in'])} -> {_fmt_int(summary['rows_out'])} "
+            f"selected" + (f" ({_fmt_int(rej)} rejected)" if rej else "")
+        )
+    elif "rows_in" in summary and "rows_out" in summary:
         rej = summary.get("rows_rejected", 0)
         bits.append(
             f"rows {_fmt_int(summary['rows_in'])} -> {_fmt_int(summary['rows_out'])}"

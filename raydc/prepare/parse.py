@@ -3,7 +3,7 @@
 A row is normalised to a conversation (``messages``): the chat schema gives it directly,
 the prompt/response schema becomes ``[system?, user: prompt, assistant: response]``; a list
 of responses gives several candidates of one prompt (one bad candidate is rejected on its
-own). Given teacher log-probs are read in the shape users have them (``read_teacher``:
+own); an assistant message's ``reasoning_content`` is kept for a thinking template. Given teacher log-probs are read in the shape users have them (``read_teacher``:
 lists with token strings, offsets or ids; OpenAI API ``logprobs``; vLLM's per-position
 maps), checked and kept on the candidate; ``raydc.prepare.render`` renders and tokenises
 it. A value that cannot be a log-prob (null, NaN, inf, a sentinel below
@@ -40,6 +40,9 @@ _TOKEN_ID = re.compile(r"token_id:(\d+)")  # vLLM's return_tokens_as_token_ids s
 
 # The roles chat templates render; another role would be dropped or mis-rendered.
 ROLES = ("system", "user", "assistant", "tool")
+# An assistant message's reasoning, passed to the chat template as thinking templates
+# (Qwen3, and the OpenAI-compatible APIs of vLLM and DeepSeek) name it.
+REASONING_KEY = "reasoning_content"
 
 
 @dataclass
@@ -278,7 +281,11 @@ def _chat_messages(row: dict, dcfg) -> list[dict]:
                 f"{where}.role", "unknown_role", f"{role!r} is not one of {list(ROLES)}"
             )
         content = as_text(m["content"], f"{where}.content")
-        out.append({"role": role, "content": content})
+        msg = {"role": role, "content": content}
+        if role == "assistant" and not _missing(m, REASONING_KEY):
+            # the reasoning, for a template that renders it (Qwen3: <think>...</think>)
+            msg[REASONING_KEY] = as_text(m[REASONING_KEY], f"{where}.{REASONING_KEY}")
+        out.append(msg)
     assistants = [i for i, m in enumerate(out) if m["role"] == "assistant"]
     if not assistants:
         raise RowReject(key, "empty_response", "no assistant message")

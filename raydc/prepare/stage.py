@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -46,7 +47,12 @@ from raydc.infra.schemas import PREPARED_SCHEMA
 from raydc.infra.stage import Stage
 from raydc.prepare.join import JOIN, JOINED_COLUMNS, merge_joined, teacher_key
 from raydc.prepare.parse import MISSING_KINDS, RowReject, parse_row, row_id_of, table_rows
-from raydc.prepare.render import prepare_candidate, special_ids, teacher_ids_to_offsets
+from raydc.prepare.render import (
+    TeacherCoverageReject,
+    prepare_candidate,
+    special_ids,
+    teacher_ids_to_offsets,
+)
 
 if TYPE_CHECKING:
     from raydc.config import DataConfig, RaydcConfig
@@ -211,6 +217,9 @@ def prepare_batch(batch: pa.Table, tokenizer: str, dcfg: DataConfig, parts_dir: 
         "rows_read": batch.num_rows,  # source rows, or joined rows after a join
         # given teacher log-probs of the kept rows that are missing, by why (parse.py)
         "teacher_logprobs_missing": dict.fromkeys(MISSING_KINDS, 0),
+        # rows whose teacher log-probs came with the teacher's text: how it met the response
+        "teacher_coverage": dict.fromkeys(COVERAGE_COUNTS, 0),
+        "teacher_coverage_permille": {},  # floor(coverage * 1000) -> rows
     }
     default_ids = []
     for row in table_rows(batch):
@@ -242,6 +251,8 @@ def prepare_batch(batch: pa.Table, tokenizer: str, dcfg: DataConfig, parts_dir: 
                 prep = prepare_candidate(tok, cand, dcfg, specials)
             except RowReject as e:
                 rejects.append({"row_id": cand.row_id, "field": e.field, "reason": e.reason})
+                if isinstance(e, TeacherCoverageReject):
+                    _count_coverage(stats, e.coverage, "rejected")
                 continue
             good.append(prep.to_row())
             stats["truncated"] += int(prep.truncated)
@@ -250,9 +261,67 @@ def prepare_batch(batch: pa.Table, tokenizer: str, dcfg: DataConfig, parts_dir: 
             stats["given_teacher_rows"] += int(prep.teacher_logprobs is not None)
             for kind, n in (cand.teacher or {}).get("missing", {}).items():
                 stats["teacher_logprobs_missing"][kind] += n
+            match = prep.teacher_match
+            if match is not None:
+                _count_coverage(stats, match.coverage, "exact" if match.exact else "partial")
+                stats["teacher_coverage"]["outside_logprob"] += match.outside_logprob
+                stats["teacher_coverage"]["outside_tokens"] += match.outside_tokens
     stats["rows_out"], stats["rows_rejected"] = len(good), len(rejects)
     write_parts(parts_dir, batch_key(default_ids), "prepare", rejects, stats)
     return pa.Table.from_pylist(good, schema=PREPARED_SCHEMA)
+
+
+COVERAGE_COUNTS = (
+    "rows",
+    "exact",
+    "partial",
+    "rejected",
+    "sum",
+    "outside_logprob",
+    "outside_tokens",
+)
+
+
+def _count_coverage(stats: dict, coverage: float, kind: str) -> None:
+    counts, hist = stats["teacher_coverage"], stats["teacher_coverage_permille"]
+    counts["rows"] += 1
+    counts[kind] += 1
+    counts["sum"] += coverage
+    key = str(min(1000, math.floor(coverage * 1000 + 1e-9)))
+    hist[key] = hist.get(key, 0) + 1
+
+
+def coverage_summary(totals: dict) -> dict:
+    """The summary's ``teacher_coverage``: over the rows whose teacher log-probs came with
+    the teacher's text (token strings, bytes or ids; rejected ones included), how many
+    spelt the response (``exact``), were aligned on the text both share (``partial``: kept)
+    or covered too little (``rejected``); the share of response characters matched (min,
+    p10, median: nearest rank, floored to 0.001; mean), and the teacher log-probs the kept
+    partial rows could not place (their sum and count: text the response lacks)."""
+    counts = totals.get("teacher_coverage", {})
+    hist = sorted((int(k), n) for k, n in totals.get("teacher_coverage_permille", {}).items())
+    rows = int(counts.get("rows", 0))
+
+    def quantile(q: float) -> float | None:
+        need, seen = max(1, math.ceil(q * rows)), 0
+        for bin_, n in hist:
+            seen += n
+            if seen >= need:
+                return bin_ / 1000
+        return None
+
+    return {
+        "rows": rows,
+        "exact": int(counts.get("exact", 0)),
+        "partial": int(counts.get("partial", 0)),
+        "rejected": int(counts.get("rejected", 0)),
+        "min": quantile(0.0),
+        "p10": quantile(0.1),
+        "median": quantile(0.5),
+        "mean": round(counts.get("sum", 0.0) / rows, 6) if rows else None,
+        "outside_logprob": float(counts.get("outside_logprob", 0.0)),
+        "outside_tokens": int(counts.get("outside_tokens", 0)),
+    }
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -317,6 +386,7 @@ def run_prepare(cfg, out_dir: str | os.PathLike) -> dict:
         "teacher_logprobs_missing": {
             k: int(totals.get("teacher_logprobs_missing", {}).get(k, 0)) for k in MISSING_KINDS
         },
+        "teacher_coverage": coverage_summary(totals),
         **_join_counts(dcfg, totals),
         "source": str(dcfg.path),
         "tokenizer": tokenizer,

@@ -53,16 +53,28 @@ class StudentScorer(EngineActor):
 
     role = "student"
 
-    def __init__(self, model: str, score_cfg: ScoreConfig, parts_dir: str | None = None):
+    def __init__(
+        self,
+        model: str,
+        score_cfg: ScoreConfig,
+        parts_dir: str | None = None,
+        entropy: bool = False,
+    ):
         t0 = self._start(parts_dir)
-        self.scorer = make_scorer(score_cfg, model)
+        self.entropy = entropy
+        self.scorer = make_scorer(score_cfg, model, entropy=entropy)
         self._started(t0)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         t0 = time.perf_counter()
         ids = batch.column("input_ids").to_pylist()
-        lps = self.scorer.score(ids)
-        col = pa.array([x.astype(np.float32) for x in lps], pa.list_(pa.float32()))
+        f32 = pa.list_(pa.float32())
+        if self.entropy:  # also the student's entropy per token (an entropy gate reads it)
+            lps, hs = zip(*self.scorer.score_with_entropy(ids)) if ids else ((), ())
+            batch = set_column(batch, "student_entropy", pa.array(list(hs), f32))
+        else:
+            lps = self.scorer.score(ids)
+        col = pa.array([np.asarray(x, np.float32) for x in lps], f32)
         self._busy(t0, batch.column("row_id").to_pylist(), sum(map(len, ids)))
         return set_column(batch, "student_logprobs", col)
 

@@ -181,7 +181,9 @@ def _write_scored(cfg, files: list[str], out: Path, teacher: str | None, same: b
     )
     ds = ds.map_batches(
         StudentScorer,
-        fn_constructor_kwargs=dict(model=student, score_cfg=scfg, parts_dir=parts),
+        fn_constructor_kwargs=dict(
+            model=student, score_cfg=scfg, parts_dir=parts, entropy=cfg.stores_entropy()
+        ),
         **scfg.engine.actor_pool_args(),
     )
     if teacher is not None:
@@ -391,6 +393,7 @@ SCORE = Stage(
         "student": fingerprint_paths(cfg.score.student),
         "teacher": fingerprint_paths(cfg.score.teacher),
         "needs_teacher": needs_teacher(cfg.weights),
+        "entropy": cfg.stores_entropy(),
         "weights": cfg.weights.to_dict() if cfg.score.inspection else None,
     },
     run=lambda cfg, up, out: run_score(cfg, str(up["prepare"].out_dir), out),

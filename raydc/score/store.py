@@ -129,6 +129,13 @@ def finish_batch(
     batch = set_column(batch, "teacher_logprobs", to_store(t_rows, logprobs))
     batch = set_column(batch, "student_logprobs", to_store(s_rows, logprobs))
     batch = set_column(batch, "teacher_mask", pa.array(tm_rows, pa.list_(pa.bool_())))
+    if "student_entropy" in batch.column_names:
+        h_rows = batch.column("student_entropy").to_pylist()
+        batch = set_column(batch, "student_entropy", to_store(h_rows, logprobs))
+    else:
+        batch = set_column(
+            batch, "student_entropy", pa.nulls(batch.num_rows, pa.list_(pa.float32()))
+        )
     stats = {
         "rows_out": batch.num_rows,
         "tokens": int(sum(len(m) for m in m_rows)),

@@ -43,6 +43,8 @@ def build_trainer(
     loop_fn: Any = None,
     after_step: Any = None,
     student_fingerprint: str | None = None,
+    tracking_name: str | None = None,
+    tracking_parent: Any = None,
 ) -> TorchTrainer:
     from raydc.train.trainer import build_trainer as _build
 
@@ -55,6 +57,8 @@ def build_trainer(
         loop_fn,
         after_step=after_step,
         student_fingerprint=student_fingerprint,
+        tracking_name=tracking_name,
+        tracking_parent=tracking_parent,
     )
 
 

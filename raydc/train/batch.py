@@ -185,7 +185,14 @@ class RowBlock:
         t_mask, have_tm = column("teacher_mask", bool)
         if t_mask is not None and not have_tm.all():
             t_mask[np.repeat(~have_tm, lengths)] = True  # no mask given: all known
-        ent, _ = column("student_entropy", np.float32, required=True)
+        # The store holds the column null in every row when the score stage stored no
+        # entropy (score.entropy): that reads as absent; some rows null is refused.
+        if "student_entropy" in table.column_names and (
+            table.column("student_entropy").null_count == table.num_rows
+        ):
+            ent = None
+        else:
+            ent, _ = column("student_entropy", np.float32, required=True)
         _check_loss_tokens(row_ids, off, mask, s_lp, ent)
         return cls(
             row_ids=row_ids,

@@ -16,7 +16,13 @@ from pathlib import Path
 # Columns of the scored schema (docs/contracts.md) that training reads.
 REQUIRED_COLUMNS = ("row_id", "input_ids", "loss_mask", "student_logprobs")
 # teacher_mask: False where the teacher has no value (its weight is neutral, exactly 1)
-OPTIONAL_COLUMNS = ("prompt_id", "sentence_ids", "teacher_logprobs", "teacher_mask")
+OPTIONAL_COLUMNS = (
+    "prompt_id",
+    "sentence_ids",
+    "teacher_logprobs",
+    "teacher_mask",
+    "student_entropy",  # an entropy gate under student_ref=init reads it
+)
 INDEX_COLUMN = "num_tokens"  # per-row length: lets ranks plan without reading the rows
 
 

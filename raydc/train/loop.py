@@ -11,12 +11,18 @@ micro-batch it stopped at.
 Re-scoring rounds (``rescore_every``) and the held-out NLL are no-grad passes of the same
 model (``raydc.train.rescore``); the re-scored log-probs go into each checkpoint too.
 
+LoRA (``train.lora``): the model is PEFT's, only the adapters are trainable, and the
+checkpoints hold the adapters' weights and optimizer state alone (the frozen base comes
+from the student folder again on a resume); the final checkpoint holds the merged model
+(``model/``) and the adapter (``adapter/``).
+
 Test hooks and probes come in through parameters, never the environment: ``after_step``
 (a callable of ``StepInfo``, e.g. to kill a worker) from ``build_trainer``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -31,7 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from raydc.train.batch import MicroBatch, collate
-from raydc.train.metrics import StepWindow, process_io, weight_metrics
+from raydc.train.metrics import StepWindow, optimizer_state_bytes, process_io, weight_metrics
 from raydc.train.rescore import RescoredLogprobs, held_out_nll, rescore_shard
 from raydc.train.shard import RankShard, WindowReader, plan_epoch
 from raydc.train.step import Learner, StepStats
@@ -164,7 +170,7 @@ class Worker:
         from transformers import AutoTokenizer
 
         from raydc.train.ds_config import build_ds_config, lr_lambda, resolve_precision
-        from raydc.train.model import StudentLogprobs, load_student
+        from raydc.train.model import StudentLogprobs, load_student, trainable_counts
 
         student = self.config.student
         self.tokenizer = AutoTokenizer.from_pretrained(student)
@@ -175,6 +181,7 @@ class Worker:
         ds_cfg = build_ds_config(self.tc, self.world, self.on_gpu)
         self.precision = resolve_precision(self.tc, self.on_gpu)
         lm = load_student(student, self.tc, self.on_gpu, ds_cfg)
+        self.trainable_params, self.params = trainable_counts(lm)
         model = StudentLogprobs(lm, self.tc.loss_chunk_size)
         params = [p for p in model.parameters() if p.requires_grad]
         if self.tc.offload_optimizer and self.on_gpu:
@@ -241,7 +248,13 @@ class Worker:
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> StepStats:
+        import torch
+
         mbs = self._next_micro_batches()
+        # Dropout (LoRA's, train.lora.dropout) draws from a generator seeded by the run's
+        # seed, the step and the rank: a resumed run draws the masks the first attempt drew.
+        seed = np.random.SeedSequence([self.tc.seed, self.step, self.rank]).generate_state(1)
+        torch.manual_seed(int(seed[0]))
         stats = self.learner.step(mbs, uniform=self.step < self.tc.weight_warmup_steps)
         self.step += 1
         if self.step == self.resumed_from + 1:
@@ -263,8 +276,15 @@ class Worker:
             [win.loss, win.tokens, win.slots, win.micro_batches, self.shard.bytes_read]
             + mine.tolist()
         )
-        seconds, bytes_max, first_s, rss, rchar = _all_reduce(
-            [win.seconds, self.shard.bytes_read, self.first_step_s, *process_io()], "max"
+        seconds, bytes_max, first_s, rss, rchar, opt_bytes = _all_reduce(
+            [
+                win.seconds,
+                self.shard.bytes_read,
+                self.first_step_s,
+                *process_io(),
+                optimizer_state_bytes(self.engine.optimizer, self.engine.module),
+            ],
+            "max",
         )
         n = max(1, win.steps)
         metrics = {
@@ -286,6 +306,10 @@ class Worker:
             "seconds_to_first_step": first_s,
             "worker_peak_rss_mib": rss,
             "torch_threads": self.threads,  # each worker's intra-op threads (cpus_per_worker)
+            # Adam moments + fp32 master copies, the busiest rank's (LoRA: the adapters' only)
+            "optimizer_state_mib": opt_bytes / 2**20,
+            "trainable_params": self.trainable_params,
+            "params": self.params,
             "worker_rchar_max": rchar,  # every byte the busiest worker read, model included
             "shard_rows_per_rank": [int(x) for x in per_rank[:W]],
             "shard_tokens_per_rank": [int(x) for x in per_rank[W:]],
@@ -341,7 +365,7 @@ class Worker:
         try:
             self.save(tmp, metrics)
             if final:
-                self.export(os.path.join(tmp, "model"))
+                self.export(os.path.join(tmp, "model"), os.path.join(tmp, "adapter"))
             metrics["final"] = final
             ray.train.report(
                 metrics,
@@ -364,8 +388,15 @@ class Worker:
             # The figures reported with this checkpoint: a run resumed from its final
             # checkpoint takes no step, and reports these instead of an empty window.
             metrics=metrics or {},
+            lora=self._lora_state(),
         )
-        self.engine.save_checkpoint(ckpt_dir, tag=DS_TAG, client_state={"raydc": state})
+        # Under LoRA the frozen base is the student folder's: only the adapters are saved.
+        self.engine.save_checkpoint(
+            ckpt_dir,
+            tag=DS_TAG,
+            client_state={"raydc": state},
+            exclude_frozen_parameters=self.tc.lora.enabled,
+        )
         if self.rescored is not None:
             self.rescored.save(ckpt_dir)
         if self.rank == 0:
@@ -378,7 +409,18 @@ class Worker:
                 f"checkpoint {ckpt_dir} was written by {state['world']} workers; this run has "
                 f"{self.world} (DeepSpeed ZeRO checkpoints are per rank)"
             )
-        self.engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=True)
+        saved = state.get("lora")
+        if saved != self._lora_state():
+            raise RuntimeError(
+                f"checkpoint {ckpt_dir} was written with train.lora={saved}; this run has "
+                f"train.lora={self._lora_state()} (resume with the settings it was written "
+                "with, or train into a new output folder)"
+            )
+        # A LoRA checkpoint holds the adapters only (the base is loaded from the student):
+        # the module load is not strict then; the settings check above stands in for it.
+        self.engine.load_checkpoint(
+            ckpt_dir, tag=DS_TAG, load_module_strict=not self.tc.lora.enabled
+        )
         self.step, self.epoch, self.pos = state["step"], state["epoch"], state["pos"]
         self.resumed_from = self.step
         self.warm_started_from = state.get("init_checkpoint_step")
@@ -398,6 +440,15 @@ class Worker:
                 f"phase has {self.world} (DeepSpeed ZeRO checkpoints are per rank: keep "
                 "train.num_workers across phases, or set the phase's optimizer: fresh)"
             )
+        if state.get("lora") or self.tc.lora.enabled:
+            # This run's student is the previous phase's merged model (the config refuses
+            # this for phases; here for a hand-set init_checkpoint).
+            raise RuntimeError(
+                f"train.init_checkpoint={ckpt_dir}: carries weights and optimizer state, and "
+                "a LoRA run on either side would apply the earlier adapter twice or mismatch "
+                "the optimizer's parameters; start from the exported model (train.student) "
+                "without init_checkpoint"
+            )
         self.engine.load_checkpoint(
             ckpt_dir, tag=DS_TAG, load_module_strict=True, load_lr_scheduler_states=False
         )
@@ -409,10 +460,13 @@ class Worker:
             group["lr"] = lr
         self.warm_started_from = int(state["step"])
 
-    def export(self, model_dir: str) -> None:
-        """Full weights (gathered under ZeRO-3) -> save_pretrained + tokenizer, on rank 0."""
+    def export(self, model_dir: str, adapter_dir: str) -> None:
+        """Full weights (gathered under ZeRO-3) -> ``raydc.train.model.write_export`` on rank 0:
+        save_pretrained + tokenizer; under LoRA the merged model and PEFT's adapter."""
         import deepspeed
         import torch
+
+        from raydc.train.model import write_export
 
         lm = self.engine.module.lm
         state = {}
@@ -421,21 +475,16 @@ class Worker:
                 if self.rank == 0:
                     state[name] = p.detach().to("cpu", copy=True)
         if self.rank == 0:
-            from transformers import AutoConfig, AutoModelForCausalLM
-
-            config = AutoConfig.from_pretrained(self.config.student)
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
                 self.precision, torch.float32
             )
-            with torch.device("meta"):
-                fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
-            fresh.load_state_dict(state, strict=False, assign=True)
-            missing = [n for n, _ in fresh.named_parameters() if n not in state]
-            if missing:
-                raise RuntimeError(f"export: parameters missing from the gathered state: {missing}")
-            fresh.config.dtype = dtype
-            fresh.save_pretrained(model_dir, safe_serialization=True)
-            self.tokenizer.save_pretrained(model_dir)
+            write_export(
+                state, self.config.student, self.tc, dtype, self.tokenizer, model_dir, adapter_dir
+            )
+
+    def _lora_state(self) -> dict | None:
+        """The LoRA settings a checkpoint's weights belong to (None: full fine-tuning)."""
+        return dataclasses.asdict(self.tc.lora) if self.tc.lora.enabled else None
 
 
 def train_loop_per_worker(config: dict) -> None:

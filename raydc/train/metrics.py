@@ -67,6 +67,35 @@ def weight_metrics(stats: StepStats, wc: WeightConfig) -> dict:
     return out
 
 
+def optimizer_state_bytes(optimizer, model: torch.nn.Module) -> int:
+    """Bytes the optimizer holds beyond the model's own weights, on this rank: Adam's
+    moments (and step counters) and the fp32 master copies ZeRO keeps of its partition
+    (the inner torch optimizer's parameters when they are not the model's), each storage
+    once. ``optimizer``: a DeepSpeed engine's (a ZeRO wrapper around the torch optimizer)
+    or a torch optimizer."""
+    inner = optimizer
+    while getattr(inner, "optimizer", None) is not None and inner.optimizer is not inner:
+        inner = inner.optimizer
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    own |= {
+        p.ds_tensor.untyped_storage().data_ptr()
+        for p in model.parameters()
+        if getattr(p, "ds_tensor", None) is not None
+    }
+    tensors = [t for st in inner.state.values() for t in st.values() if torch.is_tensor(t)]
+    tensors += [p for g in inner.param_groups for p in g["params"]]
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in seen or key in own or storage.nbytes() == 0:
+            continue
+        seen.add(key)
+        total += storage.nbytes()
+    return total
+
+
 def process_io() -> tuple[float, float]:
     """(peak RSS in MiB, bytes read by read calls: /proc/self/io rchar, NaN elsewhere)."""
     import resource

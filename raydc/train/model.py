@@ -14,12 +14,21 @@ activation checkpointing of every decoder layer (``train.gradient_checkpointing`
 transformers' own), and under ZeRO-3 construction inside ``deepspeed.zero.Init``
 (transformers does it while an ``HfDeepSpeedConfig`` is alive), so no worker ever holds the
 whole model before it is partitioned.
+
+LoRA (``train.lora.r > 0``): ``apply_lora`` wraps the causal LM in PEFT's
+``PeftModelForCausalLM``; its adapters live inside the decoder layers, so the body call and
+the chunked head above run unchanged (the head itself is never a target: the chunked loss
+reads its weight directly). Only the adapters require gradients, so DeepSpeed's optimizer
+holds state for them alone. ``write_export`` turns the trained weights into the exported
+model: for LoRA, PEFT's adapter (``save_pretrained``) and the merged weights
+(``merge_and_unload``), a plain model for vLLM and the next phase.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import types
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -151,6 +160,102 @@ def load_student(path: str, tc, on_gpu: bool, ds_config: dict | None = None) -> 
     del keep
     lm.config.use_cache = False
     if tc.gradient_checkpointing:
+        # Non-reentrant: correct when no input of a layer requires grad (a LoRA run's frozen
+        # embeddings), which the reentrant variant is not.
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if tc.lora.enabled:
+        lm = apply_lora(lm, tc.lora)
     lm.train()  # checkpointing runs in training mode only (dropout as configured: Qwen2 has none)
     return lm
+
+
+def peft_lora_config(lora, base: str | None = None):
+    """``train.lora`` as PEFT's ``LoraConfig`` (``all-linear``: every linear layer but the
+    output head, PEFT's own shorthand)."""
+    from peft import LoraConfig
+
+    targets = list(lora.target_modules)
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base,
+    )
+
+
+def apply_lora(lm: nn.Module, lora, low_cpu_mem_usage: bool = False) -> nn.Module:
+    """PEFT LoRA adapters on ``lm``'s target modules; every other weight frozen (no
+    gradient, no optimizer state). ``low_cpu_mem_usage``: adapters built on the meta
+    device (the export's empty model, filled by ``load_state_dict(assign=True)``)."""
+    from peft import get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = getattr(lm, "name_or_path", None) or None
+    try:
+        model = get_peft_model(
+            lm, peft_lora_config(lora, base), low_cpu_mem_usage=low_cpu_mem_usage
+        )
+    except ValueError as e:  # PEFT: "Target modules {...} not found in the base model"
+        names = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if isinstance(m, nn.Linear)}
+        )
+        raise ValueError(
+            f"train.lora.target_modules={list(lora.target_modules)}: {e} (this model's linear "
+            f"layers: {names})"
+        ) from None
+    if isinstance(model.get_output_embeddings(), BaseTunerLayer):
+        raise ValueError(
+            f"train.lora.target_modules={list(lora.target_modules)}: names the output head, "
+            "which the chunked loss reads as a plain weight; adapt the decoder layers instead"
+        )
+    return model
+
+
+def trainable_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts; whole sizes under ZeRO-3 partitioning."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = int(getattr(p, "ds_numel", p.numel()))
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def write_export(
+    state: dict,
+    student: str,
+    tc,
+    dtype: torch.dtype,
+    tokenizer,
+    model_dir: str | Path,
+    adapter_dir: str | Path | None = None,
+) -> None:
+    """Write the trained weights ``state`` (names as the training model's
+    ``named_parameters``: the PEFT model's under LoRA) as ``save_pretrained`` + tokenizer to
+    ``model_dir`` in ``dtype``. Under LoRA also PEFT's adapter to ``adapter_dir``, and the
+    model is the merged one (W + (alpha / r) B A, merged in float32 then cast)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(student)
+    lora = tc.lora.enabled
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if lora else dtype)
+    if lora:
+        fresh = apply_lora(fresh, tc.lora, low_cpu_mem_usage=True)
+        fresh.peft_config["default"].base_model_name_or_path = str(student)
+        state = {k: v.float() for k, v in state.items()}
+    fresh.load_state_dict(state, strict=False, assign=True)
+    missing = [n for n, _ in fresh.named_parameters() if n not in state]
+    if missing:
+        raise RuntimeError(f"export: parameters missing from the gathered state: {missing}")
+    if lora:
+        if adapter_dir is None:
+            raise ValueError("write_export: a LoRA run needs adapter_dir")
+        fresh.save_pretrained(str(adapter_dir), safe_serialization=True)
+        fresh = fresh.merge_and_unload().to(dtype)
+    fresh.config.dtype = dtype
+    fresh.save_pretrained(str(model_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(model_dir))

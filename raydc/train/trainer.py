@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from raydc.config import RaydcConfig, roles
+from raydc.infra import progress
 from raydc.train.data import (
     ScoredDataError,
     check_schema,
@@ -57,18 +58,44 @@ def _metrics_callback_cls():
     from ray.train.v2.api.callback import UserCallback
 
     class MetricsLog(UserCallback):
-        """On the driver side: rank 0's metrics -> out_dir/metrics.jsonl and TensorBoard
-        (scalars, and the weight histogram the workers computed)."""
+        """On the driver side: rank 0's metrics -> out_dir/metrics.jsonl, TensorBoard
+        (scalars, and the weight histogram the workers computed) and the MLflow / W&B run
+        of ``track`` (``raydc.infra.tracking``: opened at the first report, given the plots
+        and ended at the final one)."""
 
-        def __init__(self, out_dir: str):
+        def __init__(self, out_dir: str, tensorboard: bool = True, track=None):
             self.out_dir = out_dir
             self._writer = None
+            self.tensorboard = tensorboard
+            self.track = track  # a tracking.RunSpec, or None
+            self._run = None
 
         def after_report(self, run_context, metrics, checkpoint) -> None:
             m = dict(metrics[0])
             Path(self.out_dir).mkdir(parents=True, exist_ok=True)
             with open(Path(self.out_dir) / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(m, default=str) + "\n")
+            if self.tensorboard:
+                self._tensorboard(m)
+            if self.track is not None:
+                self._track(m)
+
+        def _track(self, m: dict) -> None:
+            from raydc.infra.tracking import write_plots
+
+            if self._run is None:
+                self._run = self.track.start()
+            step = int(m.get("step", 0))
+            scalars = {f"train/{k}": v for k, v in _scalar_metrics(m).items() if k != "step"}
+            self._run.log(scalars, step, m.get("weight_histogram"))
+            if m.get("final"):
+                jsonl = Path(self.out_dir) / "metrics.jsonl"
+                plots = write_plots(jsonl, Path(self.out_dir) / "plots")
+                self._run.files([*plots, jsonl], "plots")
+                self._run.finish()
+                self._run = None
+
+        def _tensorboard(self, m: dict) -> None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is a dependency; a broken install only loses TB
@@ -105,6 +132,15 @@ def _metrics_callback_cls():
     return MetricsLog
 
 
+def _tracking_spec(cfg: RaydcConfig, out: Path, name: str | None, parent):
+    """The run the MetricsLog callback opens (None without MLflow or W&B), named after
+    ``out`` below the job's output folder (``train``, ``phases/<phase>/train``)."""
+    from raydc.infra.tracking import child_name, job_parent, run_spec
+
+    parent = parent or job_parent()
+    return run_spec(cfg, name or child_name(out, parent), "train", parent)
+
+
 def build_trainer(
     cfg: RaydcConfig,
     scored_dir: str | os.PathLike,
@@ -114,6 +150,8 @@ def build_trainer(
     loop_fn=None,
     after_step: Callable | None = None,
     student_fingerprint: str | None = None,
+    tracking_name: str | None = None,
+    tracking_parent=None,
 ):
     """A Ray Train V2 ``TorchTrainer`` for weighted distillation from ``scored_dir``.
 
@@ -122,6 +160,9 @@ def build_trainer(
     ``after_step`` is called on every worker after each optimizer step with a
     ``raydc.train.loop.StepInfo`` (tests use it to kill a worker). ``student_fingerprint``
     skips re-fingerprinting the student (a sweep checks it once for all trials).
+    ``tracking_name`` / ``tracking_parent``: the MLflow / W&B run of this training
+    (``run.trackers``; default: named after ``out_dir`` under the job's run of this process,
+    ``raydc.infra.tracking.job_parent``; a Tune trial passes its id and the sweep's run).
     """
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -150,12 +191,17 @@ def build_trainer(
     resources = {"CPU": tc.cpus_per_worker}
     if tc.use_gpu:
         resources["GPU"] = 1
+    metrics_log = _metrics_callback_cls()(
+        str(out),
+        tensorboard="tensorboard" in cfg.run.trackers,
+        track=_tracking_spec(cfg, out, tracking_name, tracking_parent),
+    )
     run_kwargs: dict[str, Any] = dict(
         name=RUN_NAME,
         storage_path=str(out / "ray"),
         failure_config=FailureConfig(max_failures=tc.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-        callbacks=[_metrics_callback_cls()(str(out))] + list(extra_callbacks or []),
+        callbacks=[metrics_log] + list(extra_callbacks or []),
     )
     run_kwargs.update(run_config_overrides or {})
     return TorchTrainer(
@@ -170,8 +216,9 @@ def build_trainer(
 
 def export_model(checkpoint, dest: str | os.PathLike) -> str:
     """Copy the exported model of a final checkpoint (``model/``: ``save_pretrained`` +
-    tokenizer) to ``dest``, replacing what is there. ``checkpoint``: a Ray Train
-    ``Checkpoint`` or its path."""
+    tokenizer) to ``dest``, replacing what is there, and a LoRA run's adapter (``adapter/``,
+    PEFT's ``save_pretrained``) beside it (``dest``'s sibling ``adapter``). ``checkpoint``: a
+    Ray Train ``Checkpoint`` or its path."""
     from ray.train import Checkpoint
 
     if not isinstance(checkpoint, Checkpoint):
@@ -181,9 +228,16 @@ def export_model(checkpoint, dest: str | os.PathLike) -> str:
         src = Path(d) / "model"
         if not src.is_dir():
             raise RuntimeError(f"the final checkpoint {checkpoint.path} holds no exported model")
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.copytree(src, dest)
+        pairs = [(src, dest)]
+        adapter = dest.parent / "adapter"
+        if (Path(d) / "adapter").is_dir():
+            pairs.append((Path(d) / "adapter", adapter))
+        elif (adapter / "adapter_config.json").exists():  # an earlier LoRA run's: stale
+            shutil.rmtree(adapter)
+        for a, b in pairs:
+            if b.exists():
+                shutil.rmtree(b)
+            shutil.copytree(a, b)
     return str(dest)
 
 
@@ -192,13 +246,19 @@ def run_train(
     scored_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     after_step: Callable | None = None,
+    progress_every_s: float | None = None,
 ) -> dict:
     """Train from scored Parquet; return a summary (final metrics, checkpoint, model dir).
-    ``after_step``: see ``build_trainer``."""
+    ``after_step``: see ``build_trainer``. Meanwhile the console shows the reported steps
+    (step / total, loss, tokens/s, ETA): a bar on a terminal, else a line at most every
+    ``progress_every_s`` seconds (default ``raydc.infra.progress.PROGRESS_EVERY_S``)."""
     t0 = time.time()
     manifest = read_manifest(scored_dir)
     trainer = build_trainer(cfg, scored_dir, out_dir, after_step=after_step)
-    result = trainer.fit()
+    every = progress.PROGRESS_EVERY_S if progress_every_s is None else progress_every_s
+    shown = progress.Progress("train", total=cfg.train.max_steps, every_s=every)
+    with progress.follow_training(Path(out_dir) / "metrics.jsonl", shown):
+        result = trainer.fit()
     if result.error is not None:
         raise result.error
     out = Path(out_dir).resolve()
@@ -223,8 +283,9 @@ def run_train(
         "metrics": metrics,
         "checkpoint": ckpt.path,
         "model_dir": model_dir,
+        "adapter_dir": str(out / "adapter") if cfg.train.lora.enabled else None,
         "metrics_path": str(out / "metrics.jsonl"),
-        "tensorboard_dir": str(out / "tensorboard"),
+        "tensorboard_dir": str(out / "tensorboard") if "tensorboard" in cfg.run.trackers else None,
         "seconds": time.time() - t0,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

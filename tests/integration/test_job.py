@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,47 @@ import pytest
 from tests.integration.test_cluster import REPO, LocalHead
 
 pytestmark = pytest.mark.integration
+
+RULE = "=" * 72  # the run summary's first and last line (raydc.pipeline.summary)
+
+
+def foreign_lines(console: str) -> list[str]:
+    """The lines of a job's console that are not raydc's. raydc's own: lines that start
+    with ``[raydc]`` (stage lines and progress lines), the run summary's block (its blank
+    line, the rules and what lies between them) and the ``summary: <path>`` line after it."""
+    lines = console.splitlines()
+    ours = set()
+    if "raydc run summary" in lines:
+        head = lines.index("raydc run summary") - 1  # the block's first rule
+        end = lines.index(RULE, head + 1)  # its last rule
+        ours.update(range(head - 1 if head and not lines[head - 1] else head, end + 1))
+        if end + 1 < len(lines) and lines[end + 1].startswith("summary: "):
+            ours.add(end + 1)
+    return [x for i, x in enumerate(lines) if i not in ours and not x.startswith("[raydc]")]
+
+
+def test_foreign_lines_are_what_is_not_raydcs():
+    console = "\n".join(
+        [
+            "[raydc] prepare  running -> /r/prepare",
+            "[2026-12-06 10:32:27,488 E 1 1] core_worker.cc:2465: Actor with class name",
+            "[raydc] train    step 40/120 (33%), loss 0.5, ETA 2:40",
+            "Triton is installed, but doesn't include CPU backend. Disabling Triton.",
+            "",
+            RULE,
+            "raydc run summary",
+            "-" * 72,
+            "rows              in 802, out 800, rejected 2",
+            RULE,
+            "summary: /r/summary.json",
+            "2026-12-06 10:35:39,997\tINFO logging_progress.py:225 -- Total Progress: 0/?",
+        ]
+    )
+    assert foreign_lines(console) == [
+        "[2026-12-06 10:32:27,488 E 1 1] core_worker.cc:2465: Actor with class name",
+        "Triton is installed, but doesn't include CPU backend. Disabling Triton.",
+        "2026-12-06 10:35:39,997\tINFO logging_progress.py:225 -- Total Progress: 0/?",
+    ]
 
 
 def test_default_job_via_ray_job_submit_on_a_token_auth_cluster(tmp_path):
@@ -37,8 +79,11 @@ def test_default_job_via_ray_job_submit_on_a_token_auth_cluster(tmp_path):
         )
         assert denied.returncode != 0
 
+        job_id = f"raydc-default-{uuid.uuid4().hex[:12]}"
         r = head.submit(
             [
+                "--submission-id",
+                job_id,
                 "--working-dir",
                 str(REPO),
                 "--",
@@ -52,18 +97,33 @@ def test_default_job_via_ray_job_submit_on_a_token_auth_cluster(tmp_path):
             ],
             timeout=1200,
         )
+        # The job's own console (its driver's stdout and stderr), without the client's
+        # framing around it: what a user of `python jobs/distill.py` sees.
+        fetch = "from ray.job_submission import JobSubmissionClient as C; import sys; "
+        fetch += f"sys.stdout.write(C({head.dashboard_url!r}).get_job_logs({job_id!r}))"
+        console = head.run([sys.executable, "-c", fetch], timeout=120)
     logs = r.stdout + r.stderr
     assert r.returncode == 0, logs[-6000:]
     assert "succeeded" in logs.lower()
-    assert "raydc run summary" in logs
-    # Ray Data's INFO logs (its plan, a progress dump every 10 s off a terminal) go to the
-    # run's ray.log, named in the summary; the console keeps raydc's lines and warnings.
-    assert "Starting execution of Dataset" not in logs
-    dumps = [x for x in logs.splitlines() if "logging_progress" in x]
-    assert all("Total Progress" in x for x in dumps), dumps[:5]  # the heartbeat only
+    assert console.returncode == 0, console.stderr[-3000:]
+    # The job's log opens with Ray Jobs' own lines, written before the driver starts
+    # ("Runtime env is setting up.", "Running entrypoint for job <id>: <command>"); the
+    # driver's console is what follows.
+    lines = console.stdout.splitlines()
+    start = [i for i, x in enumerate(lines) if x.startswith(f"Running entrypoint for job {job_id}")]
+    assert start, console.stdout[:3000]
+    job = "\n".join(lines[start[0] + 1 :])
+    assert "raydc run summary" in job
+    # A healthy run's console reads as a report: raydc's stage lines, progress and the
+    # summary. Ray's, vLLM's and transformers' notices (Ray Data's plan and progress dumps,
+    # "Calling ray.init() again", the C++ core worker's lines) are in the run's ray.log,
+    # which the summary names.
+    foreign = foreign_lines(job)
+    assert not foreign, "lines that are not raydc's:\n" + "\n".join(foreign)
     assert "Starting execution of Dataset" in (out / "ray.log").read_text()
-    assert f"ray logs          {out / 'ray.log'}" in logs
-    print(f"the default job printed {len(logs.splitlines())} lines")
+    assert f"ray logs          {out / 'ray.log'}" in job
+    assert "[raydc] select " in job and "candidates 800 -> 400 selected" in job
+    print(f"the default job printed {len(job.splitlines())} lines")
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rows"] == {"rows_in": 802, "rows_out": 800, "rows_rejected": 2}

@@ -15,7 +15,9 @@ import pytest
 
 from raydc.config import load_config
 from raydc.infra.artifacts import HISTORY, MARKER
+from raydc.infra.tracking import MLFLOW_PARENT
 from raydc.pipeline import CONFIG_DIR, Pipeline
+from tests.tracking_fixtures import mlflow_runs
 
 pytestmark = pytest.mark.integration
 
@@ -42,6 +44,7 @@ def test_two_trial_sweep_scores_once_and_resumes(ray_local, tmp_path):
             "train.val_share=0.2",
             "tune.num_samples=2",
             "tune.grace_period=2",
+            "run.trackers=[tensorboard, mlflow]",
         ],
     )
     logs: list[str] = []
@@ -78,16 +81,34 @@ def test_two_trial_sweep_scores_once_and_resumes(ray_local, tmp_path):
     # Every trial trained on the one scored folder: its manifest was read, not rewritten.
     assert (scored / "manifest.json").is_file()
 
+    # MLflow (run.trackers): one run for the sweep, each trial's training a run under it
+    # with the trial's sampled values among its parameters and its losses by step.
+    runs = mlflow_runs(f"sqlite:///{out}/mlruns/mlflow.db")
+    (sweep,) = [r for r in runs if r.data.tags["raydc.kind"] == "sweep"]
+    trials = {r.info.run_name: r for r in runs if r is not sweep}
+    assert sweep.info.run_name == "tune" and sweep.info.status == "FINISHED"
+    assert sweep.data.metrics["best/best_metric"] == pytest.approx(float(s["best_metric"]))
+    assert set(trials) == {d.name for d in trial_dirs}
+    for d in trial_dirs:
+        run = trials[d.name]
+        assert run.data.tags[MLFLOW_PARENT] == sweep.info.run_id
+        assert run.info.status in ("FINISHED", "KILLED")  # KILLED: stopped early by ASHA
+        for k, v in json.loads((d / "overrides.json").read_text()).items():
+            if k != "weights.preset":  # a preset is expanded into the weights fields
+                assert run.data.params[k] == json.dumps(v)
+        reports = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        assert run.data.metrics["train/loss"] == reports[-1]["loss"]
+
     # A rerun reuses everything.
     again = Pipeline(cfg, log=logs.append)
-    assert again.tune().skipped
+    assert again.run("tune").skipped
     assert _history(out) == ["prepare", "score", "tune"]
 
     # A sweep whose stage never finished (its marker gone, as after a crash of the driver
     # once the trials were done) is restored from the Tune experiment: no trial reruns.
     (out / "tune" / MARKER).unlink()
     (out / ".tune.pending.json").write_text(json.dumps({"fingerprint": res.fingerprint}))
-    restored = Pipeline(cfg, log=logs.append).tune()
+    restored = Pipeline(cfg, log=logs.append).run("tune")
     assert not restored.skipped
     assert restored.summary["best_trial"] == s["best_trial"]
     assert restored.summary["num_trials"] == 2

@@ -204,3 +204,8 @@ def test_the_run_summary_reports_rows_throughput_metrics_and_paths(tmp_path):
         assert piece in text, piece
     assert stage_line("prepare", results["prepare"].summary) == "rows 242 -> 240 (2 rejected)"
     assert "4,000 tokens/s" in stage_line("score", results["score"].summary)
+    # Candidates outside the top k were not selected, not rejected; bad rows still are.
+    select = {"rows_in": 800, "rows_out": 400, "rows_rejected": 400, "not_selected": 400}
+    assert stage_line("select", select) == "candidates 800 -> 400 selected"
+    select = {"rows_in": 802, "rows_out": 400, "rows_rejected": 402, "not_selected": 400}
+    assert stage_line("select", select) == "candidates 802 -> 400 selected (2 rejected)"

@@ -98,3 +98,50 @@ def test_transformers_scorer_at_a_temperature_is_log_softmax_of_scaled_logits(ti
         assert np.abs(got[1:] - ref).max() < 1e-5, T
     with pytest.raises(ValueError, match="temperature"):
         score_rows(tiny_student, rows, "transformers", temperature=0.0)
+
+
+def test_the_transformers_scorer_gives_the_exact_entropy_beside_unchanged_logprobs(tmp_path):
+    """score_with_entropy: H = -sum_v p_v log p_v of each position's full distribution,
+    computed here from the plain logits; the log-probs equal score()'s bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from raydc.config import ScoreConfig
+    from raydc.engines import make_scorer
+    from raydc.infra.models import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "s", "student", seed=0)
+    cfg = ScoreConfig(backend="transformers")
+    cfg.engine.max_num_batched_tokens = 16  # several logits chunks per row
+    rows = [[1, 5, 9, 13, 200, 7, 3], [4, 8, 15, 16, 23]]
+    scorer = make_scorer(cfg, model, entropy=True)
+    plain = scorer.score(rows)
+    both = scorer.score_with_entropy(rows)
+    ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    for r, lp, (lp2, h) in zip(rows, plain, both):
+        assert np.array_equal(lp, lp2)
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(torch.tensor([r])).logits[0, :-1].double(), -1)
+        want = -(logp.exp() * logp).sum(-1).numpy()
+        assert h[0] == 0.0 and h.shape == (len(r),)
+        np.testing.assert_allclose(h[1:], want, rtol=1e-4, atol=1e-4)
+
+
+def test_vllm_top_k_entropies_count_only_the_top_k_entries():
+    """vLLM returns the top-k prompt log-probs and, when it is not among them, the sent
+    token's (rank > k): that one must not enter the estimate. By hand, k = 2, V = 4: the
+    top two p = (0.5, 0.25) give head 0.5 ln 2 + 0.25 ln 4 = ln 2 and tail m = 0.25 on
+    n = 2 tokens each <= 0.25: lower -0.25 ln 0.25 (one token), upper 0.25 ln(2 / 0.25);
+    the estimate is their midpoint."""
+    import math
+
+    from raydc.engines.vllm import topk_entropies
+
+    def lp(v, rank):
+        return SimpleNamespace(logprob=math.log(v), rank=rank)
+
+    entries = [None, {3: lp(0.5, 1), 1: lp(0.25, 2), 2: lp(0.125, 3)}]
+    got = topk_entropies(entries, 2, 4)
+    head = math.log(2)
+    lower, upper = head + 0.25 * math.log(4), head + 0.25 * math.log(2 / 0.25)
+    assert got[0] == 0.0
+    assert got[1] == pytest.approx((lower + upper) / 2, rel=1e-6)

@@ -204,3 +204,25 @@ def test_finish_reason_and_sampled_logprobs():
         _sampled_logprobs(0, [4, 9], [{4: {"logprob": -1.5}}, {8: {"logprob": -0.25}}])
     with pytest.raises(GenerationError, match="1 log-prob entries for 2 tokens"):
         _sampled_logprobs(0, [4, 9], [{4: {"logprob": -1.5}}])
+
+
+@pytest.mark.parametrize(
+    "template, why",
+    [
+        ("{prompt}\nPut the final answer in \\boxed{}.", "IndexError: Replacement index 0"),
+        ("{question}", "KeyError: 'question'"),
+        ("{prompt} {", "ValueError: Single '{' encountered"),
+        ("Solve it.", "has no {prompt}, so every question would get the same message"),
+    ],
+)
+def test_a_prompt_template_str_format_cannot_fill_fails_at_load(template, why):
+    """The eval stage fills eval.prompt_template with str.format; a stray `\\boxed{}` used to
+    fail there, at eval, after training. Now the config fails as it loads, naming the field."""
+    with pytest.raises(ConfigError) as e:
+        from_dict({"eval": {"prompt_template": template}})
+    assert str(e.value).startswith(f"eval.prompt_template={template!r}: {why}")
+    # doubled braces are literal braces: the eval stage's message keeps them single
+    from raydc.eval.stage import user_message
+
+    cfg = from_dict({"eval": {"prompt_template": "{prompt}\nIn \\boxed{{}}."}})
+    assert user_message(cfg.eval, "2+2?") == "2+2?\nIn \\boxed{}."

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -64,6 +65,21 @@ def test_real_qwen2_tokenizer_ships():
     assert len(tok) == 151646
 
 
+def test_tiny_model_with_the_real_qwen2_tokenizer_folder(tmp_path):
+    out = build_tiny_model(
+        tmp_path / "q", tokenizer=QWEN2_TOKENIZER, vocab_size=151936, sizes=(64, 1, 1, 1, 64)
+    )
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.vocab_size == 151936 and model.config.head_dim == 64
+    assert model.config.eos_token_id == 151645 and model.config.pad_token_id == 151643
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok("Hello, world!").input_ids == [9707, 11, 1879, 0] and len(tok) == 151646
+    with torch.no_grad():
+        assert model(torch.tensor([[9707, 11]])).logits.shape == (1, 2, 151936)
+    with pytest.raises(ValueError, match="151646"):
+        build_tiny_model(tmp_path / "small", tokenizer=QWEN2_TOKENIZER, vocab_size=1024)
+
+
 def _rchar() -> int:
     with open("/proc/self/io") as f:
         return int(next(line for line in f if line.startswith("rchar")).split()[1])
@@ -101,3 +117,55 @@ def test_fingerprint_reads_a_bounded_amount_and_sees_header_and_blocks(tmp_path)
     # the size is part of the identity
     os.truncate(weights, (256 << 20) + 1024)
     assert len({fp, fp2, fingerprint_paths(model)}) == 3
+
+
+def _model_folder(path, tokenizer_max=None, **config) -> str:
+    """A model folder as the checks read it: config.json and tokenizer_config.json only."""
+    import json
+
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    if tokenizer_max is not None:
+        (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": tokenizer_max}))
+    return str(path)
+
+
+def test_model_context_is_the_limit_vllm_derives(tmp_path, monkeypatch):
+    """vLLM 0.32 refuses an engine whose max_model_len exceeds what it derives from the
+    model's files (``_get_and_verify_max_len``); each case hand-computed from those rules."""
+    from raydc.config import ConfigError
+    from raydc.infra.models import check_context, model_context
+
+    monkeypatch.delenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", raising=False)
+    plain = _model_folder(tmp_path / "a", tokenizer_max=4096, max_position_embeddings=256)
+    assert model_context(plain) == (256, "max_position_embeddings=256")
+    # the smallest key wins, and a smaller tokenizer model_max_length caps it
+    two = _model_folder(tmp_path / "b", max_position_embeddings=1024, n_positions=512)
+    assert model_context(two) == (512, "n_positions=512")
+    capped = _model_folder(tmp_path / "c", tokenizer_max=300, max_position_embeddings=1024)
+    assert model_context(capped) == (300, "its tokenizer's model_max_length=300")
+    # linear RoPE scaling multiplies; yarn's max_position_embeddings is already scaled
+    linear = _model_folder(
+        tmp_path / "d", max_position_embeddings=1024, rope_scaling={"type": "linear", "factor": 4}
+    )
+    assert model_context(linear)[0] == 4096
+    yarn = _model_folder(
+        tmp_path / "e",
+        max_position_embeddings=1024,
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6},
+    )
+    assert model_context(yarn)[0] == 1024
+    assert model_context(_model_folder(tmp_path / "f", hidden_size=8)) is None  # no key
+    assert model_context(tmp_path / "missing") is None
+
+    check_context("eval.engine.max_model_len", 256, "score.student", plain)  # fits exactly
+    with pytest.raises(ConfigError) as e:
+        check_context("eval.engine.max_model_len", 257, "score.student", plain)
+    assert str(e.value) == (
+        f"eval.engine.max_model_len=257: longer than the context of score.student={plain!r} "
+        "(max_position_embeddings=256); set eval.engine.max_model_len to at most 256 (a prompt "
+        "and its max_new_tokens must fit in it)"
+    )
+    check_context("eval.engine.max_model_len", 4096, "score.student", "Qwen/hub-name")  # no folder
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # vLLM's own override
+    check_context("eval.engine.max_model_len", 4096, "score.student", plain)

@@ -96,3 +96,87 @@ def test_the_input_checks_of_a_run_are_its_stages_checks(tmp_path):
         stage_named("eval").check(cfg)
     with pytest.raises(ConfigError, match=r"tune.space: empty"):
         stage_named("tune").check(_cfg(tune__enabled=False))
+
+
+def _model(path, **config) -> str:
+    """A model folder as the checks read it: a config.json and the tiny-bpe tokenizer
+    (2,048 tokens), no weights."""
+    import json
+    import shutil
+
+    from raydc.infra.models import tokenizer_path
+
+    shutil.copytree(tokenizer_path("tiny-bpe"), path)
+    base = {"vocab_size": 2048, "max_position_embeddings": 2048}
+    (path / "config.json").write_text(json.dumps({**base, **config}))
+    return str(path)
+
+
+@pytest.fixture
+def sampling_cfg(tmp_path):
+    """Configs whose generate, mixed_policy and eval inputs exist, every model a folder."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"question": "Q?", "answer": "#### 1", "response": "A. #### 1"}\n')
+    student = _model(tmp_path / "student")
+
+    def make(**over):
+        tree = {
+            "data": {"path": str(prompts)},
+            "score": {"student": student, "teacher": None},
+            "generate": {"prompts": str(prompts), "teacher": student, "max_new_tokens": 64},
+            "mixed_policy": {"max_new_tokens": 64},
+            "eval": {"path": str(prompts), "max_new_tokens": 64},
+        }
+        for dotted, value in over.items():
+            section, key = dotted.split("__")
+            tree.setdefault(section, {})[key] = value
+        return from_dict(tree)
+
+    return make
+
+
+def test_each_sampling_engines_models_are_checked_for_vocabulary_before_any_stage(
+    tmp_path, sampling_cfg
+):
+    """generate.teacher, mixed_policy's teacher and student and eval's student: a model whose
+    vocabulary is smaller than its tokenizer fails the stage's check naming the field, as
+    score.teacher does (generate.teacher used to fail 26 s in, inside a vLLM worker)."""
+    small = _model(tmp_path / "small", vocab_size=100)
+    want = r"=.*small': its tokenizer has 2,048 tokens but the model's vocab_size is 100"
+    for stage, over, field in [
+        ("generate", {"generate__teacher": small}, "generate.teacher"),
+        ("mixed_policy", {"mixed_policy__teacher": small}, "mixed_policy.teacher"),
+        ("mixed_policy", {"mixed_policy__student": small}, "mixed_policy.student"),
+        ("eval", {"train__student": small}, "train.student"),  # the student eval.baseline runs
+    ]:
+        with pytest.raises(ConfigError, match="^" + field.replace(".", r"\.") + want):
+            stage_named(stage).check(sampling_cfg(**over))
+    # the student's vocabulary covers its tokenizer: every check passes
+    for stage in ("generate", "mixed_policy", "eval"):
+        stage_named(stage).check(sampling_cfg())
+
+
+def test_an_engine_context_longer_than_the_models_fails_the_check_naming_the_field(
+    tmp_path, sampling_cfg
+):
+    """A model of 256 positions under an engine of 512: vLLM refused it only once the
+    engine started, in its own words; each sampling stage's check names its field."""
+    short = _model(tmp_path / "short", max_position_embeddings=256)
+    for stage, over, field in [
+        ("generate", {"generate__teacher": short}, "generate.teacher"),
+        ("mixed_policy", {"mixed_policy__teacher": short}, "mixed_policy.teacher"),
+        ("mixed_policy", {"mixed_policy__student": short}, "mixed_policy.student"),
+        ("eval", {"train__student": short}, "train.student"),
+    ]:
+        engine = f"{stage}.engine.max_model_len"
+        too_long = sampling_cfg(**over, **{f"{stage}__engine": {"max_model_len": 512}})
+        with pytest.raises(ConfigError) as e:
+            stage_named(stage).check(too_long)
+        assert str(e.value) == (
+            f"{engine}=512: longer than the context of {field}={short!r} "
+            f"(max_position_embeddings=256); set {engine} to at most 256 (a prompt and its "
+            "max_new_tokens must fit in it)"
+        )
+        stage_named(stage).check(
+            sampling_cfg(**over, **{f"{stage}__engine": {"max_model_len": 256}})
+        )
