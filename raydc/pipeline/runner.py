@@ -227,6 +227,7 @@ class Pipeline:
         for spec, results in zip(self.cfg.phases, phases):
             for stage, res in results.items():
                 self.results[f"phases/{spec.name}/{stage}"] = res
+            self.results[f"phases/{spec.name}"] = results[model]  # the phase's model
         self.results[model] = phases[-1][model]
         return self.results[model]
 

@@ -82,6 +82,8 @@ def summarize_run(results: dict[str, StageResult], cfg: RaydcConfig) -> dict:
 
     s: dict[str, Any] = {"output_dir": cfg.run.output_dir, "stages": {}}
     for name, r in results.items():
+        if name.startswith("phases/") and name.count("/") == 1:
+            continue  # a phase's model: listed as its train (or tune) stage
         s["stages"][name] = {
             "out_dir": str(r.out_dir),
             "reused": r.skipped,

@@ -186,3 +186,19 @@ def test_a_phase_opens_on_its_own_for_tune_reusing_the_phases_before(phased):
     finally:
         child.close()
     assert (out / "phases" / "t06" / "stages.jsonl").read_text() == history
+
+
+def test_the_run_summary_reports_each_phases_rows_steps_and_loss(phased):
+    from raydc.pipeline.summary import format_summary, summarize_run
+
+    pipe, out = phased
+    s = summarize_run(pipe.results, pipe.cfg)
+    for name, steps in (("t06", T1_STEPS), ("t10", T2_STEPS), ("mixed", 1)):
+        ph = s["phases"][name]
+        prep = pipe.results[f"phases/{name}/prepare"].summary
+        assert (ph["rows_in"], ph["rows_out"]) == (prep["rows_in"], prep["rows_out"])
+        assert ph["steps"] == steps and math.isfinite(ph["loss"])
+    text = format_summary(s)
+    assert "phase t06" in text and "loss" in text
+    assert s["train_metrics"]["loss"] == pipe.results["phases/mixed"].summary["metrics"]["loss"]
+    assert "phases/t06" not in s["stages"] and "phases/t06/train" in s["stages"]
