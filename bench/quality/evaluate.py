@@ -46,12 +46,17 @@ def generate(
     temperature: float = 0.0,
     seed: int = 0,
     batch: int = 256,
-) -> list[list[int]]:
+    with_logprobs: bool = False,
+):
     """Greedy (temperature 0) or sampled continuations with a KV cache, left padding.
-    Each continuation runs up to and including ``eos`` (or max_new_tokens tokens)."""
+    Each continuation runs up to and including ``eos`` (or max_new_tokens tokens).
+    ``with_logprobs``: ``(continuations, logprobs)``, each token's log-prob under the
+    distribution it was drawn from (log_softmax(logits / temperature); the model's own at
+    temperature 1 or 0): the sampling policy's log-probs of on-policy distillation."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
     outs: list[list[int]] = []
+    lps: list[list[float]] = []
     for i in range(0, len(prompts), batch):
         ids, att = _left_padded(prompts[i : i + batch])
         B = ids.shape[0]
@@ -60,6 +65,7 @@ def generate(
         nxt_pos = pos[:, -1:] + 1
         done = torch.zeros(B, dtype=torch.bool)
         gen = torch.full((B, max_new_tokens), PAD, dtype=torch.long)
+        gen_lp = torch.zeros(B, max_new_tokens)
         for t in range(max_new_tokens):
             logits = out.logits[:, -1].float()
             if temperature > 0:
@@ -67,6 +73,9 @@ def generate(
                 tok = torch.multinomial(probs, 1, generator=g).squeeze(1)
             else:
                 tok = logits.argmax(-1)
+            if with_logprobs:
+                scaled = logits / temperature if temperature > 0 else logits
+                gen_lp[:, t] = torch.log_softmax(scaled, -1).gather(1, tok[:, None]).squeeze(1)
             gen[:, t] = torch.where(done, torch.full_like(tok, PAD), tok)
             done = done | (tok == eos)
             if bool(done.all()) or t == max_new_tokens - 1:
@@ -80,9 +89,11 @@ def generate(
                 use_cache=True,
             )
             nxt_pos = nxt_pos + 1
-        for row in gen.tolist():
-            outs.append(row[: row.index(eos) + 1] if eos in row else row)
-    return outs
+        for row, lp in zip(gen.tolist(), gen_lp.tolist()):
+            n = row.index(eos) + 1 if eos in row else len(row)
+            outs.append(row[:n])
+            lps.append(lp[:n])
+    return (outs, lps) if with_logprobs else outs
 
 
 def free_generation_metrics(problems: Sequence[Problem], texts: Sequence[str]) -> dict:
@@ -164,13 +175,14 @@ def evaluate(model, teacher, data: dict, decode, seed: int, full: bool = True) -
     student's known codes only). ``full`` False: greedy accuracy on ``data["eval"]`` only
     (the tune search on its validation split)."""
     eos, probs, prompts = data["eos"], data["eval"], data["eval_prompts"]
-    greedy_ids = generate(model, prompts, eos)
+    n = data.get("max_new_tokens", 64)
+    greedy_ids = generate(model, prompts, eos, max_new_tokens=n)
     greedy = free_generation_metrics(probs, [decode(o) for o in greedy_ids])
     if not full:
         return {"greedy": greedy}
-    sampled_ids = generate(model, prompts, eos, temperature=1.0, seed=seed)
+    sampled_ids = generate(model, prompts, eos, temperature=1.0, seed=seed, max_new_tokens=n)
     sampled = free_generation_metrics(probs, [decode(o) for o in sampled_ids])
-    prior_ids = generate(model, data["prior_prompts"], eos)
+    prior_ids = generate(model, data["prior_prompts"], eos, max_new_tokens=n)
     prior = free_generation_metrics(data["prior"], [decode(o) for o in prior_ids])
     tf = teacher_forced_prediction(model, prompts, data["eval_gold"])
     k = EXACC_PROMPTS

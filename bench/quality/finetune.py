@@ -76,10 +76,13 @@ class LocalEngine:
         self.micro_steps = 0
         optimizer.zero_grad(set_to_none=True)
 
-    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None):
+    def __call__(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, with_entropy=False
+    ):
         if position_ids is not None:
             raise ValueError("LocalEngine takes right-padded rows (collate's packed=False)")
-        return model_token_logprobs(self.module, input_ids)  # [B, T - 1], with its graph
+        # [B, T - 1] with its graph (and the entropy, detached, for an entropy gate)
+        return model_token_logprobs(self.module, input_ids, with_entropy=with_entropy)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
@@ -113,14 +116,22 @@ def local_learner(
 
 
 def train_steps(
-    model, steps: Iterable[list[MicroBatch]], tc: TrainConfig, wc: WeightConfig
+    model,
+    steps: Iterable[list[MicroBatch]],
+    tc: TrainConfig,
+    wc: WeightConfig,
+    weights_at: Callable[[int], WeightConfig] | None = None,
 ) -> list[StepStats]:
     """``raydc train``'s optimizer steps on ``model`` in this process: each item of
     ``steps`` is one step's ``tc.grad_accum`` right-padded micro-batches, in the worker's
-    order; the first ``tc.weight_warmup_steps`` steps weigh uniformly, as the worker's."""
+    order; the first ``tc.weight_warmup_steps`` steps weigh uniformly, as the worker's.
+    ``weights_at(k)``: step k's weights where phases weigh differently (an offline phase,
+    then on-policy rounds with the ``opd`` preset), one optimizer throughout; else ``wc``."""
     learner = local_learner(model, tc, wc)
     out = []
     for k, mbs in enumerate(steps):
+        if weights_at is not None:
+            learner.wc = weights_at(k)
         model.train()
         out.append(learner.step(mbs, uniform=k < tc.weight_warmup_steps))
     return out

@@ -13,9 +13,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bench.quality.flops import mean_parts
 from bench.quality.jobs import WEIGHT_BINS
-from bench.quality.results_md import results_markdown
-from bench.quality.run import ARMS, PRESET_ARMS, write_json_safe
+from bench.quality.results_md import overview_json, overview_markdown, results_markdown
+from bench.quality.run import ARMS, OPD_ARMS, PRESET_ARMS, write_json_safe
+from bench.quality.task import REGIMES
 
 if TYPE_CHECKING:
     from bench.machine import LoadMonitor
@@ -39,6 +41,8 @@ METRICS: dict[str, Callable[[dict], float]] = {
     "exposure_gap": lambda r: r["exposure_gap"],
     "exacc_16": lambda r: _num(r["exacc_err"]["16"]),
     "exacc_32": lambda r: _num(r["exacc_err"]["32"]),
+    # the arm's cumulative FLOPs at the record's step (bench.quality.flops)
+    "flops": lambda r: _num(r.get("flops")),
 }
 
 
@@ -100,10 +104,10 @@ def verdict(rows: Sequence[dict], steps: int, metric: str = "greedy_acc") -> dic
 
 
 def best_weighted(rows: Sequence[dict], steps: int) -> str | None:
-    """The arm with the highest final greedy accuracy among those whose weights vary."""
-    final = [
-        r for r in rows if r["step"] == steps and r["arm"] not in ("sft", "dasd_sft", "stages_sft")
-    ]
+    """The arm with the highest final greedy accuracy among those whose weights of the
+    offline traces vary (the on-policy arms' signed weights are another method)."""
+    skip = ("sft", "dasd_sft", "stages_sft", *OPD_ARMS)
+    final = [r for r in rows if r["step"] == steps and r["arm"] not in skip]
     return max(final, key=lambda r: r["greedy_acc"])["arm"] if final else None
 
 
@@ -118,6 +122,50 @@ def weight_hists(records: Sequence[dict]) -> dict[str, list[int]]:
         seen.add(key)
         h = r["train"]["weight_hist"]
         out[r["arm"]] = [a + b for a, b in zip(out.get(r["arm"], [0] * len(h)), h)]
+    return out
+
+
+def flops_parts(records: Sequence[dict], steps: int) -> dict[str, dict[str, float]]:
+    """Per arm, its FLOPs at the last step by part (and the total), mean over seeds."""
+    arms = {r["arm"] for r in records if r["arm"] != "initial"}
+    out = {}
+    for arm in arms:
+        parts = mean_parts([r for r in records if r["arm"] == arm and r["step"] == steps])
+        if parts:
+            out[arm] = parts
+    return out
+
+
+def on_policy_summary(records: Sequence[dict]) -> dict[str, dict]:
+    """Per on-policy arm, its rounds over seeds: per seed (mean) the rounds, samples,
+    truncated ones (never trained on) and trained ones; over every round of every seed the
+    mean EOS rate, truncation share and sampled length; the mean reverse KL (sampling
+    policy to teacher, kept samples) of the first and the last round."""
+    runs: dict[str, dict] = {}
+    for r in records:
+        op = (r.get("train") or {}).get("on_policy")
+        if op:
+            runs.setdefault(r["arm"], {})[r["seed"]] = op
+    out = {}
+    for arm, by_seed in runs.items():
+        ops = list(by_seed.values())
+        rounds = [x for op in ops for x in op["rounds"]]
+
+        def mean(xs):
+            return mean_sd([float(x) for x in xs])[0]
+
+        out[arm] = {
+            "seeds": len(ops),
+            "rounds": mean([len(op["rounds"]) for op in ops]),
+            "samples": mean([op["samples"] for op in ops]),
+            "truncated": mean([op["truncated"] for op in ops]),
+            "trained_samples": mean([op["trained_samples"] for op in ops]),
+            "eos_rate": mean([x["eos_rate"] for x in rounds]),
+            "truncation_share": mean([x["truncated"] / x["samples"] for x in rounds]),
+            "mean_length": mean([x["mean_length"] for x in rounds]),
+            "reverse_kl_first": mean([_num(op["rounds"][0]["mean_reverse_kl"]) for op in ops]),
+            "reverse_kl_last": mean([_num(op["rounds"][-1]["mean_reverse_kl"]) for op in ops]),
+        }
     return out
 
 
@@ -165,6 +213,43 @@ def plot_curves(rows: Sequence[dict], path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+def plot_flops(rows: Sequence[dict], path: str | os.PathLike) -> None:
+    """Greedy and sampled accuracy over each arm's cumulative FLOPs (mean over seeds at each
+    eval step, generation and scoring included; bench.quality.flops), one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    cmap = plt.get_cmap("tab20")
+    for ax, (key, title) in zip(axes, CURVES[:2]):
+        for i, arm in enumerate(arms):
+            rs = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["step"])
+            rs = [r for r in rs if r.get("flops") is not None and math.isfinite(r["flops"])]
+            if not rs:
+                continue
+            style = "-" if arm in OPD_ARMS else ("--" if arm not in PRESET_ARMS else ":")
+            ax.plot(
+                [r["flops"] / 1e12 for r in rs],
+                [r[key] for r in rs],
+                style,
+                marker="o",
+                ms=3,
+                color=cmap(i),
+                label=arm,
+            )
+        ax.set_title(f"{title} over compute")
+        ax.set_xlabel("cumulative TFLOPs (generation, scoring, training)")
+        ax.grid(alpha=0.3)
+    if axes[0].lines:  # a run from before FLOPs were counted has none
+        axes[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_weights(hist: Sequence[int], arm: str, path: str | os.PathLike) -> None:
     import matplotlib
 
@@ -183,24 +268,33 @@ def plot_weights(hist: Sequence[int], arm: str, path: str | os.PathLike) -> None
     plt.close(fig)
 
 
-def build_results(run: BenchmarkRun, plan: Plan, load: dict, timings: dict, command: str) -> dict:
-    records = run.records()
+def from_records(records: Sequence[dict], steps: int) -> dict:
+    """What results.json derives from the records (a run's last step ``steps``)."""
     rows = aggregate(records)
-    hists = weight_hists(records)
-    best_w = best_weighted(rows, plan.steps)
+    return {
+        "seeds_per_arm": {r["arm"]: r["seeds"] for r in rows if r["step"] == steps},
+        "rows": rows,
+        "verdict": verdict(rows, steps),
+        "verdict_sampled": verdict(rows, steps, "sampled_acc"),
+        "best_weighted": best_weighted(rows, steps),
+        "weight_bins": WEIGHT_BINS.tolist(),
+        "weight_hists": weight_hists(records),
+        "flops_parts": flops_parts(records, steps),
+        "on_policy": on_policy_summary(records),
+    }
+
+
+def build_results(run: BenchmarkRun, plan: Plan, load: dict, timings: dict, command: str) -> dict:
     return write_json_safe(
         {
             "command": command,
             "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "plan": {**plan.__dict__, "steps": plan.steps},
+            "regime": {
+                k: str(v) if isinstance(v, Path) else v for k, v in plan.regime.__dict__.items()
+            },
+            "plan": {**plan.__dict__, "regime": plan.regime.name, "steps": plan.steps},
             "arms": [a for a in ARMS if a in plan.arms],
-            "seeds_per_arm": {r["arm"]: r["seeds"] for r in rows if r["step"] == plan.steps},
-            "rows": rows,
-            "verdict": verdict(rows, plan.steps),
-            "verdict_sampled": verdict(rows, plan.steps, "sampled_acc"),
-            "best_weighted": best_w,
-            "weight_bins": WEIGHT_BINS.tolist(),
-            "weight_hists": hists,
+            **from_records(run.records(), plan.steps),
             "timings": {k: v for k, v in timings.items() if k != "start"},
             "wall_s": time.time() - timings["start"],
             "load": load,
@@ -216,22 +310,41 @@ def build_results(run: BenchmarkRun, plan: Plan, load: dict, timings: dict, comm
 
 
 def write_outputs(res: dict, out: Path, docs: str | None) -> None:
-    """results.json, table.md, learning_curves.png, weights.png in ``out``; with ``docs``,
-    results.md and the two plots (as results_*.png) there too."""
+    """results.json, table.md, learning_curves.png, flops_curves.png, weights.png in
+    ``out``; with ``docs``, results/<regime>.md and the plots (as results/<regime>_*.png)
+    there too."""
     (out / "results.json").write_text(json.dumps(res, indent=1))
-    targets = [(out, "learning_curves.png", "weights.png")]
+    name = res["regime"]["name"]
+    targets = [(out, "learning_curves.png", "flops_curves.png", "weights.png")]
     if docs:
-        targets.append((Path(docs), "results_curves.png", "results_weights.png"))
-    for folder, curves, weights in targets:
+        names = (f"{name}_curves.png", f"{name}_flops.png", f"{name}_weights.png")
+        targets.append((Path(docs) / "results", *names))
+    for folder, curves, flops, weights in targets:
         folder.mkdir(parents=True, exist_ok=True)
         plot_curves(res["rows"], folder / curves)
+        plot_flops(res["rows"], folder / flops)
         arm = res["best_weighted"]
         if arm:
             plot_weights(res["weight_hists"][arm], arm, folder / weights)
-    md = results_markdown(res, "results_curves.png", "results_weights.png")
+    md = results_markdown(
+        res, f"{name}_curves.png", f"{name}_weights.png", flops_png=f"{name}_flops.png"
+    )
     (out / "table.md").write_text(md)
     if docs:
-        (Path(docs) / "results.md").write_text(md)
+        (Path(docs) / "results" / f"{name}.md").write_text(md)
+
+
+def write_overview(root: Path, docs: Path) -> None:
+    """docs/results.md (the regimes, the verdict of each, the goals) and docs/results.json
+    (each regime's arms: final greedy mean, sd, seeds) from <root>/<regime>/results.json."""
+    runs = {
+        name: json.loads((root / name / "results.json").read_text())
+        for name in REGIMES
+        if (root / name / "results.json").is_file()
+    }
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "results.md").write_text(overview_markdown(runs))
+    (docs / "results.json").write_text(json.dumps(write_json_safe(overview_json(runs)), indent=1))
 
 
 def write_report(run, plan, monitor: LoadMonitor, timings: dict, command: str, docs) -> dict:
@@ -241,6 +354,34 @@ def write_report(run, plan, monitor: LoadMonitor, timings: dict, command: str, d
     return res
 
 
+def write_added(run: BenchmarkRun, res: dict, upgrade: dict, added: dict, docs) -> dict:
+    """A finished run's report again after arms were added to it (``jobs/benchmark_quality.py
+    --add-arms``): ``res`` (its results.json) keeps the run's command, plan, timings, load
+    and choices; what the records give is derived again from every record (the run's and
+    the added ones); ``added`` (the addition: arms, jobs, command, wall time, load) is
+    appended to its ``added`` list; ``upgrade`` (``bench.quality.backfill.upgrade``:
+    ``params``, and ``backfill``, what was recomputed for the folder) is kept under
+    ``params`` and, when anything was, in ``added["backfill"]``."""
+    res = dict(res)
+    arms = set(res["arms"]) | set(added["arms"])
+    res["arms"] = [a for a in ARMS if a in arms]
+    res.update(from_records(run.records(), res["plan"]["steps"]))
+    res["params"] = upgrade["params"]
+    if upgrade["backfill"]:
+        added = {**added, "backfill": upgrade["backfill"]}
+    res["added"] = [*res.get("added", []), added]
+    res = write_json_safe(res)
+    write_outputs(res, run.out, docs)
+    run.log(f"report: {run.out / 'results.json'} (arms added: {added['arms']})")
+    return res
+
+
 def rewrite(out: Path, docs: str | None) -> None:
-    """The report again from a finished run's results.json (no new measurement)."""
-    write_outputs(json.loads((out / "results.json").read_text()), out, docs)
+    """The report again from finished runs' results.json (no new measurement): ``out`` is
+    one regime's folder, or the root holding <regime>/ folders."""
+    folders = [out] if (out / "results.json").is_file() else [out / n for n in REGIMES]
+    for folder in folders:
+        if (folder / "results.json").is_file():
+            write_outputs(json.loads((folder / "results.json").read_text()), folder, docs)
+    if docs and not (out / "results.json").is_file():
+        write_overview(out, Path(docs))

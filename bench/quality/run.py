@@ -10,24 +10,43 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-PRESET_ARMS = ["sft", "dft", "discord", "das_token", "iw_seq", "tis"]
+from bench.quality.task import Regime
+
+PRESET_ARMS = [
+    "sft",
+    "dft",
+    "discord",
+    "das_token",
+    "iw_seq",
+    "tis",
+    # entropy-aware (issue 30): EAFT's gate, its confident-conflict form, an NLL mix
+    "eaft",
+    "eaft_conflict",
+    "das_token_mix",
+]
 # Arms run after the presets: they use the best and the riskiest weighted preset, chosen
-# from the presets' mean final greedy accuracy.
-LATER_ARMS = ["stages_best", "risky_floor", "risky_warmup"]
-ARMS = [*PRESET_ARMS, "dasd_sft", "stages_sft", *LATER_ARMS, "tune"]
+# from the presets' mean final greedy accuracy (offline_opd: the best, then on-policy).
+LATER_ARMS = ["stages_best", "risky_floor", "risky_warmup", "offline_opd"]
+# On-policy distillation (issue 32; bench.quality.on_policy): rounds of the student's own
+# samples scored by the teacher, from the initial student, or after offline training.
+OPD_ARMS = ["opd", "offline_opd"]
+ARMS = [*PRESET_ARMS, "dasd_sft", "stages_sft", "opd", *LATER_ARMS, "tune"]
 # The protections on the riskiest preset: a floor on every weight, uniform weights at first.
 PROTECTIONS = {"risky_floor": {"floor": 0.3}, "risky_warmup": {"weight_warmup_steps": 20}}
 
-# The tune arm: token-level clip(exp(sign * (log p_S - log p_T) / tau), w_min, w_max) with
-# a floor, self-normalised; Ray Tune searches these dotted fields on the validation split.
-TUNE_BASE = ("iw_seq", {"granularity": "token", "normalization": "self_norm"})
+# The tune arm: the token-level sigmoid family 2 sigmoid(sign * (log p_S - log p_T) / tau),
+# self-normalised, with an entropy gate and an NLL mix (nll_mix = 1 is SFT); Ray Tune
+# searches these dotted fields on the validation split. TUNE_SFT is evaluated first in every
+# search (the baseline point), and a trial replaces it only if it beats it by more than the
+# standard error of their difference over the trial seeds (bench.quality.tuning.choose).
+TUNE_BASE = ("discord", {})
 TUNE_SPACE = {
     "weights.sign": [1, -1],
-    "weights.tau": [0.5, 1.0, 2.0, 4.0],
-    "weights.floor": [0.0, 0.1, 0.3],
-    "weights.w_min": [0.0, 0.25],
-    "weights.w_max": [2.0, 4.0],
+    "weights.tau": [1.0, 2.0],
+    "weights.gate": ["none", "conflict"],
+    "weights.nll_mix": [0.0, 0.5, 1.0],
 }
+TUNE_SFT = {"weights.sign": 1, "weights.tau": 1.0, "weights.gate": "none", "weights.nll_mix": 1.0}
 
 
 def write_json_safe(obj):
@@ -43,8 +62,9 @@ def write_json_safe(obj):
 
 @dataclass
 class Plan:
-    """What one invocation runs (jobs/benchmark_quality.py's FULL or QUICK sizes)."""
+    """What one regime's run does (jobs/benchmark_quality.py's FULL or QUICK sizes)."""
 
+    regime: Regime
     sizes: dict
     evals: list[int]  # eval steps; the last is the run's length
     arms: list[str]
@@ -52,6 +72,7 @@ class Plan:
     later_seeds: int  # seeds per arm of LATER_ARMS
     deadline_s: float  # no job starts that would end after this many seconds of the run
     tune_trials: int
+    tune_seeds: int = 2  # each tune trial's training seeds (judged on their mean)
 
     @property
     def steps(self) -> int:
@@ -63,14 +84,16 @@ class Plan:
 
 class BenchmarkRun:
     """The run's folder: log.txt (echoed to stdout), records.jsonl (each fine-tuning run's
-    records as it completes), data.pt and the trace sets under traces/."""
+    records as it completes), data.pt and the trace sets under traces/. ``resume``: a
+    finished run's folder, its log and records kept and appended to (arms added later)."""
 
-    def __init__(self, out: str | os.PathLike):
+    def __init__(self, out: str | os.PathLike, resume: bool = False):
         self.out = Path(out).resolve()  # absolute: Ray Tune trials run in their own folders
         (self.out / "traces").mkdir(parents=True, exist_ok=True)
-        self._log = open(self.out / "log.txt", "w")
+        self._log = open(self.out / "log.txt", "a" if resume else "w")
         self.records_path = self.out / "records.jsonl"
-        self.records_path.unlink(missing_ok=True)
+        if not resume:
+            self.records_path.unlink(missing_ok=True)
         self.data_path = str(self.out / "data.pt")
         self.info: dict = {}
 
@@ -87,6 +110,12 @@ class BenchmarkRun:
         with open(self.records_path, "a") as fh:
             for r in records:
                 fh.write(json.dumps(write_json_safe(r)) + "\n")
+
+    def rewrite_records(self, records: list[dict]) -> None:
+        """records.jsonl replaced by ``records`` (written beside it, then moved over it)."""
+        tmp = self.records_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(write_json_safe(r)) + "\n" for r in records))
+        os.replace(tmp, self.records_path)
 
     def records(self) -> list[dict]:
         if not self.records_path.exists():

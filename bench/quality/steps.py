@@ -1,6 +1,7 @@
 """The quality benchmark's stages, in the order jobs/benchmark_quality.py runs them: the
 problem sets and evaluation data, the teacher's offline traces (sampled, scored under the
-teacher and the student, DASD-selected), the arms' jobs and running them on the pool."""
+teacher and the student, DASD-selected, each row's cost in FLOPs kept), the arms' jobs
+and running them on the pool."""
 
 from __future__ import annotations
 
@@ -10,19 +11,24 @@ import time
 import torch
 
 from bench.quality.evaluate import generate
+from bench.quality.flops import sum_row_flops, trace_row_flops
 from bench.quality.jobs import run_arm
 from bench.quality.models import (
+    count_params,
     load_model,
     load_tokenizer,
     newline_ids,
     prompt_ids,
     response_ids,
 )
+from bench.quality.on_policy import ON_POLICY, ROUND_STEPS
 from bench.quality.run import LATER_ARMS, PRESET_ARMS, PROTECTIONS, BenchmarkRun, Plan
-from bench.quality.task import MODELS, Problem, grade, make_problems, solution
+from bench.quality.task import Problem, Regime, grade, make_problems, solution
 from bench.quality.traces import build_trace_set, score_traces
 from raydc.method.selection import divergence_scores, select_top_k
 from raydc.method.weights import preset
+
+CANDIDATE_SEED = 100  # the T = 1 traces' candidate k is sampled with seed 100 + k (t10: k = 0)
 
 
 def _view(tok, problems: list[Problem], eos: int) -> dict:
@@ -33,30 +39,52 @@ def _view(tok, problems: list[Problem], eos: int) -> dict:
     }
 
 
-def make_data(run: BenchmarkRun, sizes: dict) -> dict:
-    """1. The problem sets (fixed seeds, disjoint): eval and val over all 40 codes, the
-    prior's lists of known codes only, the trace prompts. Saves what the workers measure
-    with (gold ids, the teacher's T = 1 samples of the eval prompts) to data.pt."""
-    t0 = time.time()
+def draw_problems(
+    sizes: dict, regime: Regime
+) -> tuple[list[Problem], list[Problem], list[Problem], list[Problem]]:
+    """The eval, val, prior and trace-prompt problems, in this order from one fixed seed
+    (each set excludes the ones before it): what ``make_data`` uses, and what
+    ``bench.quality.backfill`` draws again for a folder whose data.pt predates
+    ``trace_prompts``."""
     rng = random.Random(10_001)
-    evals = make_problems(sizes["eval_n"], rng)
-    val = make_problems(sizes["val_n"], rng, exclude=evals)
-    prior = make_problems(sizes["prior_n"], rng, "known", exclude=evals + val)
-    prompts = make_problems(sizes["trace_prompts"], rng, exclude=evals + val + prior)
-    tok, teacher = load_tokenizer(), load_model(MODELS / "teacher")
+    lengths = regime.lengths
+    evals = make_problems(sizes["eval_n"], rng, lengths=lengths)
+    val = make_problems(sizes["val_n"], rng, exclude=evals, lengths=lengths)
+    prior = make_problems(
+        sizes["prior_n"], rng, regime.prior_pool, evals + val, lengths=regime.prior_lengths
+    )
+    prompts = make_problems(
+        sizes["trace_prompts"], rng, exclude=evals + val + prior, lengths=lengths
+    )
+    return evals, val, prior, prompts
+
+
+def make_data(run: BenchmarkRun, sizes: dict, regime: Regime) -> dict:
+    """1. The problem sets (fixed seeds, disjoint): eval and val over all 40 codes at the
+    regime's lengths, the prior's lists (what the student was taught), the trace prompts.
+    Saves what the workers measure with (gold ids, the teacher's T = 1 samples of the eval
+    prompts, the regime's teacher and generation budget) to data.pt."""
+    t0 = time.time()
+    evals, val, prior, prompts = draw_problems(sizes, regime)
+    n_new = regime.max_new_tokens
+    tok, teacher = load_tokenizer(), load_model(regime.teacher)
     eos = tok.eos_token_id
     data = _view(tok, evals, eos)
+    data["teacher"], data["max_new_tokens"] = str(regime.teacher), n_new
     data["eval_gold"] = response_ids(tok, [solution(p) for p in evals])
-    data["teacher_samples"] = generate(teacher, data["eval_prompts"], eos, temperature=1.0, seed=7)
+    data["teacher_samples"] = generate(
+        teacher, data["eval_prompts"], eos, temperature=1.0, seed=7, max_new_tokens=n_new
+    )
     data["prior"] = prior
     data["prior_prompts"] = prompt_ids(tok, [p.prompt for p in prior])
+    data["trace_prompts"] = prompt_ids(tok, [p.prompt for p in prompts])  # the opd arms'
     data["val_view"] = _view(tok, val, eos)
     torch.save(data, run.data_path)
     run.info["data"] = {k: sizes[k] for k in ("eval_n", "val_n", "prior_n", "trace_prompts")}
     run.log(
         f"data: {len(evals)} eval, {len(val)} val, {len(prior)} prior ({time.time() - t0:.0f} s)"
     )
-    return {"prompts": prompts, "tok": tok, "teacher": teacher}
+    return {"prompts": prompts, "tok": tok, "teacher": teacher, "regime": regime}
 
 
 def _sample_set(task: dict, temperature: float, seed: int, student) -> dict:
@@ -64,7 +92,14 @@ def _sample_set(task: dict, temperature: float, seed: int, student) -> dict:
     log-probs and the student's, as a TraceSet and the grades."""
     tok, teacher, problems = task["tok"], task["teacher"], task["prompts"]
     prompts = prompt_ids(tok, [p.prompt for p in problems])
-    responses = generate(teacher, prompts, tok.eos_token_id, temperature=temperature, seed=seed)
+    responses = generate(
+        teacher,
+        prompts,
+        tok.eos_token_id,
+        temperature=temperature,
+        seed=seed,
+        max_new_tokens=task["regime"].max_new_tokens,
+    )
     ts = build_trace_set(
         prompts, responses, prompt_ids=range(len(problems)), newlines=task["newlines"]
     )
@@ -80,12 +115,18 @@ def _sample_set(task: dict, temperature: float, seed: int, student) -> dict:
 def make_traces(run: BenchmarkRun, sizes: dict, task: dict) -> None:
     """2. The offline traces: ``candidates`` teacher samples per prompt at T = 1 (``t10``:
     the first; ``dasd``: the one DASD selection picks by divergence_scores under the
-    student) and one at T = 0.6 (``t06``, the stages' first phase)."""
+    student) and one at T = 0.6 (``t06``, the stages' first phase). Each set's
+    ``meta["row_flops"]`` is what each row cost to make (``bench.quality.flops``; a DASD
+    pick carries its prompt's every candidate)."""
     t0 = time.time()
     task["newlines"] = newline_ids(task["tok"])
-    student = load_model(MODELS / "student")
-    sets = [_sample_set(task, 1.0, 100 + k, student) for k in range(sizes["candidates"])]
+    student = load_model(task["regime"].student)
+    params = {"student": count_params(student), "teacher": count_params(task["teacher"])}
+    sets = [_sample_set(task, 1.0, CANDIDATE_SEED + k, student) for k in range(sizes["candidates"])]
     cold = _sample_set(task, 0.6, 99, student)
+    for s in [*sets, cold]:
+        ts = s["ts"]
+        ts.meta["row_flops"] = trace_row_flops(ts.lengths.tolist(), **_params(params))
     n = len(task["prompts"])
     # Candidates of prompt i are rows i, n + i, 2n + i, ... of the concatenation.
     both = [s["ts"] for s in sets]
@@ -100,6 +141,8 @@ def make_traces(run: BenchmarkRun, sizes: dict, task: dict) -> None:
         stats[name] = {"rows": n, "teacher_correct": sum(s["correct"]) / n}
     picked_rows = [(k // n, k % n) for k in chosen]
     dasd = _concat_rows([sets[c]["ts"] for c in range(len(sets))], picked_rows)
+    every = sum_row_flops([s["ts"].meta["row_flops"] for s in sets])  # per prompt
+    dasd.meta["row_flops"] = {k: [v[i] for _, i in picked_rows] for k, v in every.items()}
     dasd.save(run.trace_path("dasd"))
     correct = [sets[c]["correct"][i] for c, i in picked_rows]
     stats["dasd"] = {"rows": len(correct), "teacher_correct": sum(correct) / len(correct)}
@@ -109,7 +152,12 @@ def make_traces(run: BenchmarkRun, sizes: dict, task: dict) -> None:
         "wall_s": time.time() - t0,
         "candidates": sizes["candidates"],
     }
+    run.info["params"] = params
     run.log(f"traces: {stats} ({time.time() - t0:.0f} s)")
+
+
+def _params(params: dict) -> dict:
+    return {"student_params": params["student"], "teacher_params": params["teacher"]}
 
 
 def _concat_rows(sets: list, picked: list[tuple[int, int]]):
@@ -144,16 +192,21 @@ def base_job(run: BenchmarkRun, plan: Plan) -> dict:
     S = plan.sizes
     return dict(
         data=run.data_path,
+        student=str(plan.regime.student),
         lr=S["lr"],
         batch_size=S["batch_size"],
         warmup_steps=S["warmup_steps"],
         student_ref="current",
         evals=plan.evals,
+        round_steps=ROUND_STEPS,
     )
 
 
 def arm_job(run: BenchmarkRun, plan: Plan, arm: str, seed: int, chosen: dict) -> dict:
-    """One arm's job. ``chosen``: best / risky (preset names), tune (WeightConfig dict)."""
+    """One arm's job. ``chosen``: best / risky (preset names), tune (WeightConfig dict).
+    The on-policy arms: ``opd`` rounds of the student's own samples from the start;
+    ``offline_opd`` the best preset on the T = 1 traces for half the steps, then rounds
+    (the ``opd`` preset, the job's ``on_policy_weights`` default)."""
     steps, half = plan.steps, plan.steps // 2
     phases = [(run.trace_path("t10"), steps)]
     extra: dict = {}
@@ -171,6 +224,11 @@ def arm_job(run: BenchmarkRun, plan: Plan, arm: str, seed: int, chosen: dict) ->
         weights = preset(chosen["risky"], **fields).to_dict()
     elif arm == "tune":
         weights = chosen["tune"]
+    elif arm == "opd":
+        weights, phases = preset("opd").to_dict(), [(ON_POLICY, steps)]
+    elif arm == "offline_opd":
+        weights = preset(chosen["best"]).to_dict()
+        phases = [(run.trace_path("t10"), half), (ON_POLICY, steps - half)]
     else:
         raise ValueError(f"unknown arm {arm!r}")
     return {

@@ -11,6 +11,12 @@ scratchpad line per code (the code, its value, the sum so far) and the answer af
 
 The code table is the one the shipped models were trained on (models/TRAINING.json): 40
 codes; the student knows the first 24 (``KNOWN``), the teacher all of them.
+
+The benchmark runs in three regimes (``REGIMES``; docs/results.md defines and motivates
+each): K, the shipped pair (the student lacks 16 codes); C, a student that knows every code
+and a teacher that writes each line without the code's value (``sux=9``: lookup and
+addition in one token); L, the same student and a teacher on lists of 8-16 codes. C's and L's models are
+built by scripts/build_regimes.py into bench/quality/assets/.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 
 ASSETS = Path(str(resources.files("raydc") / "assets" / "sumtask"))
 MODELS = ASSETS / "models"
+REGIME_MODELS = Path(__file__).resolve().parent / "assets"  # scripts/build_regimes.py
 PAD = 0  # the shipped tiny-bpe tokenizer's pad id (checked by ``load_pair``)
 LENGTHS = (2, 6)  # codes per list, as both models were trained
 
@@ -36,7 +43,9 @@ def _code_table() -> tuple[dict[str, int], list[str]]:
 VALUES, KNOWN = _code_table()
 NEW = [c for c in VALUES if c not in KNOWN]
 POOLS = {"all": list(VALUES), "known": KNOWN}
-_LINE = re.compile(r"^([a-z]{3})(\d)=(\d)$")
+# A scratchpad line: one code with its value (``jev5=4``) or without (``jev=4``, the
+# capacity teacher's), or two codes (``sus0+sux9=9``).
+_LINE = re.compile(r"^([a-z]{3})(\d)?(?:\+([a-z]{3})(\d))?=(\d)$")
 
 
 @dataclass(frozen=True)
@@ -67,11 +76,74 @@ def solution(p: Problem) -> str:
     return "\n".join(lines) + f"\n#### {sums[-1]}"
 
 
-def make_problems(n: int, rng: random.Random, pool: str = "all", exclude=()) -> list[Problem]:
-    """``n`` distinct problems of LENGTHS codes drawn from ``pool``, none in ``exclude``."""
+@dataclass(frozen=True)
+class Regime:
+    """One regime of the benchmark: its pair, the lists its traces and evaluation use, the
+    prior the student already had (its own training distribution), and the run's size."""
+
+    name: str
+    teacher: Path
+    student: Path
+    lengths: tuple[int, int]  # codes per list of the trace prompts and the eval problems
+    prior_pool: str  # the prior's lists: codes the student knew, as long as it was taught
+    prior_lengths: tuple[int, int]
+    max_new_tokens: int  # generation budget of an answer (the longest list's lines + ####)
+    steps: int  # optimizer steps of every arm
+    batch_size: int
+    summary: str
+
+    @property
+    def models_present(self) -> bool:
+        return all((d / "config.json").is_file() for d in (self.teacher, self.student))
+
+
+REGIMES = {
+    "knowledge": Regime(
+        "knowledge",
+        MODELS / "teacher",
+        MODELS / "student",
+        (2, 6),
+        "known",
+        (2, 6),
+        64,
+        200,
+        32,
+        "K: the student lacks 16 of the teacher's 40 codes",
+    ),
+    "capacity": Regime(
+        "capacity",
+        REGIME_MODELS / "teacher_terse",
+        REGIME_MODELS / "student_all",
+        (2, 6),
+        "all",
+        (2, 6),
+        64,
+        200,
+        32,
+        "C: the student knows every code; the teacher skips the values",
+    ),
+    "long": Regime(
+        "long",
+        REGIME_MODELS / "teacher_long",
+        REGIME_MODELS / "student_all",
+        (8, 16),
+        "all",
+        (2, 6),
+        160,
+        120,
+        16,
+        "L: the student knows every code, taught on 2-6 codes; lists of 8-16",
+    ),
+}
+
+
+def make_problems(
+    n: int, rng: random.Random, pool: str = "all", exclude=(), lengths: tuple[int, int] = LENGTHS
+) -> list[Problem]:
+    """``n`` distinct problems of ``lengths`` codes drawn from ``pool``, none in ``exclude``."""
     seen, out = set(exclude), []
     while len(out) < n:
-        p = Problem(tuple(rng.choice(POOLS[pool]) for _ in range(rng.randint(*LENGTHS))))
+        p = Problem(tuple(rng.choice(POOLS[pool]) for _ in range(rng.randint(*lengths))))
         if p not in seen:
             seen.add(p)
             out.append(p)
@@ -81,9 +153,9 @@ def make_problems(n: int, rng: random.Random, pool: str = "all", exclude=()) -> 
 @dataclass(frozen=True)
 class Grade:
     """correct: the answer after ``####`` is right. derailed: the scratchpad left the task's
-    form (a line that is not ``<code><digit>=<digit>``, a code out of the prompt's order, a
-    missing or extra line, no ``####`` answer). lines_error: step lines written minus the
-    list's length."""
+    form (a line that is neither ``<code><digit>=<digit>`` nor ``<code><digit>+<code><digit>
+    =<digit>``, codes out of the prompt's order, a missing or extra code, no ``####``
+    answer). lines_error: codes the step lines cover minus the list's length."""
 
     correct: bool
     derailed: bool
@@ -94,11 +166,13 @@ def grade(p: Problem, response: str) -> Grade:
     body, sep, tail = response.strip().partition("####")
     lines = [ln.strip() for ln in body.strip().splitlines() if ln.strip()]
     steps = [_LINE.match(ln) for ln in lines]
+    covered = [c for m in steps if m is not None for c in (m.group(1), m.group(3)) if c]
+    n_codes = len(covered) + sum(m is None for m in steps)
     in_form = (
         bool(sep)
         and tail.strip().isdigit()
-        and len(lines) == len(p.codes)
-        and all(m is not None and m.group(1) == c for m, c in zip(steps, p.codes))
+        and all(m is not None for m in steps)
+        and tuple(covered) == p.codes
     )
     correct = bool(sep) and tail.split()[:1] == [str(running_sums(p)[-1])]
-    return Grade(correct=correct, derailed=not in_form, lines_error=len(lines) - len(p.codes))
+    return Grade(correct=correct, derailed=not in_form, lines_error=n_codes - len(p.codes))

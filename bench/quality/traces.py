@@ -38,6 +38,11 @@ class TraceSet:
 
     def subset(self, idx: Sequence[int]) -> TraceSet:
         ix = torch.as_tensor(list(idx), dtype=torch.long)
+        meta = dict(self.meta)
+        if "row_flops" in meta:  # per row (bench.quality.flops.trace_row_flops)
+            meta["row_flops"] = {
+                k: [v[i] for i in ix.tolist()] for k, v in meta["row_flops"].items()
+            }
         return TraceSet(
             self.ids_BL[ix],
             self.loss_mask[ix],
@@ -46,7 +51,7 @@ class TraceSet:
             self.sentence_ids[ix],
             self.prompt_id[ix],
             self.lengths[ix],
-            dict(self.meta),
+            meta,
         )
 
     def row_block(self) -> RowBlock:
@@ -85,10 +90,12 @@ def build_trace_set(
     teacher_lps: Sequence[Sequence[float]] | None = None,
     prompt_ids: Sequence[int] | None = None,
     newlines: set[int] = frozenset(),
+    student_lps: Sequence[Sequence[float]] | None = None,
 ) -> TraceSet:
     """Rows from prompt ids and response ids (each response already ends with EOS if it
-    finished). teacher_lps[i][j] is the teacher's log-prob of responses[i][j]; a token in
-    ``newlines`` closes its sentence (one sentence per scratchpad line)."""
+    finished). teacher_lps[i][j] is the teacher's log-prob of responses[i][j] (student_lps
+    the student's: on-policy samples' sampling log-probs); a token in ``newlines`` closes
+    its sentence (one sentence per scratchpad line)."""
     n = len(prompts)
     if len(responses) != n:
         raise ValueError(f"{n} prompts but {len(responses)} responses")
@@ -97,6 +104,7 @@ def build_trace_set(
     ids = torch.full((n, L), PAD, dtype=torch.long)
     mask = torch.zeros(n, L - 1, dtype=torch.bool)
     tlp = torch.zeros(n, L - 1, dtype=torch.float32)
+    slp = torch.zeros(n, L - 1, dtype=torch.float32)
     sid = torch.zeros(n, L - 1, dtype=torch.long)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         if not p or not r:
@@ -105,11 +113,11 @@ def build_trace_set(
         ids[i, : len(row)] = torch.tensor(row)
         a, b = len(p) - 1, len(row) - 1  # targets of the response tokens
         mask[i, a:b] = True
-        if teacher_lps is not None:
-            lp = teacher_lps[i]
-            if len(lp) != len(r):
-                raise ValueError(f"row {i}: {len(lp)} teacher log-probs for {len(r)} tokens")
-            tlp[i, a:b] = torch.tensor(lp, dtype=torch.float32)
+        for who, lps, out in (("teacher", teacher_lps, tlp), ("student", student_lps, slp)):
+            if lps is not None:
+                if len(lps[i]) != len(r):
+                    raise ValueError(f"row {i}: {len(lps[i])} {who} log-probs for {len(r)} tokens")
+                out[i, a:b] = torch.tensor(lps[i], dtype=torch.float32)
         # Sentence = step line: a token belongs to the line it is on (the newline closes it).
         s = 0
         for j, tok in enumerate(r):
@@ -117,18 +125,25 @@ def build_trace_set(
             if tok in newlines:
                 s += 1
     pid = torch.tensor(list(prompt_ids) if prompt_ids is not None else range(n))
-    return TraceSet(ids, mask, tlp, torch.zeros_like(tlp), sid, pid, torch.tensor(lens))
+    return TraceSet(ids, mask, tlp, slp, sid, pid, torch.tensor(lens))
 
 
-def model_token_logprobs(model, ids_BL: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
-    """log p(ids[:, t + 1] | ids[:, :t + 1]) [B, L - 1] via the library's chunked CE.
+def model_token_logprobs(
+    model, ids_BL: torch.Tensor, chunk_size: int = 4096, with_entropy: bool = False
+):
+    """log p(ids[:, t + 1] | ids[:, :t + 1]) [B, L - 1] via the library's chunked CE (with
+    ``with_entropy``, ``(logp, entropy)``: each position's predictive entropy too).
 
     Rows are right-padded, so no attention mask is needed: causal attention never lets a
     real token see the padding after it, and padded targets are off the loss mask.
     """
     hidden = model.model(input_ids=ids_BL).last_hidden_state  # [B, L, H]
     return chunked_token_logprobs(
-        hidden[:, :-1], model.lm_head.weight, ids_BL[:, 1:], chunk_size=chunk_size
+        hidden[:, :-1],
+        model.lm_head.weight,
+        ids_BL[:, 1:],
+        chunk_size=chunk_size,
+        with_entropy=with_entropy,
     )
 
 

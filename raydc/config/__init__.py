@@ -17,6 +17,7 @@ from raydc.config.roles import Roles, roles
 from raydc.config.sections import (
     DataConfig,
     LoraConfig,
+    OnPolicyConfig,
     PhaseConfig,
     RaydcConfig,
     RunConfig,
@@ -38,6 +39,7 @@ __all__ = [
     "GenerateConfig",
     "LoraConfig",
     "MixedPolicyConfig",
+    "OnPolicyConfig",
     "RaydcConfig",
     "Roles",
     "RunConfig",

@@ -91,7 +91,8 @@ class VLLMEngineConfig:
 
     def actor_pool_args(self) -> dict:
         """``Dataset.map_batches`` arguments of a pool of ``num_engines`` actors, each
-        holding one engine and all its resources, fed Arrow batches."""
+        holding one engine and all its resources, fed Arrow batches; a dead actor is
+        restarted ``ENGINE_RESTARTS`` times (``restart_args``), not forever."""
         import ray
 
         args = dict(
@@ -99,6 +100,7 @@ class VLLMEngineConfig:
             batch_size=int(self.batch_size),
             num_cpus=float(self.cpus_per_engine),
             batch_format="pyarrow",
+            **self.restart_args(),
         )
         if self.gpus_per_engine > 0:
             args["num_gpus"] = float(self.gpus_per_engine)

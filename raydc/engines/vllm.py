@@ -19,7 +19,8 @@ A dead engine fails its actor: vLLM runs the engine in a child process (``Engine
 and when that process dies (an OOM kill) the client waits on its output queue with no
 timeout, so the stage would hang with no error. ``EngineWatchdog`` polls the child and
 exits the actor's process when it is gone; Ray Data restarts the actor and retries its
-batch (its actors are restartable by default), or the stage fails naming the actor.
+batch, ``ENGINE_RESTARTS`` times (``VLLMEngineConfig.actor_pool_args``), then the stage
+fails naming the actor.
 """
 
 from __future__ import annotations

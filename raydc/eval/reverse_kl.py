@@ -38,7 +38,7 @@ def reverse_kl(
 
     t0 = time.time()
     teacher = _check_teacher(cfg, model_dir)
-    prompt_ids, samples = _student_samples(cfg, model_dir, engine)
+    prompt_ids, samples = _student_samples(cfg, model_dir, engine, out_dir)
     logp_T = _teacher_logprobs(cfg, teacher, prompt_ids, samples)
     per_seq, n_tokens, total = [], 0, 0.0
     for smp, lt in zip(samples, logp_T):
@@ -77,10 +77,11 @@ def _check_teacher(cfg, model_dir: str) -> str:
 
 
 def _student_samples(
-    cfg, model_dir: str, engine: LocalEngine | None
+    cfg, model_dir: str, engine: LocalEngine | None, out_dir: str | os.PathLike
 ) -> tuple[list[list[int]], list[Sample]]:
     """The prompts' token ids and one non-empty sample per prompt (key: the prompt's index),
-    drawn at temperature 1 with the sampled tokens' log-probs."""
+    drawn at temperature 1 with the sampled tokens' log-probs. The engine writes vLLM's
+    errors to ``out_dir``, as eval's does, so that one that dies is reported with its own."""
     from raydc.infra.models import load_tokenizer
 
     ecfg = cfg.eval
@@ -96,7 +97,14 @@ def _student_samples(
         raise ValueError(f"val_reverse_kl: no usable prompt in {ecfg.path}")
     sampling = Sampling(1.0, 1.0, ecfg.max_new_tokens, logprobs=True, n=1, seed=ecfg.seed)
     _, batches = sample_requests(
-        str(model_dir), tokenizer, prompt_ids, sampling, ecfg.engine, cfg.run.ray_address, engine
+        str(model_dir),
+        tokenizer,
+        prompt_ids,
+        sampling,
+        ecfg.engine,
+        cfg.run.ray_address,
+        engine,
+        log_dir=out_dir,  # an engine that dies is reported with its own error
     )
     return prompt_ids, [smp for batch in batches for smp in batch if smp.token_ids]
 

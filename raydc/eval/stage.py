@@ -288,8 +288,11 @@ def format_metrics(m: dict) -> str:
 
 
 def model_stage(cfg) -> str:
-    """The stage whose model eval grades: tune when it is on, else train (in a run with
-    DASD phases, the pipeline gives the last phase's model under that name)."""
+    """The stage whose model eval grades: the on-policy rounds' when they are on, else tune
+    when it is on, else train (in a run with DASD phases, the pipeline gives the last
+    phase's model under that name)."""
+    if cfg.on_policy.enabled:
+        return "on_policy"
     return "tune" if cfg.tune.enabled else "train"
 
 

@@ -17,6 +17,12 @@ student/teacher log-ratio (see docs/method.md):
 - arXiv 2510.00526 ("Beyond Log Likelihood"): prior-leaning weights win where the model
   is strong and NLL where it is weak; ``nll_mix`` interpolates any weighting toward NLL
   (w' = nll_mix + (1 - nll_mix) w; 1 is plain SFT).
+- On-policy distillation (tinker-cookbook's ``importance_sampling`` loss on the student's
+  own samples; the ``on_policy`` stage): the loss -sum_t sg(A_t) r_t, with the advantage
+  A_t = c (log p_T - log p_S) at the sampling policy and r_t = exp(log p_theta - log
+  p_sampling), has the gradient -sum_t sg(A_t r_t) grad log p_theta, so it is the weighted
+  NLL with w_t = c A_t clip(r_t, w_min, w_max): the signed, unbounded ``advantage``
+  transform (the ``opd`` preset of ``ON_POLICY_PRESETS``).
 
 Everything here is pure torch on [B, T] tensors; nothing imports ray, vllm or deepspeed.
 Weights are computed in log space, bounded, and returned detached.
@@ -32,7 +38,7 @@ import torch
 
 SIGNS = (1, -1)
 GRANULARITIES = ("token", "prefix_mean", "prefix_ema", "sentence", "sequence_mean", "sequence_sum")
-TRANSFORMS = ("none", "sigmoid", "exp_clip", "mask", "power")
+TRANSFORMS = ("none", "sigmoid", "exp_clip", "mask", "power", "advantage")
 NORMALIZATIONS = ("none", "self_norm", "per_sequence")
 GATES = ("none", "conflict", "entropy_power")
 
@@ -58,7 +64,10 @@ class WeightConfig:
         (decay ``lam``), ``sentence``, ``sequence_mean`` or ``sequence_sum``.
     transform: ``none`` (w = 1), ``sigmoid`` (c * sigmoid((u - b) / tau)), ``exp_clip``
         (clip(exp(u / tau), w_min, w_max)), ``mask`` (1 if exp(u) in [lo, hi] else 0),
-        ``power`` (exp(gamma * log p_S), DFT at gamma = 1).
+        ``power`` (exp(gamma * log p_S), DFT at gamma = 1), ``advantage`` (c * u *
+        clip(exp(log p_S - log p_samp), w_min, w_max): on-policy distillation's signed weight,
+        u = log p_T - log p_samp at sign -1, p_S the live student and p_samp the policy
+        that sampled the tokens; needs sign -1, normalization none and no floor).
     floor: w <- floor + (1 - floor) * w, so no token's weight falls below ``floor``.
     gate: an entropy gate g in [0, 1] that multiplies w (needs the student's per-token
         entropy H in nats; s = log p_S of the teacher token): ``none`` (g = 1),
@@ -141,6 +150,23 @@ class WeightConfig:
             raise bad("gate_gamma", "must be >= 0")
         if not 0.0 <= self.nll_mix <= 1.0:
             raise bad("nll_mix", "must be in [0, 1]")
+        if self.transform == "advantage":
+            # A signed weight: the advantage must point toward the teacher, and a sum of
+            # signed weights (self_norm, per_sequence's mean) can be ~0 or negative.
+            if self.sign != -1:
+                raise bad(
+                    "sign",
+                    "transform='advantage' needs sign=-1 (u = log p_T - log p_S, the "
+                    "advantage toward the teacher); +1 would ascend the reverse KL",
+                )
+            if self.normalization != "none":
+                raise bad(
+                    "normalization",
+                    "transform='advantage' gives signed weights: use normalization='none' "
+                    "(divide by the loss tokens); a sum or mean of signed weights can be ~0",
+                )
+            if self.floor != 0:
+                raise bad("floor", "transform='advantage' gives signed weights: floor must be 0")
 
     def replace(self, **overrides) -> WeightConfig:
         return dataclasses.replace(self, **_check_fields(overrides))
@@ -184,16 +210,40 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Weights for the student's own samples (the on_policy stage; train.student_ref=current),
+# apart from the offline presets above: signed, and meaningful only on on-policy data.
+# ``opd``: tinker-cookbook's importance_sampling loss, the ratio clipped at 2.
+ON_POLICY_PRESETS: dict[str, dict] = {
+    "opd": dict(
+        sign=-1,
+        granularity="token",
+        transform="advantage",
+        c=1.0,
+        w_min=0.0,
+        w_max=2.0,
+        normalization="none",
+    ),
+}
+
+
 def preset(name: str, **overrides) -> WeightConfig:
-    """The named preset's full configuration, with any field overridden."""
-    if name not in PRESETS:
-        raise WeightConfigError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
-    return WeightConfig(**{**PRESETS[name], **_check_fields(overrides)})
+    """The named preset's full configuration (``PRESETS`` or ``ON_POLICY_PRESETS``), with
+    any field overridden."""
+    known = {**PRESETS, **ON_POLICY_PRESETS}
+    if name not in known:
+        raise WeightConfigError(f"unknown preset {name!r}; presets: {sorted(known)}")
+    return WeightConfig(**{**known[name], **_check_fields(overrides)})
 
 
 def needs_teacher(config: WeightConfig) -> bool:
     """Whether the configuration uses teacher log-probs when they exist."""
     return config.transform not in ("none", "power")
+
+
+def needs_sampling(config: WeightConfig) -> bool:
+    """Whether the configuration reads the sampling policy's log-probs beside the live
+    student's (the ``advantage`` transform's importance ratio)."""
+    return config.transform == "advantage"
 
 
 def needs_entropy(config: WeightConfig) -> bool:
@@ -391,6 +441,7 @@ def compute_weights(
     sentence_ids: torch.Tensor | None = None,
     teacher_mask: torch.Tensor | None = None,
     student_entropy: torch.Tensor | None = None,
+    sampling_logprobs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Detached per-token weights [B, T] (0 where loss_mask is False).
 
@@ -404,9 +455,27 @@ def compute_weights(
     needed by an entropy ``gate`` (ignored otherwise). Order: transform, floor, the
     teacher-silent 1s, gate, NLL mix; then with normalization ``per_sequence`` the weights
     are rescaled to mean 1 over each row's loss tokens (the kept ones, for ``mask``).
+
+    ``advantage`` (on-policy distillation): ``student_logprobs`` are the live student's
+    (p_theta) and ``sampling_logprobs`` [B, T] those of the policy that sampled the tokens
+    (None: the student's own, a ratio of 1); the advantage u = log p_T - log p_samp at the
+    configured granularity, and w = c * u * clip(exp(log p_theta - log p_samp), w_min,
+    w_max). It needs teacher log-probs; where the teacher is silent the weight is 0 (no
+    gradient; the token stays in the denominator), not 1.
     """
     m = loss_mask.bool()
     check_logprobs(student_logprobs, m, "student_logprobs")
+    advantage = config.transform == "advantage"
+    if advantage:
+        if teacher_logprobs is None:
+            raise WeightConfigError(
+                "WeightConfig.transform='advantage' needs teacher_logprobs (the advantage is "
+                "log p_T - log p_S), got None: score the samples with a teacher"
+            )
+        if sampling_logprobs is None:
+            sampling_logprobs = student_logprobs
+        else:
+            check_logprobs(sampling_logprobs, m, "sampling_logprobs")
     if needs_entropy(config):
         if student_entropy is None:
             raise WeightConfigError(
@@ -425,6 +494,13 @@ def compute_weights(
             w = torch.ones(m.shape, dtype=_float_dtype(student_logprobs), device=m.device)
         elif cfg.transform == "power":
             w = torch.exp(cfg.gamma * _clean(student_logprobs, m))
+        elif advantage:
+            u = granular_logratio(
+                sampling_logprobs, teacher_logprobs, m, cfg, sentence_ids, teacher_mask
+            )
+            log_ratio = _clean(student_logprobs, m) - _clean(sampling_logprobs, m)
+            ratio = torch.exp(log_ratio).clamp(min=cfg.w_min, max=cfg.w_max)
+            w = cfg.c * u * ratio
         else:
             u = granular_logratio(
                 student_logprobs, teacher_logprobs, m, cfg, sentence_ids, teacher_mask
@@ -442,7 +518,8 @@ def compute_weights(
         if cfg.floor > 0:
             w = cfg.floor + (1.0 - cfg.floor) * w
         if teacher_mask is not None and cfg.transform not in ("none", "power"):
-            w = torch.where(teacher_mask.bool(), w, torch.ones_like(w))
+            silent = torch.zeros_like(w) if advantage else torch.ones_like(w)
+            w = torch.where(teacher_mask.bool(), w, silent)
         if cfg.gate != "none":
             w = w * entropy_gate(student_logprobs, student_entropy, m, cfg).to(w.dtype)
         if cfg.nll_mix > 0:
@@ -502,9 +579,10 @@ def weight_diagnostics(
     elif config is not None and config.transform == "exp_clip":
         hi = max(hi, config.w_max)
     hi = hi if hi > 0 else 1.0
-    counts = torch.histc(wm, bins=bins, min=0.0, max=hi)
+    lo = min(0.0, float(wm.min()))  # signed weights (``advantage``) reach below 0
+    counts = torch.histc(wm, bins=bins, min=lo, max=hi)
     out["histogram"] = {
-        "edges": [hi * i / bins for i in range(bins + 1)],
+        "edges": [lo + (hi - lo) * i / bins for i in range(bins + 1)],
         "counts": [int(c) for c in counts.tolist()],
     }
     out["clip_shares"] = _clip_shares(wm, config) if config is not None else {}

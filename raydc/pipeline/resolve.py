@@ -104,6 +104,7 @@ def resolve(cfg: RaydcConfig) -> RaydcConfig:
             scored_student=resolve_model(cfg.train.scored_student, models),
         ),
         eval=rep(cfg.eval, path=resolve_path(cfg.eval.path)),
+        tune=rep(cfg.tune, val_path=resolve_path(cfg.tune.val_path)),
         generate=rep(
             cfg.generate,
             prompts=resolve_path(cfg.generate.prompts),
@@ -114,6 +115,12 @@ def resolve(cfg: RaydcConfig) -> RaydcConfig:
             traces=resolve_path(cfg.mixed_policy.traces),
             student=resolve_model(cfg.mixed_policy.student, models),
             teacher=resolve_model(cfg.mixed_policy.teacher, models),
+        ),
+        on_policy=rep(
+            cfg.on_policy,
+            prompts=resolve_path(cfg.on_policy.prompts),
+            student=resolve_model(cfg.on_policy.student, models),
+            teacher=resolve_model(cfg.on_policy.teacher, models),
         ),
     )
 

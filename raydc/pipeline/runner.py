@@ -248,7 +248,8 @@ class Pipeline:
         phase so (each checks its own inputs), then [eval]. Inputs are checked before the
         first stage runs."""
         if self.cfg.phases:
-            names = ["eval"] if self.cfg.eval.enabled else []
+            names = ["on_policy"] if self.cfg.on_policy.enabled else []
+            names += ["eval"] if self.cfg.eval.enabled else []
             self._check(names, phases=True)
             self.model_stage()
         else:
@@ -261,7 +262,7 @@ class Pipeline:
     def run_until(self, name: str) -> StageResult:
         """Run stage ``name`` and whatever it needs that is not done yet (``raydc <stage>``)."""
         stage_named(name)  # an unknown name fails here, naming the stages
-        if self.cfg.phases and name != "eval":
+        if self.cfg.phases and name not in ("eval", "on_policy"):
             if name in MODEL_STAGES:
                 return self.model_stage()
             raise StageError(

@@ -62,6 +62,15 @@ def stage_line(name: str, summary: dict) -> str:
                 f"{summary['num_trials']} trials, best {summary.get('metric')}="
                 f"{summary.get('best_metric')}"
             )
+    if name == "on_policy" and "rounds" in summary:
+        bits.append(f"{summary['rounds']} rounds, {summary.get('steps')} steps")
+        for k in ("eos_rate", "mean_length", "mean_reverse_kl"):
+            v = summary.get(k)
+            if isinstance(v, (int, float)):
+                bits.append(f"{k} {v:.4g}")
+        flops = (summary.get("flops") or {}).get("total")
+        if isinstance(flops, (int, float)):
+            bits.append(f"{flops:.3g} FLOPs")
     if name == "eval":
         from raydc.eval.stage import HEADLINE as EVAL_HEADLINE
 
@@ -130,6 +139,13 @@ def summarize_run(results: dict[str, StageResult], cfg: RaydcConfig) -> dict:
                     "num_trials",
                 )
             }
+    if "on_policy" in results:
+        o = results["on_policy"].summary
+        s["on_policy"] = {
+            k: o.get(k)
+            for k in ("rounds", "steps", "eos_rate", "mean_reverse_kl", "tokens", "flops")
+        }
+        s["model_dir"] = o.get("model_dir")
     if "eval" in results:
         e = results["eval"].summary
         s["eval_metrics"] = {k: e[k] for k in EVAL_HEADLINE if e.get(k) is not None}

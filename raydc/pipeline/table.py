@@ -13,13 +13,16 @@ from raydc.eval.stage import EVAL
 from raydc.generate import GENERATE
 from raydc.infra.stage import Stage
 from raydc.mixed_policy import MIXED_POLICY
+from raydc.on_policy import ON_POLICY
 from raydc.prepare.stage import PREPARE
 from raydc.score.stage import SCORE
 from raydc.select import SELECT
 from raydc.train import TRAIN
 from raydc.tune import TUNE
 
-STAGES: tuple[Stage, ...] = (GENERATE, MIXED_POLICY, PREPARE, SCORE, SELECT, TRAIN, TUNE, EVAL)
+STAGES: tuple[Stage, ...] = (
+    GENERATE, MIXED_POLICY, PREPARE, SCORE, SELECT, TRAIN, TUNE, ON_POLICY, EVAL
+)  # fmt: skip
 # The stages that produce the job's model; in a run with DASD phases, the last phase's.
 MODEL_STAGES = ("train", "tune")
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raydc.config import ConfigError
 from raydc.engines.base import ScoreError
 from raydc.engines.vllm import max_prompt_len
 from raydc.infra.artifacts import (
@@ -50,7 +51,7 @@ from raydc.infra.artifacts import (
     write_json,
     write_parts,
 )
-from raydc.infra.models import check_model, check_vocab
+from raydc.infra.models import check_context, check_model, check_vocab
 from raydc.infra.runtime import LIGHT_CPUS
 from raydc.infra.schemas import INSPECT_DIR, SCORED_WRITE_ARGS
 from raydc.infra.stage import Stage
@@ -190,7 +191,11 @@ def _write_scored(cfg, files: list[str], out: Path, teacher: str | None, same: b
         ds = ds.map_batches(
             TeacherScorer,
             fn_constructor_kwargs=dict(
-                model=teacher, score_cfg=scfg, same_tokenizer=same, parts_dir=parts
+                model=teacher,
+                score_cfg=scfg,
+                same_tokenizer=same,
+                parts_dir=parts,
+                train_empty_think=cfg.data.train_empty_think,
             ),
             **scfg.engine.actor_pool_args(),
         )
@@ -377,6 +382,26 @@ def _check(cfg) -> None:
         check_model("score.teacher", cfg.score.teacher)
     if cfg.score.teacher and Path(cfg.score.teacher).is_dir():
         check_vocab("score.teacher", cfg.score.teacher)
+    _check_context(cfg)
+
+
+def _check_context(cfg) -> None:
+    """``score.engine.max_model_len`` holds the longest row prepare keeps
+    (``data.max_length``) and fits the context of the models it scores with. A shorter one
+    rejected the longer rows as ``too_long`` only when scoring reached them; a longer one
+    than a model's failed when its engine started, in vLLM's words."""
+    field = "score.engine.max_model_len"
+    length = int(cfg.score.engine.max_model_len)
+    if length < cfg.data.max_length:
+        raise ConfigError(
+            f"{field}={length}: shorter than data.max_length={cfg.data.max_length}, the "
+            f"longest row prepare keeps; rows longer than {length} tokens would be rejected "
+            f"as too_long only when scored; set {field} to at least {cfg.data.max_length} "
+            "or lower data.max_length"
+        )
+    check_context(field, length, "score.student", cfg.score.student)
+    if cfg.score.teacher:
+        check_context(field, length, "score.teacher", cfg.score.teacher)
 
 
 SCORE = Stage(

@@ -1,11 +1,13 @@
 """The teacher's engine actor: fills ``teacher_logprobs`` of rows that have none.
 
 Same tokenizer as the student: the student's ids are scored as they are. Another
-tokenizer: the conversation is rendered with the teacher's chat template and tokenised by
-the teacher, scored, and each assistant turn's values are carried onto the student's
-tokens by character spans (``raydc.method.align.align_turn``). Values beyond the teacher's
-max_model_len, and student tokens the teacher does not cover, are NaN ("unknown"),
-resolved in the finish step (``raydc.score.store.finish_batch``).
+tokenizer: the conversation is rendered with the teacher's chat template (a turn's span
+holds an empty think block exactly when prepare's rendering of the student's does:
+``data.train_empty_think``) and tokenised by the teacher, scored, and each assistant
+turn's values are carried onto the student's tokens by character spans
+(``raydc.method.align.align_turn``). Values beyond the teacher's max_model_len, and
+student tokens the teacher does not cover, are NaN ("unknown"), resolved in the finish
+step (``raydc.score.store.finish_batch``).
 """
 
 from __future__ import annotations
@@ -45,9 +47,12 @@ class TeacherScorer(EngineActor):
         score_cfg: ScoreConfig,
         same_tokenizer: bool,
         parts_dir: str | None = None,
+        train_empty_think: bool = False,
     ):
         t0 = self._start(parts_dir)
         self.same = same_tokenizer
+        # data.train_empty_think: the teacher's turn spans drawn as prepare drew the student's
+        self.train_empty_think = train_empty_think
         self.max_len = max_prompt_len(model, score_cfg.engine.max_model_len)
         self.scorer = make_scorer(score_cfg, model, score_cfg.teacher_temperature)
         if not self.same:
@@ -122,7 +127,9 @@ class TeacherScorer(EngineActor):
         t_ids, sides = [], []
         for r in rows:
             try:
-                text, spans = render(self.tok, json.loads(r["conversation"]))
+                text, spans = render(
+                    self.tok, json.loads(r["conversation"]), self.train_empty_think
+                )
             except RowReject as e:
                 raise ScoreError(f"row {r['row_id']}: the teacher's chat template: {e}") from None
             ids, offs = tokenize(self.tok, text)

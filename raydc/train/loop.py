@@ -293,6 +293,7 @@ class Worker:
             "loss": loss_sum / n,
             "lr": win.lr,
             "grad_norm": win.grad_norm,
+            "tokens": int(tokens),  # the window's real tokens, all ranks
             "tokens_per_s": tokens / seconds if seconds > 0 else float("nan"),
             "step_time_s": seconds / n,
             "padding_share": 1.0 - tokens / slots if slots else 0.0,

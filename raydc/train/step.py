@@ -35,6 +35,7 @@ from raydc.method.weights import (
     compute_weights,
     loss_tokens,
     needs_entropy,
+    needs_sampling,
 )
 from raydc.train.batch import MicroBatch
 
@@ -58,7 +59,9 @@ def micro_batch_weights(
 
     ``live_logp`` (the training forward's own log-probs) replaces the stored student
     log-probs (``student_ref=current``), and ``live_entropy`` (the same forward's entropy)
-    the stored ``student_entropy``; ``uniform`` gives w = 1 (weight warmup). Packed rows
+    the stored ``student_entropy``; ``uniform`` gives w = 1 (weight warmup). The
+    ``advantage`` transform (on-policy distillation) reads both: the stored log-probs are
+    then the sampling policy's, and the live ones give its importance ratio. Packed rows
     are weighed in their own [R, L-1] view (``RowLayout``), so granularities and
     per-sequence normalisation never see a neighbouring row.
     """
@@ -74,9 +77,12 @@ def micro_batch_weights(
             "training forward computes it) or from a scored store with a student_entropy column"
         )
     t, sid, tm = mb.teacher_logprobs, mb.sentence_ids, mb.teacher_mask
+    q = mb.student_logprobs if live_logp is not None and needs_sampling(wc) else None
     lay = mb.layout
     if lay is None:
-        return compute_weights(s, t, m, wc, sentence_ids=sid, teacher_mask=tm, student_entropy=h)
+        return compute_weights(
+            s, t, m, wc, sentence_ids=sid, teacher_mask=tm, student_entropy=h, sampling_logprobs=q
+        )
     w_RL = compute_weights(
         lay.to_rows(s),
         None if t is None else lay.to_rows(t),
@@ -85,6 +91,7 @@ def micro_batch_weights(
         sentence_ids=lay.to_rows(sid),
         teacher_mask=None if tm is None else lay.to_rows(tm, fill=True),
         student_entropy=None if h is None else lay.to_rows(h),
+        sampling_logprobs=None if q is None else lay.to_rows(q),
     )
     return lay.from_rows(w_RL, m.shape)
 

@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from raydc.config import DataConfig
+from raydc.config import DataConfig, from_dict
 from raydc.infra.artifacts import collect_parts, prepare_out_dir
 from raydc.infra.chat import render
 from raydc.infra.models import load_tokenizer
@@ -209,3 +209,55 @@ def test_prepare_batch_with_a_saved_qwen3_tokenizer(qwen3, tmp_path):
         "c": "<think>\n2+3.\n</think>\n\nIt is 5.<|im_end|>",
         "plain": "It is 5.<|im_end|>",
     }
+
+
+class _ByIdScorer:
+    """A scorer whose log-prob of each token is a function of its id alone."""
+
+    def score(self, rows):
+        import numpy as np
+
+        return [np.array([_lp(t) for t in ids], np.float32) for ids in rows]
+
+
+def _lp(token_id: int) -> float:
+    return -0.5 - (token_id % 97) / 100
+
+
+@pytest.mark.parametrize("train_empty_think", [False, True])
+def test_a_teacher_with_another_tokenizer_renders_the_empty_think_block_as_prepare_did(
+    qwen3, tmp_path, monkeypatch, train_empty_think
+):
+    """score.teacher with its own tokenizer re-renders the conversation; its turn spans must
+    hold the empty think block exactly when the student's do (data.train_empty_think), or
+    the teacher's values land on other characters than the student's. Here the teacher's
+    tokenizer is the student's, so each loss token must get the value of its own id."""
+    import raydc.score.teacher as teacher_mod
+    from raydc.score.teacher import TeacherScorer
+
+    folder = tmp_path / "teacher"
+    qwen3.save_pretrained(folder)
+    (folder / "config.json").write_text(
+        json.dumps({"vocab_size": 151936, "max_position_embeddings": 4096})
+    )
+    monkeypatch.setattr(teacher_mod, "make_scorer", lambda *a, **k: _ByIdScorer())
+    dcfg = DataConfig(max_length=64, train_empty_think=train_empty_think)
+    row = _chat(USER, {"role": "assistant", "content": "It is 5."})
+    out = prepare_out_dir(tmp_path / "prep")
+    prepared = prepare_batch(
+        _raw_table([json.dumps(row).encode()]), str(folder), dcfg, str(out / "_parts")
+    )
+    assert THINK in prepared.column("input_ids")[0].as_py()  # the template's empty block
+
+    actor = TeacherScorer(
+        str(folder),
+        from_dict({"score": {"student": str(folder)}}).score,
+        same_tokenizer=False,
+        train_empty_think=train_empty_think,
+    )
+    (got,) = actor(prepared).to_pylist()
+    ids, mask = got["input_ids"], got["loss_mask"]
+    masked = [t for t, m in zip(ids, mask) if m]
+    assert (THINK in masked) is train_empty_think
+    want = [pytest.approx(_lp(t), abs=1e-6) for t in masked]
+    assert [v for v, m in zip(got["teacher_logprobs"], mask) if m] == want

@@ -60,16 +60,16 @@ def test_check_space_names_the_field_of_a_bad_value():
 def test_check_space_needs_what_the_metric_needs():
     with pytest.raises(ConfigError, match=r"tune\.space: empty"):
         check_space(from_dict({"train": {"val_share": 0.1}}))  # e.g. `raydc tune` on default
-    cfg = from_dict({"tune": {"enabled": True, "space": {"weights.tau": [1.0]}}})
+    cfg = from_dict(
+        {"tune": {"enabled": True, "metric": "val_nll", "space": {"weights.tau": [1.0]}}}
+    )
     with pytest.raises(ConfigError, match=r"train\.val_share"):
         check_space(cfg)
+    # The default metric (val_accuracy) needs graded held-out problems.
     cfg = from_dict(
-        {
-            "train": {"val_share": 0.1},
-            "tune": {"enabled": True, "metric": "val_accuracy", "space": {"weights.tau": [1.0]}},
-        }
+        {"train": {"val_share": 0.1}, "tune": {"enabled": True, "space": {"weights.tau": [1.0]}}}
     )
-    with pytest.raises(ConfigError, match=r"eval\.path"):
+    with pytest.raises(ConfigError, match=r"tune\.metric=val_accuracy: needs eval\.path"):
         check_space(cfg)
 
 

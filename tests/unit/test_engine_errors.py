@@ -117,3 +117,39 @@ def test_seeded_sampling_on_cpu_turns_chunked_prefill_off(gpus, seeded, chunked)
     kwargs = VLLMEngineConfig(gpus_per_engine=gpus).llm_kwargs("processed_logprobs", seeded=seeded)
     assert kwargs.get("enable_chunked_prefill") is chunked
     assert VLLMEngineConfig().restart_args() == {"max_restarts": 1, "max_task_retries": 1}
+
+
+def test_the_scoring_actor_pools_restart_a_dead_engine_a_bounded_number_of_times(
+    tmp_path, monkeypatch
+):
+    """Ray Data restarts a map_batches actor forever unless told otherwise
+    (max_restarts=-1): a scoring engine that died on every try would restart with no end.
+    Both score pools (student, teacher) get max_restarts and max_task_retries 1, as the
+    sampling engines do. The pipeline is recorded on a stand-in dataset, without Ray."""
+    import ray
+
+    from raydc.config import from_dict
+    from raydc.score.actors import StudentScorer
+    from raydc.score.stage import _write_scored
+    from raydc.score.teacher import TeacherScorer
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"vocab_size": 64}))
+    calls = []
+
+    class Dataset:
+        def map_batches(self, fn, **kwargs):
+            calls.append((fn, kwargs))
+            return self
+
+        def write_parquet(self, *a, **k):
+            pass
+
+    monkeypatch.setattr(ray.data, "read_parquet", lambda *a, **k: Dataset())
+    cfg = from_dict({"score": {"student": str(model), "teacher": str(model)}})
+    _write_scored(cfg, ["p.parquet"], tmp_path / "out", str(model), same=True)
+    pools = {fn: kw for fn, kw in calls if fn in (StudentScorer, TeacherScorer)}
+    assert set(pools) == {StudentScorer, TeacherScorer}
+    for kw in pools.values():
+        assert (kw["max_restarts"], kw["max_task_retries"]) == (1, 1)

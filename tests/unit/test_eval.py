@@ -226,3 +226,41 @@ def test_a_prompt_template_str_format_cannot_fill_fails_at_load(template, why):
 
     cfg = from_dict({"eval": {"prompt_template": "{prompt}\nIn \\boxed{{}}."}})
     assert user_message(cfg.eval, "2+2?") == "2+2?\nIn \\boxed{}."
+
+
+def test_reverse_kl_gives_its_engine_the_eval_folder_for_vllms_errors(tmp_path, monkeypatch):
+    """val_reverse_kl's student engine, like eval's, writes vLLM's errors to the trial's
+    eval folder (log_dir), so that an engine that dies is reported with its own error; the
+    figure is the mean of log p_S - log p_T over the sampled tokens (hand-computed)."""
+    import numpy as np
+
+    import raydc.engines
+    import raydc.eval.reverse_kl as rkl
+    from raydc.engines.sampler import Sample
+    from raydc.infra.models import tokenizer_path
+
+    data = tmp_path / "eval.jsonl"
+    data.write_text(json.dumps({"id": "a", "question": "What is 2+3?", "answer": "#### 5"}) + "\n")
+    model = tokenizer_path("tiny-bpe")  # the teacher shares the student's tokenizer
+    cfg = from_dict({"eval": {"path": str(data)}, "score": {"teacher": model}})
+    seen = {}
+
+    def sample_requests(model_dir, tokenizer, prompt_ids, s, ecfg, address, engine, **kw):
+        seen.update(kw, prompts=len(prompt_ids))
+        return "local", iter([[Sample(0, [7, 8], [-1.0, -2.0], "stop")]])
+
+    class Teacher:
+        def score(self, rows):
+            (ids,) = rows
+            return [np.array([0.0] * (len(ids) - 2) + [-1.5, -1.0], np.float32)]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(rkl, "sample_requests", sample_requests)
+    monkeypatch.setattr(raydc.engines, "make_scorer", lambda *a, **k: Teacher())
+    out = rkl.reverse_kl(cfg, model, tmp_path / "trial" / "eval")
+    assert seen == {"log_dir": tmp_path / "trial" / "eval", "prompts": 1}
+    # (-1.0 - -1.5) and (-2.0 - -1.0): 0.5 and -1.0, mean -0.25 per token
+    assert out["val_reverse_kl"] == pytest.approx(-0.25)
+    assert out["sampled_tokens"] == 2 and out["samples"] == 1

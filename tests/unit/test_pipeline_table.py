@@ -24,7 +24,8 @@ def _cfg(**over):
 def test_the_job_order_and_each_stages_needs_follow_the_config():
     names = [s.name for s in STAGES]
     assert names == [
-        "generate", "mixed_policy", "prepare", "score", "select", "train", "tune", "eval"
+        "generate", "mixed_policy", "prepare", "score", "select", "train", "tune", "on_policy",
+        "eval",
     ]  # fmt: skip
     cfg = _cfg()
     assert [s.name for s in STAGES if s.enabled(cfg)] == ["prepare", "score", "train", "eval"]
@@ -42,9 +43,9 @@ def test_the_job_order_and_each_stages_needs_follow_the_config():
         stage_named("scorer")
 
 
-def test_only_train_and_tune_resume_and_vouch_for_their_model_alone():
-    assert {s.name for s in STAGES if s.resumes} == {"train", "tune"}
-    assert {s.name for s in STAGES if s.vouch} == {"train", "tune"}
+def test_only_the_training_stages_resume_and_vouch_for_their_model_alone():
+    assert {s.name for s in STAGES if s.resumes} == {"train", "tune", "on_policy"}
+    assert {s.name for s in STAGES if s.vouch} == {"train", "tune", "on_policy"}
     assert {s.name for s in STAGES if not s.optional} == {"prepare", "score"}
 
 
@@ -95,7 +96,8 @@ def test_the_input_checks_of_a_run_are_its_stages_checks(tmp_path):
     with pytest.raises(ConfigError, match=r"eval.path='/d/e.jsonl': no such file"):
         stage_named("eval").check(cfg)
     with pytest.raises(ConfigError, match=r"tune.space: empty"):
-        stage_named("tune").check(_cfg(tune__enabled=False))
+        # val_nll: no eval to run, so the check reaches the space
+        stage_named("tune").check(_cfg(tune__enabled=False, tune__metric="val_nll"))
 
 
 def _model(path, **config) -> str:
@@ -180,3 +182,40 @@ def test_an_engine_context_longer_than_the_models_fails_the_check_naming_the_fie
         stage_named(stage).check(
             sampling_cfg(**over, **{f"{stage}__engine": {"max_model_len": 256}})
         )
+
+
+def test_a_score_engine_context_that_cannot_hold_the_rows_or_exceeds_a_model_fails_the_check(
+    tmp_path, sampling_cfg
+):
+    """score.engine.max_model_len below data.max_length rejected the longer prepared rows
+    only once scoring reached them; above a scored model's context, vLLM refused it when
+    the engine started. The score stage's check names the field either way."""
+    field = "score.engine.max_model_len"
+    with pytest.raises(ConfigError) as e:
+        stage_named("score").check(sampling_cfg(score__engine={"max_model_len": 1024}))
+    assert str(e.value) == (
+        f"{field}=1024: shorter than data.max_length=2048, the longest row prepare keeps; "
+        f"rows longer than 1024 tokens would be rejected as too_long only when scored; set "
+        f"{field} to at least 2048 or lower data.max_length"
+    )
+    short = _model(tmp_path / "short", max_position_embeddings=256)
+    student = sampling_cfg().score.student
+    for over, model_field, model, length, limit in [
+        ({}, "score.student", student, 4096, 2048),
+        ({"score__teacher": short}, "score.teacher", short, 512, 256),
+    ]:
+        cfg = sampling_cfg(**over, score__engine={"max_model_len": length}, data__max_length=length)
+        with pytest.raises(ConfigError) as e:
+            stage_named("score").check(cfg)
+        assert str(e.value) == (
+            f"{field}={length}: longer than the context of {model_field}={model!r} "
+            f"(max_position_embeddings={limit}); set {field} to at most {limit} (a prompt and "
+            "its max_new_tokens must fit in it)"
+        )
+    # an engine as long as the rows and the models' context: every check passes
+    stage_named("score").check(sampling_cfg())
+    stage_named("score").check(
+        sampling_cfg(
+            score__teacher=short, score__engine={"max_model_len": 256}, data__max_length=256
+        )
+    )

@@ -138,3 +138,105 @@ def test_aggregate_adds_the_initial_step_and_verdict_counts_spreads():
     assert v["vs_sft"]["das_token"]["diff"] == pytest.approx(0.3)
     assert v["vs_sft"]["das_token"]["spreads"] == pytest.approx(0.3 / sd)
     assert mean_sd([1.0, float("nan"), 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+
+
+def test_grade_reads_the_terse_and_merged_lines_of_the_regimes_teachers():
+    p = task.Problem(("sus", "sux", "jev"))  # values 0, 9, 5: sums 0, 9, 4
+    # C's teacher: no value on a line.
+    assert task.grade(p, "sus=0\nsux=9\njev=4\n#### 4") == task.Grade(True, False, 0)
+    # Two codes on a line cover both; a missing third code derails.
+    assert task.grade(p, "sus0+sux9=9\njev5=4\n#### 4") == task.Grade(True, False, 0)
+    assert task.grade(p, "sus0+sux9=9\n#### 4") == task.Grade(True, True, -1)
+    # Mixed forms still in order are in form; a wrong sum is wrong, not derailed.
+    assert task.grade(p, "sus=0\nsux9=9\njev=3\n#### 3") == task.Grade(False, False, 0)
+
+
+def test_make_problems_takes_the_regimes_lengths():
+    long = task.make_problems(40, random.Random(0), lengths=task.REGIMES["long"].lengths)
+    assert all(8 <= len(p.codes) <= 16 for p in long)
+    assert {len(p.codes) for p in long} >= {8, 16} or max(len(p.codes) for p in long) > 12
+
+
+def test_regimes_name_their_models_and_sizes():
+    k, c, ln = (task.REGIMES[n] for n in ("knowledge", "capacity", "long"))
+    assert k.student == task.MODELS / "student" and k.prior_pool == "known"
+    assert c.student == ln.student == task.REGIME_MODELS / "student_all"
+    assert c.teacher.name == "teacher_terse" and ln.teacher.name == "teacher_long"
+    # L trains on about K's tokens: 120 x 16 rows of ~4x the length of 200 x 32.
+    assert ln.steps * ln.batch_size * 4 >= k.steps * k.batch_size
+
+
+def test_tune_choice_keeps_sft_unless_a_trial_beats_it_beyond_noise():
+    from bench.quality.tuning import choose
+
+    base = {"nll_mix": 1.0, "gate": "none"}
+    sft = {**base, "val_seeds": [0.80, 0.82], "val_accuracy": 0.81}
+    close = {"nll_mix": 0.5, "gate": "none", "val_seeds": [0.83, 0.83], "val_accuracy": 0.83}
+    # Binomial se of the difference at p = 0.81, 300 problems, 2 seeds:
+    # sqrt(2 * 0.81 * 0.19 / 600) = 0.02265; paired: sd(0.03, 0.01) / sqrt(2) = 0.01.
+    got = choose([sft, close], base, n_val=300)
+    assert got["kept_baseline"] and got["nll_mix"] == 1.0
+    assert got["margin"] == pytest.approx(math.sqrt(2 * 0.81 * 0.19 / 600))
+    far = {"nll_mix": 0.0, "gate": "conflict", "val_seeds": [0.90, 0.92], "val_accuracy": 0.91}
+    got = choose([sft, close, far], base, n_val=300)
+    assert not got["kept_baseline"] and got["gate"] == "conflict"
+    # A failed trial (no seeds) is never chosen; the baseline best of the rest is kept.
+    failed = {"nll_mix": 0.0, "gate": "none", "val_seeds": None, "val_accuracy": None}
+    assert choose([failed, sft], base, n_val=300)["kept_baseline"]
+
+
+def test_overview_json_has_every_regimes_arms_and_the_goals_read_them():
+    from bench.quality.results_md import overview_json, overview_markdown
+
+    def res(name, arms):  # arms: {arm: (mean, sd)}, 2 seeds at step 10
+        rows = [
+            {
+                "arm": a,
+                "step": 10,
+                "seeds": 2,
+                "greedy_acc": m,
+                "greedy_acc_sd": s,
+                "greedy_acc_per_seed": [m - s, m + s],
+                "sampled_acc": m,
+                "sampled_acc_sd": s,
+                "prior_acc": 1.0,
+            }
+            for a, (m, s) in arms.items()
+        ]
+        rows.append({**rows[0], "arm": "sft", "step": 0, "greedy_acc": 0.2})
+        vs = {
+            a: {
+                "mean": m,
+                "sd": s,
+                "diff": m - arms["sft"][0],
+                "spreads": (m - arms["sft"][0]) / math.sqrt((s**2 + arms["sft"][1] ** 2) / 2),
+            }
+            for a, (m, s) in arms.items()
+        }
+        best = max(arms, key=lambda a: arms[a][0])
+        return {
+            "regime": {"name": name, "summary": name},
+            "rows": rows,
+            "plan": {"steps": 10, "seeds": 2, "sizes": {"batch_size": 4}},
+            "verdict": {"best": best, "vs_sft": vs},
+            "wall_s": 60.0,
+            "tune": {"chosen_fields": {"nll_mix": 1.0}, "cost_steps": 160},
+        }
+
+    runs = {
+        "knowledge": res(
+            "knowledge",
+            {"sft": (0.8, 0.02), "eaft": (0.79, 0.02), "dft": (0.2, 0.02), "tune": (0.8, 0.02)},
+        ),
+        "capacity": res("capacity", {"sft": (0.6, 0.02), "dft": (0.7, 0.02), "tune": (0.6, 0.02)}),
+    }
+    js = overview_json(runs)
+    k = js["regimes"]["knowledge"]
+    assert k["arms"]["eaft"]["mean"] == 0.79 and k["arms"]["eaft"]["seeds"] == 2
+    assert k["entropy_arms"] == ["eaft"] and k["tune_arm"] == "tune"
+    assert k["tune_cost_steps"] == 160 and k["initial_greedy"] == 0.2
+    md = overview_markdown(runs)
+    # capacity: dft beats sft by 0.1 / 0.02 = 5 spreads; tune (= sft) is 5 spreads behind it.
+    assert "met in capacity (dft, 5.0)" in md
+    assert "- capacity: Tune's choice is -5.0 spreads from the best arm" in md
+    assert "eaft -0.5 (all of 1 met)" in md and "Not run yet: long." in md

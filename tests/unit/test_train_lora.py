@@ -298,7 +298,11 @@ def test_a_tune_space_over_lora_fields_makes_lora_trials():
 
     base = {
         "train": {"val_share": 0.1},
-        "tune": {"enabled": True, "space": {"train.lora.r": [0, 8], "train.lora.alpha": [16]}},
+        "tune": {
+            "enabled": True,
+            "metric": "val_nll",  # judged on train.val_share: no eval problems needed
+            "space": {"train.lora.r": [0, 8], "train.lora.alpha": [16]},
+        },
     }
     cfg = from_dict(base)
     check_space(cfg)
