@@ -37,7 +37,8 @@ def test_recipe_is_the_documented_gpu_run():
     assert cfg.weights.transform == "sigmoid" and cfg.weights.sign == 1
     # Its Tune space names real fields (checked by TuneConfig.validate at load time).
     on = load_config(RECIPE, ["tune.enabled=true"])
-    assert set(on.tune.space) == {"weights.sign", "weights.tau", "weights.floor"}
+    assert on.tune.space == {"weights.preset": ["sft", "das_token_mix", "eaft", "das_token"]}
+    assert on.tune.baseline == {"weights.preset": "sft"} and on.tune.seeds == 2
 
 
 def _generate_style_traces(path: Path, tokenizer_dir: str, n: int = 12) -> int:
