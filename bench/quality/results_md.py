@@ -126,7 +126,9 @@ def final_table(res: dict) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def curve_table(res: dict, key: str, digits: int = 3) -> str:
+def curve_table(res: dict, key: str = "", digits: int = 3, cell=None) -> str:
+    """One row per arm, one column per eval step: ``key``'s mean ± sd, or ``cell(row)``."""
+    cell = cell or (lambda r: _ms(r, key, digits))
     steps = sorted({r["step"] for r in res["rows"]})
     head = "| arm | " + " | ".join(f"step {s}" for s in steps) + " |\n"
     head += "|---" * (len(steps) + 1) + "|\n"
@@ -134,7 +136,7 @@ def curve_table(res: dict, key: str, digits: int = 3) -> str:
     for arm in res["arms"]:
         by = {r["step"]: r for r in res["rows"] if r["arm"] == arm}
         if by:
-            cells = [_ms(by[s], key, digits) if s in by else "" for s in steps]
+            cells = [cell(by[s]) if s in by else "" for s in steps]
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 
@@ -418,19 +420,7 @@ def matched_flops(res: dict, arm: str, ref: str = "sft") -> dict | None:
 
 
 def _flops_curve_table(res: dict) -> str:
-    steps = sorted({r["step"] for r in res["rows"]})
-    head = "| arm | " + " | ".join(f"step {s}" for s in steps) + " |\n"
-    head += "|---" * (len(steps) + 1) + "|\n"
-    lines = []
-    for arm in res["arms"]:
-        by = {r["step"]: r for r in res["rows"] if r["arm"] == arm}
-        if by:
-            cells = [
-                f"{_f(by[s]['greedy_acc'])} @ {_tf(by[s].get('flops'))}" if s in by else ""
-                for s in steps
-            ]
-            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    return head + "\n".join(lines) + "\n"
+    return curve_table(res, cell=lambda r: f"{_f(r['greedy_acc'])} @ {_tf(r.get('flops'))}")
 
 
 def compute_text(res: dict, flops_png: str | None) -> str:
