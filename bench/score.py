@@ -130,6 +130,7 @@ def arm_raydc_actor(a) -> dict:
     import ray
 
     from raydc.config import ScoreConfig, VLLMEngineConfig
+    from raydc.infra.runtime import restart_args_allowed
     from raydc.score.actors import StudentScorer
 
     ray_init()
@@ -139,11 +140,12 @@ def arm_raydc_actor(a) -> dict:
     parts = Path(a.work) / "actor_parts"
     parts.mkdir(exist_ok=True)
     ds = ray.data.read_parquet(str(Path(a.work) / "ids.parquet"))
-    ds = ds.map_batches(
-        StudentScorer,
-        fn_constructor_kwargs=dict(model=a.model, score_cfg=scfg, parts_dir=str(parts)),
-        **engine.actor_pool_args(),
-    )
+    with restart_args_allowed():
+        ds = ds.map_batches(
+            StudentScorer,
+            fn_constructor_kwargs=dict(model=a.model, score_cfg=scfg, parts_dir=str(parts)),
+            **engine.actor_pool_args(),
+        )
     n = sum(
         sum(len(x) for x in b["student_logprobs"]) for b in ds.iter_batches(batch_format="pyarrow")
     )

@@ -62,6 +62,7 @@ from typing import Any
 from raydc.config import ConfigError, RaydcConfig, from_dict, roles
 from raydc.infra.artifacts import fingerprint_paths, write_json
 from raydc.infra.models import check_input, check_model
+from raydc.infra.runtime import job_placement_groups, release_placement_groups
 from raydc.infra.stage import Stage, Upstream, model_outputs
 from raydc.method.weights import needs_entropy
 from raydc.train import data_stage, training_parts
@@ -630,9 +631,12 @@ def _scheduler(cfg: RaydcConfig):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
+    # max_t one past a whole trial's reports: a trial that reaches its last report is let
+    # finish by itself (ASHA stops a trial at max_t, and a stopped trial's actor is killed
+    # with its Train controller, whose worker group's placement group then outlives it)
     return ASHAScheduler(
         time_attr="training_iteration",
-        max_t=max(reports_per_trial(cfg), tc.grace_period),
+        max_t=max(reports_per_trial(cfg), tc.grace_period) + 1,
         grace_period=tc.grace_period,
         reduction_factor=tc.reduction_factor,
     )
@@ -728,10 +732,22 @@ def run_tune(
     student_fp = check_student(read_manifest(data_dir), scored, data_dir)
     concurrent = max_concurrent(cfg, ray.cluster_resources())
     sweep = _sweep_run(cfg, out)
+    groups_before = job_placement_groups()
     try:
         parent = sweep.as_parent() if sweep else None
         tuner = _tuner(cfg, data_dir, out, student_fp, concurrent, after_step, parent)
-        grid = tuner.fit()
+        try:
+            grid = tuner.fit()
+        finally:
+            # The worker groups of trials that Tune stopped mid-fit (ASHA): see
+            # release_placement_groups.
+            left = release_placement_groups(groups_before)
+            if left:
+                print(
+                    f"[raydc] tune     released {len(left)} placement group(s) left by "
+                    "stopped trials",
+                    flush=True,
+                )
 
         rows = results_table(grid, cfg)
         csv_path = out / "results.csv"

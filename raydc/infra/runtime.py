@@ -86,6 +86,63 @@ def connect_ray(
     )
 
 
+@contextlib.contextmanager
+def restart_args_allowed():
+    """Around a ``map_batches`` given ``EngineConfig.actor_pool_args()``: Ray 2.60's
+    ``map_batches`` names no parameter for an actor's restarts, so ``max_restarts`` and
+    ``max_task_retries`` still go through its ``**ray_remote_args``, for which it warns
+    (deprecated, removal in Ray 2.64) on the console of every run. That one warning is
+    silenced here; the rest pass."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        yield
+
+
+def job_placement_groups() -> set[str]:
+    """The ids (hex) of this job's placement groups that are not removed: a placement
+    group's id ends with the id of the job that created it, whichever of the job's actors
+    created it. Read from the GCS, so it works without the dashboard."""
+    import ray
+    from ray.util import placement_group_table
+
+    job = ray.get_runtime_context().get_job_id()
+    return {
+        pid
+        for pid, group in placement_group_table().items()
+        if pid.endswith(job) and group["state"] != "REMOVED"
+    }
+
+
+def release_placement_groups(before: set[str], wait_s: float = 5.0) -> list[str]:
+    """Remove this job's placement groups created since ``before`` (a
+    ``job_placement_groups()`` taken earlier) that are still there after ``wait_s``; call it
+    once nothing of the job started since then runs any more. Returns the ids removed.
+
+    Why: Ray Train's worker group reserves a placement group from its controller actor,
+    which Ray scopes to the job, not to the controller. A controller that dies mid-run (a
+    Tune trial that ASHA stops is killed with its controller) leaves it reserved until the
+    job ends, unless Ray Train's detached cleaner removes it, and that cleaner asks the
+    State API, which only a cluster with a dashboard has. The wait gives that cleaner its
+    turn."""
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = sorted(job_placement_groups() - before)
+        if not left or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    removed = []
+    for pid in left:
+        with contextlib.suppress(Exception):  # removed meanwhile
+            remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pid)))
+            removed.append(pid)
+    return removed
+
+
 class ConsoleQuiet(logging.Filter):
     """For the console handlers of Ray, vLLM and transformers: warnings and errors, but not
     the set-up notices of ``NOTICE_LOGGERS`` below ERROR (the run's log keeps them)."""

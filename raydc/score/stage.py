@@ -52,7 +52,7 @@ from raydc.infra.artifacts import (
     write_parts,
 )
 from raydc.infra.models import check_context, check_model, check_vocab
-from raydc.infra.runtime import LIGHT_CPUS
+from raydc.infra.runtime import LIGHT_CPUS, restart_args_allowed
 from raydc.infra.schemas import INSPECT_DIR, SCORED_WRITE_ARGS
 from raydc.infra.stage import Stage
 from raydc.method.weights import needs_teacher
@@ -180,25 +180,26 @@ def _write_scored(cfg, files: list[str], out: Path, teacher: str | None, same: b
             parts_dir=parts,
         ),
     )
-    ds = ds.map_batches(
-        StudentScorer,
-        fn_constructor_kwargs=dict(
-            model=student, score_cfg=scfg, parts_dir=parts, entropy=cfg.stores_entropy()
-        ),
-        **scfg.engine.actor_pool_args(),
-    )
-    if teacher is not None:
+    with restart_args_allowed():
         ds = ds.map_batches(
-            TeacherScorer,
+            StudentScorer,
             fn_constructor_kwargs=dict(
-                model=teacher,
-                score_cfg=scfg,
-                same_tokenizer=same,
-                parts_dir=parts,
-                train_empty_think=cfg.data.train_empty_think,
+                model=student, score_cfg=scfg, parts_dir=parts, entropy=cfg.stores_entropy()
             ),
             **scfg.engine.actor_pool_args(),
         )
+        if teacher is not None:
+            ds = ds.map_batches(
+                TeacherScorer,
+                fn_constructor_kwargs=dict(
+                    model=teacher,
+                    score_cfg=scfg,
+                    same_tokenizer=same,
+                    parts_dir=parts,
+                    train_empty_think=cfg.data.train_empty_think,
+                ),
+                **scfg.engine.actor_pool_args(),
+            )
     ds = ds.map_batches(
         finish_batch,
         batch_format="pyarrow",

@@ -1,9 +1,5 @@
-"""A real 2-trial Ray Tune sweep over the weighting on the tiny example: Tune over Ray Train
-(DeepSpeed, 2 CPU workers), Optuna TPE + ASHA, every trial reading the same scored
-Parquet. Scoring runs exactly once for the sweep (counted in the pipeline's stage log),
-a rerun reuses the finished sweep, and a sweep whose stage never finished is restored
-from its Tune experiment instead of starting over.
-"""
+"""A sweep judged on two training seeds (tune.seeds=2): each trial's score is the mean over
+the seeds, and the sweep keeps its baseline unless a trial beats it beyond the noise."""
 
 from __future__ import annotations
 
@@ -22,9 +18,9 @@ def _history(root: Path) -> list[str]:
     return [json.loads(x)["stage"] for x in (root / HISTORY).read_text().splitlines()]
 
 
-# Each of these tests runs in a module of its own, so on a fresh Ray cluster: run after the
-# two-trial sweep on the same cluster, its trial waited for resources until the timeout
-# (2026-12-06; each passes alone; the leftover holder is not found yet).
+# Run after the ASHA sweep of test_tune.py on the session's cluster, this test's trial once
+# waited for CPUs until its timeout: the sweep's stopped trials had left their Train worker
+# groups' placement groups reserved (released now by run_tune; test_tune checks it).
 
 
 def test_a_sweep_on_two_seeds_judges_the_mean_and_keeps_its_baseline(

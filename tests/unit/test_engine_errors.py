@@ -153,3 +153,34 @@ def test_the_scoring_actor_pools_restart_a_dead_engine_a_bounded_number_of_times
     assert set(pools) == {StudentScorer, TeacherScorer}
     for kw in pools.values():
         assert (kw["max_restarts"], kw["max_task_retries"]) == (1, 1)
+
+
+@pytest.mark.integration  # a Ray dataset, even unexecuted, starts Ray: the session's cluster
+def test_the_restart_args_warning_is_silenced_only_where_raydc_passes_them(ray_local):
+    """Ray 2.60's map_batches warns that **ray_remote_args are deprecated, and it names no
+    parameter for max_restarts: inside restart_args_allowed that warning is not raised (on a
+    real, unexecuted Ray dataset); outside it is, and other warnings pass inside."""
+    import warnings
+
+    import ray.data
+
+    from raydc.config import VLLMEngineConfig
+    from raydc.infra.runtime import restart_args_allowed
+
+    class Pool:
+        def __call__(self, batch):
+            return batch
+
+    ds = ray.data.from_items([{"x": 1}])
+    args = VLLMEngineConfig().actor_pool_args()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with restart_args_allowed():
+            ds.map_batches(Pool, **args)
+            warnings.warn("another warning", DeprecationWarning, stacklevel=1)
+        inside = [str(w.message) for w in seen]
+        ds.map_batches(Pool, **args)
+        outside = [str(w.message) for w in seen][len(inside) :]
+    assert not any("ray_remote_args" in m for m in inside)
+    assert "another warning" in inside
+    assert any("ray_remote_args` is deprecated" in m for m in outside)
