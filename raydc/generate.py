@@ -47,6 +47,7 @@ from raydc.engines.sampler import (
     ParquetSink,
     Sampling,
     fit_prompts,
+    prompt_items,
     read_prompts,
     sample_requests,
     sampling_figures,
@@ -81,7 +82,7 @@ def run_generate(
     out.mkdir(parents=True, exist_ok=True)
     records, pkey = read_prompts(prompts_path, gcfg)
     extra = _extra_columns(records, cfg.data, exclude=(pkey, gcfg.id_key))
-    items, rejects = _check_prompts(records, pkey, gcfg.id_key, extra)
+    items, rejects = prompt_items(records, pkey, gcfg.id_key, "generate", extra)
     tokenizer = load_tokenizer(teacher_dir)
     kept, prompt_ids, rejects = fit_prompts(
         tokenizer, items, rejects, gcfg, "generate", pkey, out / "rejects.parquet"
@@ -150,34 +151,6 @@ def _extra_columns(records: list[tuple[str, dict]], dcfg, exclude: Iterable[str]
     )
 
 
-def _check_prompts(
-    records: list[tuple[str, dict]], pkey: str, id_key: str, extra: list[str]
-) -> tuple[list[dict], list[dict]]:
-    """The rows with prompt text and an id not seen before, as items for ``fit_prompts``
-    (``row_id``, ``message``, the ``extra`` columns); a reject row for each other row."""
-    items, rejects, seen = [], [], set()
-    for default_id, row in records:
-        pid = str(row[id_key]) if row.get(id_key) is not None else default_id
-        prompt = row.get(pkey)
-        why = None
-        if not isinstance(prompt, str) or not prompt.strip():
-            why = (pkey, "missing_prompt: no prompt text")
-        elif pid in seen:
-            why = (id_key, f"duplicate_id: prompt id {pid!r} seen before")
-        if why:
-            rejects.append({"row_id": pid, "stage": "generate", "field": why[0], "reason": why[1]})
-            continue
-        seen.add(pid)
-        items.append(
-            {
-                "row_id": pid,
-                "message": prompt,
-                "extra": {k: row.get(k) if isinstance(row.get(k), str) else None for k in extra},
-            }
-        )
-    return items, rejects
-
-
 def _write_traces(
     sink: ParquetSink, batches: Iterable[list[Sample]], items: list[dict], tokenizer, cfg
 ) -> dict:
@@ -217,7 +190,7 @@ def _trace_row(item: dict, k: int, smp: Sample, tokenizer, special: set[int], cf
         "num_tokens": len(smp.token_ids),
         "sample": k,
         "temperature": cfg.generate.temperature,
-        **item["extra"],
+        **item.get("extra", {}),
     }
 
 

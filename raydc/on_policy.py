@@ -46,6 +46,7 @@ from raydc.engines.sampler import (
     Sampling,
     fit_prompts,
     now,
+    prompt_items,
     read_prompts,
     sample_requests,
 )
@@ -176,25 +177,6 @@ def round_tree(
 # ----------------------------------------------------------------------------- sampling
 
 
-def _prompt_items(records, pkey: str, id_key: str) -> tuple[list[dict], list[dict]]:
-    """The rows with prompt text and an unseen id, as ``fit_prompts`` items; rejects."""
-    items, rejects, seen = [], [], set()
-    for default_id, row in records:
-        pid = str(row[id_key]) if row.get(id_key) is not None else default_id
-        prompt = row.get(pkey)
-        why = None
-        if not isinstance(prompt, str) or not prompt.strip():
-            why = (pkey, "missing_prompt: no prompt text")
-        elif pid in seen:
-            why = (id_key, f"duplicate_id: prompt id {pid!r} seen before")
-        if why:
-            rejects.append({"row_id": pid, "stage": STAGE, "field": why[0], "reason": why[1]})
-            continue
-        seen.add(pid)
-        items.append({"row_id": pid, "message": prompt})
-    return items, rejects
-
-
 def samples_schema(dcfg) -> pa.Schema:
     return pa.schema(
         [
@@ -227,7 +209,7 @@ def sample_round(cfg: RaydcConfig, student_dir: str, r: int, out_dir: str | Path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records, pkey = read_prompts(ocfg.prompts, ocfg)
-    items, rejects = _prompt_items(records, pkey, ocfg.id_key)
+    items, rejects = prompt_items(records, pkey, ocfg.id_key, STAGE)
     items = [items[i] for i in round_prompts(len(items), ocfg.prompts_per_round, r)]
     tokenizer = load_tokenizer(student_dir)
     kept, prompt_ids, rejects = fit_prompts(

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import random
 import shutil
 import sys
@@ -92,33 +91,12 @@ def fine_tune(name: str, spec: dict, log) -> dict:
     enc = sumtask.Encoder(tok)
     model = AutoModelForCausalLM.from_pretrained(SHIPPED / spec["init"], dtype=torch.float32)
     torch.manual_seed(spec["seed"])
-    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0)
-    steps, warm = spec["steps"], 20
 
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+    def pair(rng):
+        prob = sumtask.make_problem(rng, spec["lengths"], "all")
+        return enc.pair(sumtask.prompt_text(prob), solution(prob, spec["fmt"]))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    rng = random.Random(spec["seed"])
-    t0 = time.time()
-    model.train()
-    for step in range(steps):
-        pairs = []
-        for _ in range(spec["batch"]):
-            prob = sumtask.make_problem(rng, spec["lengths"], "all")
-            pairs.append(enc.pair(sumtask.prompt_text(prob), solution(prob, spec["fmt"])))
-        ids, attn, labels = sumtask.batch_tensors(pairs, tok.pad_token_id)
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 50 == 0 or step == steps - 1:
-            log(f"{name} step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
-    seconds = time.time() - t0
+    seconds = sumtask.fit(model, tok.pad_token_id, spec, pair, lambda m: log(f"{name} {m}"))
     model.eval().half().save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

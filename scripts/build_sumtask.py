@@ -150,6 +150,42 @@ def batch_tensors(pairs, pad_id: int):
     return ids, attn, labels
 
 
+def fit(model, pad_id: int, spec: dict, pair, log, after_step=None) -> float:
+    """``spec["steps"]`` AdamW steps of ``spec["batch"]`` pairs (``pair(rng)``: one
+    (ids, loss mask)), lr ``spec["lr"]``: a 20-step warmup, then a cosine to a tenth (held
+    at 1 with ``spec["constant"]``: a run stopped early). ``after_step(step)`` runs in eval
+    mode after each step. Returns the seconds it took."""
+    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0)
+    steps, warm = spec["steps"], 20
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if spec.get("constant"):
+            return 1.0
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    rng = random.Random(spec["seed"])
+    t0 = time.time()
+    model.train()
+    for step in range(steps):
+        ids, attn, labels = batch_tensors([pair(rng) for _ in range(spec["batch"])], pad_id)
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == steps - 1:
+            log(f"step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
+        if after_step is not None:
+            model.eval()
+            after_step(step)
+            model.train()
+    return time.time() - t0
+
+
 def train_model(role: str, spec: dict, out: Path, log) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -162,43 +198,20 @@ def train_model(role: str, spec: dict, out: Path, log) -> dict:
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.02)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0)
-    steps, warm = spec["steps"], 20
 
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if spec.get("constant"):  # a run stopped early: no decay
-            return 1.0
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+    def pair(rng):
+        prob = make_problem(rng, spec["lengths"], spec["pool"])
+        return enc.pair(prompt_text(prob), solution(prob))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    rng = random.Random(spec["seed"])
-    t0 = time.time()
-    model.train()
-    for step in range(steps):
-        pairs = []
-        for _ in range(spec["batch"]):
-            prob = make_problem(rng, spec["lengths"], spec["pool"])
-            pairs.append(enc.pair(prompt_text(prob), solution(prob)))
-        ids, attn, labels = batch_tensors(pairs, tok.pad_token_id)
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 50 == 0 or step == steps - 1:
-            log(f"{role} step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
+    def probe(step: int) -> None:
         if step + 1 in spec.get("probe_steps", ()):
-            model.eval()
-            probe = out.parent / f"{role}-step{step + 1}"
-            model.save_pretrained(probe, safe_serialization=True)
-            tok.save_pretrained(probe)
+            folder = out.parent / f"{role}-step{step + 1}"
+            model.save_pretrained(folder, safe_serialization=True)
+            tok.save_pretrained(folder)
             acc = accuracy_by_length(model, tok, spec["lengths"], 30, seed=98)
             log(f"{role} step {step + 1}: {acc} mean {sum(acc.values()) / len(acc):.3f}")
-            model.train()
-    seconds = time.time() - t0
+
+    seconds = fit(model, tok.pad_token_id, spec, pair, lambda m: log(f"{role} {m}"), probe)
     # Shipped as float16 (half the bytes; every consumer loads it as float32), and measured
     # as shipped.
     model.eval().half().save_pretrained(out, safe_serialization=True)

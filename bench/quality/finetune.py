@@ -121,13 +121,23 @@ def train_steps(
     tc: TrainConfig,
     wc: WeightConfig,
     weights_at: Callable[[int], WeightConfig] | None = None,
+    lr_scale_at: Callable[[int], float] | None = None,
 ) -> list[StepStats]:
     """``raydc train``'s optimizer steps on ``model`` in this process: each item of
     ``steps`` is one step's ``tc.grad_accum`` right-padded micro-batches, in the worker's
     order; the first ``tc.weight_warmup_steps`` steps weigh uniformly, as the worker's.
     ``weights_at(k)``: step k's weights where phases weigh differently (an offline phase,
-    then on-policy rounds with the ``opd`` preset), one optimizer throughout; else ``wc``."""
-    learner = local_learner(model, tc, wc)
+    then on-policy rounds with the ``opd`` preset), one optimizer throughout; else ``wc``.
+    ``lr_scale_at(k)``: a factor on step k's learning rate (the trainer's schedule's) where
+    phases learn at different rates."""
+    factor = None
+    if lr_scale_at is not None:
+        schedule = lr_lambda(tc)
+
+        def factor(k: int) -> float:
+            return schedule(k) * lr_scale_at(k)
+
+    learner = local_learner(model, tc, wc, factor)
     out = []
     for k, mbs in enumerate(steps):
         if weights_at is not None:

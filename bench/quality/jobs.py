@@ -209,7 +209,8 @@ def run_arm(job: dict) -> list[dict]:
     per eval step, each with the run's FLOPs so far (``flops``, ``flops_parts``) and its
     training figures. Job keys: tags, data, student (its folder), phases, weights
     (WeightConfig dict or None for sft), on_policy_weights (the ON_POLICY phases' weights;
-    default the ``opd`` preset), round_steps (ON_POLICY steps a round of samples feeds),
+    default the ``opd`` preset), on_policy_lr_scale (a factor on the ON_POLICY steps'
+    learning rate; default 1), round_steps (ON_POLICY steps a round of samples feeds),
     weight_warmup_steps, seed, evals, lr, batch_size, warmup_steps, student_ref, eval_set
     (eval | val), full_eval."""
     torch.manual_seed(job["seed"])
@@ -228,10 +229,18 @@ def run_arm(job: dict) -> list[dict]:
     opd = job.get("on_policy_weights")
     opd_wc = WeightConfig(**opd) if opd else preset("opd")
     per_step = [opd_wc if src == ON_POLICY else wc for src, n in job["phases"] for _ in range(n)]
+    scale = float(job.get("on_policy_lr_scale", 1.0))
+    lr_scale = [scale if src == ON_POLICY else 1.0 for src, n in job["phases"] for _ in range(n)]
     state = ArmState(job, model)
     t0 = time.time()
     stats = train_steps(
-        model, _batches(job, state), spec.train_config(), wc, weights_at=per_step.__getitem__
+        model,
+        _batches(job, state),
+        spec.train_config(),
+        wc,
+        weights_at=per_step.__getitem__,
+        # the schedule is also read one step past the last (the scheduler's last step)
+        lr_scale_at=(lambda k: lr_scale[min(k, steps - 1)]) if scale != 1.0 else None,
     )
     records = state.records
     info = {

@@ -27,6 +27,9 @@ ARM_NOTES = {
     "advantage log p_T - log p_samp times the importance ratio clipped at 2)",
     "offline_opd": "the best weighted preset on the T = 1 traces for half the steps, then "
     "opd's rounds for the other half, one optimizer (the offline-then-on-policy recipe)",
+    "opd_low_lr": "opd with its steps at a tenth of the regime's learning rate",
+    "offline_opd_low_lr": "offline_opd with its on-policy steps at a tenth of the regime's "
+    "learning rate (the offline half at the full rate)",
 }
 
 FLOPS_TEXT = (

@@ -22,7 +22,14 @@ from bench.quality.models import (
     response_ids,
 )
 from bench.quality.on_policy import ON_POLICY, ROUND_STEPS
-from bench.quality.run import LATER_ARMS, PRESET_ARMS, PROTECTIONS, BenchmarkRun, Plan
+from bench.quality.run import (
+    LATER_ARMS,
+    OPD_LR_SCALE,
+    PRESET_ARMS,
+    PROTECTIONS,
+    BenchmarkRun,
+    Plan,
+)
 from bench.quality.task import Problem, Regime, grade, make_problems, solution
 from bench.quality.traces import build_trace_set, score_traces
 from raydc.method.selection import divergence_scores, select_top_k
@@ -224,13 +231,15 @@ def arm_job(run: BenchmarkRun, plan: Plan, arm: str, seed: int, chosen: dict) ->
         weights = preset(chosen["risky"], **fields).to_dict()
     elif arm == "tune":
         weights = chosen["tune"]
-    elif arm == "opd":
+    elif arm in ("opd", "opd_low_lr"):
         weights, phases = preset("opd").to_dict(), [(ON_POLICY, steps)]
-    elif arm == "offline_opd":
+    elif arm in ("offline_opd", "offline_opd_low_lr"):
         weights = preset(chosen["best"]).to_dict()
         phases = [(run.trace_path("t10"), half), (ON_POLICY, steps - half)]
     else:
         raise ValueError(f"unknown arm {arm!r}")
+    if arm.endswith("_low_lr"):
+        extra["on_policy_lr_scale"] = OPD_LR_SCALE
     return {
         **base_job(run, plan),
         **extra,

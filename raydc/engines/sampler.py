@@ -176,6 +176,37 @@ def read_prompts(
     return records, pick_key([r for _, r in records], scfg.prompt_key, candidates, "prompt")
 
 
+def prompt_items(
+    records: list[tuple[str, dict]],
+    pkey: str,
+    id_key: str,
+    stage: str,
+    extra: Sequence[str] = (),
+) -> tuple[list[dict], list[dict]]:
+    """The rows with prompt text and an id not seen before, as items for ``fit_prompts``
+    (``row_id``, ``message``, and with ``extra`` those columns' strings under ``extra``); a
+    reject row of ``stage`` for each other row: the one prompt-row rule of the stages that
+    sample (generate, on_policy)."""
+    items, rejects, seen = [], [], set()
+    for default_id, row in records:
+        pid = str(row[id_key]) if row.get(id_key) is not None else default_id
+        prompt = row.get(pkey)
+        why = None
+        if not isinstance(prompt, str) or not prompt.strip():
+            why = (pkey, "missing_prompt: no prompt text")
+        elif pid in seen:
+            why = (id_key, f"duplicate_id: prompt id {pid!r} seen before")
+        if why:
+            rejects.append({"row_id": pid, "stage": stage, "field": why[0], "reason": why[1]})
+            continue
+        seen.add(pid)
+        item = {"row_id": pid, "message": prompt}
+        if extra:
+            item["extra"] = {k: row.get(k) if isinstance(row.get(k), str) else None for k in extra}
+        items.append(item)
+    return items, rejects
+
+
 def fit_prompts(
     tokenizer,
     items: Sequence[dict],

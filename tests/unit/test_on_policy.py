@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from raydc.config import ConfigError, from_dict
+from raydc.engines.sampler import prompt_items
 from raydc.infra.artifacts import StageResult
 from raydc.on_policy import (
-    _prompt_items,
     round_prompts,
     round_record,
     round_seed,
@@ -138,9 +138,14 @@ def test_check_names_the_missing_fields(tmp_path, tiny_teacher):
 
 def test_prompt_items_reject_empty_and_repeated_prompts():
     records = [("f:0", {"id": "a", "q": "x"}), ("f:1", {"id": "a", "q": "y"}), ("f:2", {"q": ""})]
-    items, rejects = _prompt_items(records, "q", "id")
+    items, rejects = prompt_items(records, "q", "id", "on_policy")
     assert items == [{"row_id": "a", "message": "x"}]
     assert [r["reason"].split(":")[0] for r in rejects] == ["duplicate_id", "missing_prompt"]
+    assert [(r["stage"], r["field"]) for r in rejects] == [("on_policy", "id"), ("on_policy", "q")]
+    # generate's form: the extra columns' strings ride along (None where not a string)
+    records = [("f:0", {"id": "a", "q": "x", "answer": "7", "n": 3})]
+    items, _ = prompt_items(records, "q", "id", "generate", ["answer", "n"])
+    assert items == [{"row_id": "a", "message": "x", "extra": {"answer": "7", "n": None}}]
 
 
 def _store(folder: Path) -> None:

@@ -230,6 +230,10 @@ def test_a_job_counts_its_flops_at_each_eval_step(tmp_path, monkeypatch):
     op = recs[1]["train"]["on_policy"]
     assert [r["steps"] for r in op["rounds"]] == [2, 1]
     assert op["samples"] == op["trained_samples"] == samples and op["truncated"] == 0
+    # The same job with its on-policy steps at a tenth of the rate runs to its last step
+    # (the scheduler reads the scale one step past it) and pays the same FLOPs.
+    slow = jobs.run_arm({**job, "on_policy_lr_scale": 0.1})
+    assert [r["flops"] for r in slow] == [r["flops"] for r in recs]
 
 
 def test_the_opd_arms_jobs(tmp_path):
@@ -247,6 +251,46 @@ def test_the_opd_arms_jobs(tmp_path):
     assert mixed["phases"] == [(run.trace_path("t10"), 100), (ON_POLICY, 100)]
     assert mixed["weights"] == preset("eaft").to_dict() and "offline_opd" in LATER_ARMS
     assert plan.seeds_of("offline_opd") == 1 and plan.seeds_of("opd") == 2
+    assert "on_policy_lr_scale" not in opd and "on_policy_lr_scale" not in mixed
+    # The _low_lr arms: the same phases, their on-policy steps at a tenth of the rate.
+    slow = arm_job(run, plan, "opd_low_lr", 0, {})
+    slow_mixed = arm_job(run, plan, "offline_opd_low_lr", 1, {"best": "eaft"})
+    assert slow["phases"] == opd["phases"] and slow_mixed["phases"] == mixed["phases"]
+    assert slow["on_policy_lr_scale"] == slow_mixed["on_policy_lr_scale"] == 0.1
+
+
+def test_lr_scale_at_scales_the_schedule_of_the_steps_it_names():
+    """train_steps' lr_scale_at multiplies the trainer's schedule step by step: with a
+    constant rate after one warmup step, steps 0-1 at 1e-2 and steps 2-3 at 1e-3 (read
+    from the optimizer after each step)."""
+    from bench.quality import finetune
+
+    seen = []
+
+    class Spy:
+        def __init__(self, learner):
+            self.learner = learner
+
+        def step(self, mbs, uniform):  # the learner's step, less its loss: the schedule
+            seen.append(self.learner.engine.optimizer.param_groups[0]["lr"])
+            self.learner.engine.optimizer.step()
+            self.learner.scheduler.step()
+
+    real = finetune.local_learner
+    try:
+        finetune.local_learner = lambda *a, **k: Spy(real(*a, **k))
+        student = Bigram(_table({A: {B: 0.0}, B: {EOS: 0.0}}))
+        spec = TrainSpec(steps=4, batch_size=1, lr=1e-2, warmup_steps=1, student_ref="current")
+        finetune.train_steps(
+            student,
+            [[None]] * 4,
+            spec.train_config(),
+            preset("sft"),
+            lr_scale_at=lambda k: 1.0 if k < 2 else 0.1,
+        )
+    finally:
+        finetune.local_learner = real
+    assert seen == pytest.approx([1e-2, 1e-2, 1e-3, 1e-3])
 
 
 def _row(arm, step, acc, sd, flops):
