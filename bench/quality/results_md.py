@@ -30,6 +30,10 @@ ARM_NOTES = {
     "opd_low_lr": "opd with its steps at a tenth of the regime's learning rate",
     "offline_opd_low_lr": "offline_opd with its on-policy steps at a tenth of the regime's "
     "learning rate (the offline half at the full rate)",
+    "opd_baseline": "opd_low_lr with the `opd_baseline` preset: the step's mean advantage "
+    "subtracted from each token's (the same expected gradient, no constant push-down)",
+    "offline_opd_baseline": "offline_opd_low_lr with the `opd_baseline` preset in its "
+    "on-policy half",
 }
 
 FLOPS_TEXT = (

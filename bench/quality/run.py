@@ -26,7 +26,14 @@ PRESET_ARMS = [
 ]
 # Arms run after the presets: they use the best and the riskiest weighted preset, chosen
 # from the presets' mean final greedy accuracy (offline_opd: the best, then on-policy).
-LATER_ARMS = ["stages_best", "risky_floor", "risky_warmup", "offline_opd", "offline_opd_low_lr"]
+LATER_ARMS = [
+    "stages_best",
+    "risky_floor",
+    "risky_warmup",
+    "offline_opd",
+    "offline_opd_low_lr",
+    "offline_opd_baseline",
+]
 # On-policy distillation (issue 32; bench.quality.on_policy): rounds of the student's own
 # samples scored by the teacher, from the initial student, or after offline training.
 # The _low_lr arms take their on-policy steps at OPD_LR_SCALE x the regime's learning rate.
@@ -34,8 +41,22 @@ LATER_ARMS = ["stages_best", "risky_floor", "risky_warmup", "offline_opd", "offl
 # rate (1e-3) diverged (reverse KL 0.2 -> 2.4, no EOS, accuracy 0), and one K seed at 1e-4
 # was seen (0.215 -> 0.09 -> 0.215 over 100 steps); a tenth is the one other rate measured.
 OPD_LR_SCALE = 0.1
-OPD_ARMS = ["opd", "opd_low_lr", "offline_opd", "offline_opd_low_lr"]
-ARMS = [*PRESET_ARMS, "dasd_sft", "stages_sft", "opd", "opd_low_lr", *LATER_ARMS, "tune"]
+# The _baseline arms: the _low_lr arms with the ``opd_baseline`` preset (the step's mean
+# advantage subtracted; raydc.method.weights). Declared on 2026-12-06 before either ran,
+# after a one-round diagnostic showed the advantage's mean is -KL (-1.8 in L, -2.6 in C):
+# the rate is the _low_lr arms' so that the baseline is the one difference.
+OPD_BASELINE_ARMS = ["opd_baseline", "offline_opd_baseline"]
+OPD_ARMS = ["opd", "opd_low_lr", "offline_opd", "offline_opd_low_lr", *OPD_BASELINE_ARMS]
+ARMS = [
+    *PRESET_ARMS,
+    "dasd_sft",
+    "stages_sft",
+    "opd",
+    "opd_low_lr",
+    "opd_baseline",
+    *LATER_ARMS,
+    "tune",
+]
 # The protections on the riskiest preset: a floor on every weight, uniform weights at first.
 PROTECTIONS = {"risky_floor": {"floor": 0.3}, "risky_warmup": {"weight_warmup_steps": 20}}
 

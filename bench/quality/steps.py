@@ -24,6 +24,7 @@ from bench.quality.models import (
 from bench.quality.on_policy import ON_POLICY, ROUND_STEPS
 from bench.quality.run import (
     LATER_ARMS,
+    OPD_BASELINE_ARMS,
     OPD_LR_SCALE,
     PRESET_ARMS,
     PROTECTIONS,
@@ -231,15 +232,19 @@ def arm_job(run: BenchmarkRun, plan: Plan, arm: str, seed: int, chosen: dict) ->
         weights = preset(chosen["risky"], **fields).to_dict()
     elif arm == "tune":
         weights = chosen["tune"]
-    elif arm in ("opd", "opd_low_lr"):
+    elif arm in ("opd", "opd_low_lr", "opd_baseline"):
         weights, phases = preset("opd").to_dict(), [(ON_POLICY, steps)]
-    elif arm in ("offline_opd", "offline_opd_low_lr"):
+    elif arm in ("offline_opd", "offline_opd_low_lr", "offline_opd_baseline"):
         weights = preset(chosen["best"]).to_dict()
         phases = [(run.trace_path("t10"), half), (ON_POLICY, steps - half)]
     else:
         raise ValueError(f"unknown arm {arm!r}")
-    if arm.endswith("_low_lr"):
+    if arm.endswith(("_low_lr", "_baseline")):
         extra["on_policy_lr_scale"] = OPD_LR_SCALE
+    if arm in OPD_BASELINE_ARMS:
+        extra["on_policy_weights"] = preset("opd_baseline").to_dict()
+        if arm == "opd_baseline":
+            weights = extra["on_policy_weights"]
     return {
         **base_job(run, plan),
         **extra,

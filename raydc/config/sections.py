@@ -26,7 +26,13 @@ from raydc.config.engines import (
     _check_sampling,
 )
 from raydc.config.tree import ConfigError, build, choice, parse_override, positive, set_dotted
-from raydc.method.weights import WeightConfig, WeightConfigError, needs_entropy, preset
+from raydc.method.weights import (
+    BASELINES,
+    WeightConfig,
+    WeightConfigError,
+    needs_entropy,
+    preset,
+)
 
 
 @dataclass
@@ -516,6 +522,8 @@ class OnPolicyConfig:
     advantage_coef: float = 1.0  # c in w = c (log p_T - log p_samp) clip(ratio)
     ratio_min: float = 0.0  # the importance ratio's clip (weights.w_min of the advantage)
     ratio_max: float = 2.0
+    # subtracted from the advantage: none (tinker's form) or batch_mean (the step's mean)
+    baseline: str = "none"
     # Guards: the stage stops, naming the field, when a round's samples leave the band
     eos_rate_min: float = 0.0  # share of samples ending with a stop token (0: off)
     mean_length_min: float | None = None  # tokens
@@ -528,10 +536,17 @@ class OnPolicyConfig:
     def weights(self) -> WeightConfig:
         """The rounds' weighting: the ``opd`` preset with this section's coefficient and
         ratio clip."""
-        return preset("opd", c=self.advantage_coef, w_min=self.ratio_min, w_max=self.ratio_max)
+        return preset(
+            "opd",
+            c=self.advantage_coef,
+            w_min=self.ratio_min,
+            w_max=self.ratio_max,
+            baseline=self.baseline,
+        )
 
     def validate(self, path: str) -> None:
         choice(f"{path}.start", self.start, ("student", "trained"))
+        choice(f"{path}.baseline", self.baseline, BASELINES)
         for name in ("rounds", "steps_per_round", "temperature"):
             positive(f"{path}.{name}", getattr(self, name))
         positive(f"{path}.num_prompts", self.num_prompts)

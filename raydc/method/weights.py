@@ -22,7 +22,13 @@ student/teacher log-ratio (see docs/method.md):
   A_t = c (log p_T - log p_S) at the sampling policy and r_t = exp(log p_theta - log
   p_sampling), has the gradient -sum_t sg(A_t r_t) grad log p_theta, so it is the weighted
   NLL with w_t = c A_t clip(r_t, w_min, w_max): the signed, unbounded ``advantage``
-  transform (the ``opd`` preset of ``ON_POLICY_PRESETS``).
+  transform (the ``opd`` preset of ``ON_POLICY_PRESETS``). On the student's own samples
+  E[A_t] = -KL_t < 0, so the estimator's every step mostly pushes the sampled tokens down.
+  A constant ``baseline`` b subtracted from A_t leaves the expected gradient unchanged
+  (E[grad log p_S] = 0 at each prefix) and takes that push out of the step: REINFORCE's
+  baseline. ``batch_mean`` (the ``opd_baseline`` preset) takes b as the optimizer step's
+  mean advantage over its teacher-known loss tokens, all ranks: a constant but for each
+  token's own 1/N share of it.
 
 Everything here is pure torch on [B, T] tensors; nothing imports ray, vllm or deepspeed.
 Weights are computed in log space, bounded, and returned detached.
@@ -40,6 +46,7 @@ SIGNS = (1, -1)
 GRANULARITIES = ("token", "prefix_mean", "prefix_ema", "sentence", "sequence_mean", "sequence_sum")
 TRANSFORMS = ("none", "sigmoid", "exp_clip", "mask", "power", "advantage")
 NORMALIZATIONS = ("none", "self_norm", "per_sequence")
+BASELINES = ("none", "batch_mean")
 GATES = ("none", "conflict", "entropy_power")
 
 # Log-probs below this are treated as this value: -inf would turn mean/difference
@@ -68,6 +75,9 @@ class WeightConfig:
         clip(exp(log p_S - log p_samp), w_min, w_max): on-policy distillation's signed weight,
         u = log p_T - log p_samp at sign -1, p_S the live student and p_samp the policy
         that sampled the tokens; needs sign -1, normalization none and no floor).
+    baseline: what the ``advantage`` transform subtracts from u: ``none`` or ``batch_mean``
+        (the optimizer step's mean u over its teacher-known loss tokens; the train step
+        computes it and passes it to ``compute_weights``).
     floor: w <- floor + (1 - floor) * w, so no token's weight falls below ``floor``.
     gate: an entropy gate g in [0, 1] that multiplies w (needs the student's per-token
         entropy H in nats; s = log p_S of the teacher token): ``none`` (g = 1),
@@ -99,6 +109,7 @@ class WeightConfig:
     gate_gamma: float = 1.0
     nll_mix: float = 0.0
     normalization: str = "self_norm"
+    baseline: str = "none"
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> WeightConfigError:
@@ -114,6 +125,13 @@ class WeightConfig:
             raise bad("normalization", f"must be one of {NORMALIZATIONS}")
         if self.gate not in GATES:
             raise bad("gate", f"must be one of {GATES}")
+        if self.baseline not in BASELINES:
+            raise bad("baseline", f"must be one of {BASELINES}")
+        if self.baseline != "none" and self.transform != "advantage":
+            raise bad(
+                "baseline",
+                "a baseline is subtracted from the advantage: needs transform='advantage'",
+            )
         numbers = ("tau", "b", "c", "w_min", "w_max", "lo", "hi", "gamma", "floor", "lam")
         numbers += ("gate_h", "gate_p", "gate_tau", "gate_gamma", "nll_mix")
         for name in numbers:
@@ -224,6 +242,8 @@ ON_POLICY_PRESETS: dict[str, dict] = {
         normalization="none",
     ),
 }
+# ``opd`` less the step's mean advantage: the same expected gradient, no constant push-down
+ON_POLICY_PRESETS["opd_baseline"] = {**ON_POLICY_PRESETS["opd"], "baseline": "batch_mean"}
 
 
 def preset(name: str, **overrides) -> WeightConfig:
@@ -442,6 +462,7 @@ def compute_weights(
     teacher_mask: torch.Tensor | None = None,
     student_entropy: torch.Tensor | None = None,
     sampling_logprobs: torch.Tensor | None = None,
+    baseline: float = 0.0,
 ) -> torch.Tensor:
     """Detached per-token weights [B, T] (0 where loss_mask is False).
 
@@ -459,11 +480,17 @@ def compute_weights(
     ``advantage`` (on-policy distillation): ``student_logprobs`` are the live student's
     (p_theta) and ``sampling_logprobs`` [B, T] those of the policy that sampled the tokens
     (None: the student's own, a ratio of 1); the advantage u = log p_T - log p_samp at the
-    configured granularity, and w = c * u * clip(exp(log p_theta - log p_samp), w_min,
-    w_max). It needs teacher log-probs; where the teacher is silent the weight is 0 (no
-    gradient; the token stays in the denominator), not 1.
+    configured granularity, and w = c * (u - baseline) * clip(exp(log p_theta - log
+    p_samp), w_min, w_max) (``baseline``: a number, e.g. ``advantage_sum``'s mean over the
+    step; 0 for any other transform). It needs teacher log-probs; where the teacher is
+    silent the weight is 0 (no gradient; the token stays in the denominator), not 1.
     """
     m = loss_mask.bool()
+    if baseline != 0.0 and config.transform != "advantage":
+        raise WeightConfigError(
+            f"baseline={baseline!r}: only the 'advantage' transform subtracts a baseline "
+            f"(transform={config.transform!r})"
+        )
     check_logprobs(student_logprobs, m, "student_logprobs")
     advantage = config.transform == "advantage"
     if advantage:
@@ -500,7 +527,7 @@ def compute_weights(
             )
             log_ratio = _clean(student_logprobs, m) - _clean(sampling_logprobs, m)
             ratio = torch.exp(log_ratio).clamp(min=cfg.w_min, max=cfg.w_max)
-            w = cfg.c * u * ratio
+            w = cfg.c * (u - float(baseline)) * ratio
         else:
             u = granular_logratio(
                 student_logprobs, teacher_logprobs, m, cfg, sentence_ids, teacher_mask
@@ -529,6 +556,31 @@ def compute_weights(
             mean_B = _masked_row_mean(w, loss_tokens(w, m, cfg))
             w = torch.where(mean_B[:, None] > 0, w / mean_B.clamp(min=1e-30)[:, None], w)
     return w.detach()
+
+
+def advantage_sum(
+    sampling_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    loss_mask: torch.Tensor,
+    config: WeightConfig,
+    sentence_ids: torch.Tensor | None = None,
+    teacher_mask: torch.Tensor | None = None,
+) -> tuple[float, int]:
+    """(sum of u, tokens) over the loss tokens the teacher has a value for: u = log p_T -
+    log p_samp at the configured granularity, the ``advantage`` transform's u before its
+    baseline. Summed over an optimizer step's micro-batches (and ranks), sum / tokens is
+    the ``batch_mean`` baseline."""
+    if config.transform != "advantage":
+        raise WeightConfigError(
+            f"advantage_sum needs transform='advantage', got {config.transform!r}"
+        )
+    m = loss_mask.bool()
+    known = m if teacher_mask is None else m & teacher_mask.bool()
+    with torch.no_grad():
+        u = granular_logratio(
+            sampling_logprobs, teacher_logprobs, m, config, sentence_ids, teacher_mask
+        )
+        return float(u[known].double().sum()), int(known.sum())
 
 
 def loss_tokens(weights: torch.Tensor, loss_mask: torch.Tensor, config: WeightConfig):

@@ -64,6 +64,8 @@ def weight_metrics(stats: StepStats, wc: WeightConfig) -> dict:
         out[f"weight_pos_{k}"] = v
     if "histogram" in diag:
         out["weight_histogram"] = diag["histogram"]
+    if stats.baseline is not None:
+        out["advantage_baseline"] = stats.baseline  # the last step's (weights.baseline)
     return out
 
 

@@ -32,6 +32,7 @@ from raydc.method.loss import loss_denominators, weighted_token_loss
 from raydc.method.weights import (
     WeightConfig,
     WeightConfigError,
+    advantage_sum,
     compute_weights,
     loss_tokens,
     needs_entropy,
@@ -54,6 +55,7 @@ def micro_batch_weights(
     live_logp: torch.Tensor | None = None,
     uniform: bool = False,
     live_entropy: torch.Tensor | None = None,
+    baseline: float = 0.0,
 ) -> torch.Tensor:
     """Detached weights [B, T-1] of ``mb``'s targets, computed per row.
 
@@ -61,7 +63,8 @@ def micro_batch_weights(
     log-probs (``student_ref=current``), and ``live_entropy`` (the same forward's entropy)
     the stored ``student_entropy``; ``uniform`` gives w = 1 (weight warmup). The
     ``advantage`` transform (on-policy distillation) reads both: the stored log-probs are
-    then the sampling policy's, and the live ones give its importance ratio. Packed rows
+    then the sampling policy's, and the live ones give its importance ratio; ``baseline``
+    is subtracted from its advantage (``micro_batch_advantage``). Packed rows
     are weighed in their own [R, L-1] view (``RowLayout``), so granularities and
     per-sequence normalisation never see a neighbouring row.
     """
@@ -81,7 +84,15 @@ def micro_batch_weights(
     lay = mb.layout
     if lay is None:
         return compute_weights(
-            s, t, m, wc, sentence_ids=sid, teacher_mask=tm, student_entropy=h, sampling_logprobs=q
+            s,
+            t,
+            m,
+            wc,
+            sentence_ids=sid,
+            teacher_mask=tm,
+            student_entropy=h,
+            sampling_logprobs=q,
+            baseline=baseline,
         )
     w_RL = compute_weights(
         lay.to_rows(s),
@@ -92,8 +103,32 @@ def micro_batch_weights(
         teacher_mask=None if tm is None else lay.to_rows(tm, fill=True),
         student_entropy=None if h is None else lay.to_rows(h),
         sampling_logprobs=None if q is None else lay.to_rows(q),
+        baseline=baseline,
     )
     return lay.from_rows(w_RL, m.shape)
+
+
+def micro_batch_advantage(mb: MicroBatch, wc: WeightConfig) -> tuple[float, int]:
+    """(sum of the advantage u, tokens) over ``mb``'s teacher-known loss tokens, from its
+    stored (sampling) log-probs: the ``batch_mean`` baseline's share of this micro-batch."""
+    if mb.teacher_logprobs is None:
+        raise WeightConfigError(
+            f"weights.baseline={wc.baseline!r} needs teacher log-probs, and rows "
+            f"{mb.row_ids[:3]} have none"
+        )
+    lay, tm = mb.layout, mb.teacher_mask
+    if lay is None:
+        args = (mb.student_logprobs, mb.teacher_logprobs, mb.loss_mask, wc, mb.sentence_ids, tm)
+    else:
+        args = (
+            lay.to_rows(mb.student_logprobs),
+            lay.to_rows(mb.teacher_logprobs),
+            lay.to_rows(mb.loss_mask, fill=False),
+            wc,
+            lay.to_rows(mb.sentence_ids),
+            None if tm is None else lay.to_rows(tm, fill=True),
+        )
+    return advantage_sum(*args)
 
 
 @dataclass
@@ -107,6 +142,7 @@ class StepStats:
     lr: float
     micro_batches: list[MicroBatch]
     weights: list[torch.Tensor]
+    baseline: float | None = None  # the advantage's baseline this step (batch_mean)
 
 
 class Learner:
@@ -145,8 +181,14 @@ class Learner:
                 with torch.no_grad():
                     pairs = [self.forward_live(mb, want_h) for mb in mbs]
                 live, live_h = [lp for lp, _ in pairs], [h for _, h in pairs]
+        baseline = None
+        if self.wc.baseline == "batch_mean" and not uniform:
+            parts = [micro_batch_advantage(mb, self.wc) for mb in mbs]
+            u_sum, n = self.all_reduce([sum(p[0] for p in parts), sum(p[1] for p in parts)], "sum")
+            baseline = u_sum / n if n > 0 else 0.0
         weights = [
-            micro_batch_weights(mb, self.wc, lp, uniform, h) for mb, lp, h in zip(mbs, live, live_h)
+            micro_batch_weights(mb, self.wc, lp, uniform, h, baseline or 0.0)
+            for mb, lp, h in zip(mbs, live, live_h)
         ]
         # The tokens that count: the loss mask less what the mask transform removed.
         masks = [loss_tokens(w, mb.loss_mask, self.wc) for mb, w in zip(mbs, weights)]
@@ -179,6 +221,7 @@ class Learner:
             lr=lr,
             micro_batches=mbs,
             weights=weights,
+            baseline=baseline,
         )
 
     def logprobs(self, mb: MicroBatch) -> torch.Tensor:

@@ -13,18 +13,23 @@ def test_defaults_validate_and_weights_are_the_opd_preset():
     assert isinstance(op, OnPolicyConfig) and not op.enabled
     w = op.weights()
     assert (w.transform, w.sign, w.normalization) == ("advantage", -1, "none")
-    assert (w.c, w.w_min, w.w_max) == (1.0, 0.0, 2.0)
+    assert (w.c, w.w_min, w.w_max, w.baseline) == (1.0, 0.0, 2.0, "none")
 
 
 def test_yaml_section_and_overrides_reach_the_weights():
     cfg = from_dict(
         {"on_policy": {"enabled": True, "rounds": 3, "train": {"lr": 1e-5}}},
-        ["on_policy.advantage_coef=0.5", "on_policy.ratio_min=0.5", "on_policy.ratio_max=3"],
+        [
+            "on_policy.advantage_coef=0.5",
+            "on_policy.ratio_min=0.5",
+            "on_policy.ratio_max=3",
+            "on_policy.baseline=batch_mean",
+        ],
     )
     op = cfg.on_policy
     assert op.rounds == 3 and op.train == {"lr": 1e-5}
     w = op.weights()
-    assert (w.c, w.w_min, w.w_max) == (0.5, 0.5, 3.0)
+    assert (w.c, w.w_min, w.w_max, w.baseline) == (0.5, 0.5, 3.0, "batch_mean")
 
 
 @pytest.mark.parametrize(
@@ -46,6 +51,7 @@ def test_yaml_section_and_overrides_reach_the_weights():
         ({"mean_length_max": 0.0}, "on_policy.mean_length_max=0.0"),
         ({"mean_length_min": 50.0, "mean_length_max": 10.0}, "on_policy.mean_length_min=50.0"),
         ({"start": "scratch"}, "on_policy.start='scratch'"),
+        ({"baseline": "median"}, "on_policy.baseline='median'"),
         ({"prompts_per_round": 0}, "on_policy.prompts_per_round=0"),
         ({"engine": {"batch_size": 0}}, "on_policy.engine.batch_size=0"),
         ({"train": {"lr": -1.0}}, "on_policy.train.lr=-1.0"),

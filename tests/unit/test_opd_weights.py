@@ -215,3 +215,126 @@ def test_step_weights_read_stored_sampling_and_live_logprobs(tiny_student, packe
     # the stored log-probs alone (student_ref=init): ratio 1
     w0 = micro_batch_weights(mb, preset("opd"))
     torch.testing.assert_close(w0, torch.where(m, t - s, torch.zeros_like(s)))
+
+
+# -- the advantage's baseline (weights.baseline; the opd_baseline preset) ---------------
+
+
+def test_any_constant_baseline_keeps_the_exact_reverse_kl_gradient():
+    """Over every sequence of the position-wise policy (5^4 of them, each weighed by its
+    probability), the weighted NLL's expected gradient is the exact reverse KL's,
+    grad sum_t KL(p_t || q_t) / 4 from the full distributions, with or without a baseline:
+    subtracting b changes the estimator's variance, not its mean."""
+    import itertools
+
+    q_logits = torch.tensor(
+        [
+            [0.0, 0.0, 0.0, 0.0, 0.0],
+            [0.2, -1.0, 0.7, 1.5, -0.3],
+            [1.1, 0.9, -0.4, 0.0, 0.6],
+            [-0.5, 0.3, 0.3, -1.2, 2.0],
+            [0.8, 0.1, -0.9, 0.4, -0.2],
+        ]
+    )
+    q_full = torch.log_softmax(q_logits, -1)
+    seqs = torch.tensor([[0, *ys] for ys in itertools.product(range(5), repeat=4)])
+    rows = torch.arange(5).expand(len(seqs), 5)
+    mask = M.expand(len(seqs), 5)
+
+    def expected_grad(baseline: float) -> torch.Tensor:
+        th = THETA0.clone().requires_grad_(True)
+        logp_full = torch.log_softmax(th, -1)
+        logp = logp_full[rows, seqs]  # [625, 5]
+        t = q_full[rows, seqs]
+        w = compute_weights(logp.detach(), t, mask, preset("opd"), baseline=baseline)
+        prob = logp.detach()[:, 1:].sum(1).exp()  # P(y) of each sequence
+        assert float(prob.sum()) == pytest.approx(1.0, abs=1e-5)
+        (prob[:, None] * -(w * logp))[mask].sum().div(4).backward()
+        return th.grad
+
+    th = THETA0.clone().requires_grad_(True)
+    lp = torch.log_softmax(th, -1)
+    (lp.exp() * (lp - q_full))[1:].sum().div(4).backward()
+    for b in (0.0, 1.3, -2.0):
+        torch.testing.assert_close(expected_grad(b), th.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_baseline_hand_computed_and_silent_tokens_left_out():
+    s_live = torch.tensor([[0.0, math.log(0.6), math.log(0.1), math.log(0.5), math.log(0.3)]])
+    s_samp = torch.tensor([[0.0, math.log(0.2), math.log(0.5), math.log(0.5), math.log(0.25)]])
+    t = torch.tensor([[0.0, math.log(0.4), math.log(0.2), math.log(0.9), math.log(0.05)]])
+    tm = torch.tensor([[True, True, True, False, True]])  # the teacher is silent at 3
+    cfg = preset("opd_baseline", c=2.0, w_min=0.5, w_max=2.0)
+    from raydc.method.weights import advantage_sum
+
+    total, n = advantage_sum(s_samp, t, M, cfg, teacher_mask=tm)
+    us = [math.log(0.4 / 0.2), math.log(0.2 / 0.5), math.log(0.05 / 0.25)]
+    assert n == 3 and total == pytest.approx(sum(us), rel=1e-6)
+    b = total / n
+    w = compute_weights(s_live, t, M, cfg, teacher_mask=tm, sampling_logprobs=s_samp, baseline=b)
+    # ratios 3.0 (clipped to 2), 0.2 (clipped to 0.5), silent, 1.2
+    expect = [2.0 * (us[0] - b) * 2.0, 2.0 * (us[1] - b) * 0.5, 0.0, 2.0 * (us[2] - b) * 1.2]
+    assert w[0, 1:].tolist() == pytest.approx(expect, rel=1e-5)
+    # the mean weight at ratio 1 is 0: the constant push-down is gone
+    w1 = compute_weights(s_samp, t, M, cfg, teacher_mask=tm, baseline=b)
+    assert float(w1[M & tm].sum()) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_baseline_validation_names_the_field():
+    assert preset("opd_baseline").baseline == "batch_mean"
+    with pytest.raises(WeightConfigError, match=r"WeightConfig\.baseline='batch_mean'.*advantage"):
+        preset("sft", baseline="batch_mean")
+    with pytest.raises(WeightConfigError, match=r"WeightConfig\.baseline='median': must be one"):
+        preset("opd", baseline="median")
+    with pytest.raises(WeightConfigError, match=r"baseline=0\.5: only the 'advantage'"):
+        compute_weights(TEACHER, TEACHER, M, preset("discord"), baseline=0.5)
+    from raydc.method.weights import advantage_sum
+
+    with pytest.raises(WeightConfigError, match="advantage_sum needs transform='advantage'"):
+        advantage_sum(TEACHER, TEACHER, M, preset("sft"))
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_step_subtracts_the_global_batch_mean_advantage(tiny_student, packed):
+    """Learner.step under ``batch_mean``: the baseline is the mean advantage over every
+    micro-batch of the step and every rank (the all-reduce's sum), and each weight is
+    (t - s - b) * clip(exp(live - s))."""
+    from raydc.config import TrainConfig
+    from raydc.train.batch import collate
+    from raydc.train.model import StudentLogprobs, load_student
+    from raydc.train.step import Learner
+    from tests.unit.test_train_model import _block
+    from tests.unit.test_train_step import _Engine, _Sched
+
+    block = _block(seed=4, lengths=(9, 5, 12, 7))
+    torch.manual_seed(0)
+    model = StudentLogprobs(load_student(tiny_student, TrainConfig(), on_gpu=False), 4)
+    mbs = [collate(block, rows, packed=packed) for rows in ([0, 1], [2, 3])]
+    other = (-7.5, 10)  # another rank's (sum of u, tokens)
+    calls = []
+
+    def all_reduce(values, op="sum"):
+        calls.append(list(values))
+        if len(calls) == 1:  # the baseline's reduction comes first
+            return [values[0] + other[0], values[1] + other[1]]
+        return list(values)
+
+    tc = TrainConfig(student_ref="current")
+    wc = preset("opd_baseline", w_max=2.0)
+    st = Learner(_Engine(model, 2), _Sched(), tc, wc, 2, all_reduce).step(mbs)
+    u = [(mb.teacher_logprobs - mb.student_logprobs)[mb.loss_mask] for mb in mbs]
+    local_sum, local_n = float(sum(x.double().sum() for x in u)), sum(x.numel() for x in u)
+    assert calls[0][1] == local_n and calls[0][0] == pytest.approx(local_sum, rel=1e-9)
+    b = (local_sum + other[0]) / (local_n + other[1])
+    assert st.baseline == pytest.approx(b, rel=1e-9)
+    with torch.no_grad():
+        for mb, w in zip(mbs, st.weights):
+            live = model(mb.input_ids, mb.position_ids).float()
+            s, t, m = mb.student_logprobs, mb.teacher_logprobs, mb.loss_mask
+            ratio = torch.exp(live - s).clamp(max=2.0)
+            expect = torch.where(m, (t - s - b) * ratio, torch.zeros_like(s))
+            torch.testing.assert_close(w, expect, rtol=1e-5, atol=1e-5)
+    # without a baseline the step reduces only its denominators
+    calls.clear()
+    st0 = Learner(_Engine(model, 2), _Sched(), tc, preset("opd"), 2, all_reduce).step(mbs)
+    assert st0.baseline is None and len(calls) == 1

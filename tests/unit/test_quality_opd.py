@@ -257,6 +257,16 @@ def test_the_opd_arms_jobs(tmp_path):
     slow_mixed = arm_job(run, plan, "offline_opd_low_lr", 1, {"best": "eaft"})
     assert slow["phases"] == opd["phases"] and slow_mixed["phases"] == mixed["phases"]
     assert slow["on_policy_lr_scale"] == slow_mixed["on_policy_lr_scale"] == 0.1
+    assert "on_policy_weights" not in slow and "on_policy_weights" not in slow_mixed
+    # The _baseline arms: the _low_lr arms with the opd_baseline preset on their rounds.
+    base = arm_job(run, plan, "opd_baseline", 0, {})
+    base_mixed = arm_job(run, plan, "offline_opd_baseline", 1, {"best": "eaft"})
+    assert base["phases"] == opd["phases"] and base_mixed["phases"] == mixed["phases"]
+    assert base["on_policy_lr_scale"] == base_mixed["on_policy_lr_scale"] == 0.1
+    with_baseline = {**preset("opd").to_dict(), "baseline": "batch_mean"}
+    assert base["on_policy_weights"] == base_mixed["on_policy_weights"] == with_baseline
+    assert base_mixed["weights"] == preset("eaft").to_dict()
+    assert "offline_opd_baseline" in LATER_ARMS
 
 
 def test_lr_scale_at_scales_the_schedule_of_the_steps_it_names():
