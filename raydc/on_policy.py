@@ -340,6 +340,8 @@ def round_record(r: int, sampled: dict, scored: dict, trained: dict, params: dic
         "loss_tokens": kl["loss_tokens"],
         "steps": trained["steps"],
         "loss": (trained.get("metrics") or {}).get("loss"),
+        # the last step's baseline (on_policy.baseline: batch_mean), else None
+        "advantage_baseline": (trained.get("metrics") or {}).get("advantage_baseline"),
         "tokens": tokens,
         "params": params,
         "flops": flops,

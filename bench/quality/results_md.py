@@ -34,6 +34,8 @@ ARM_NOTES = {
     "subtracted from each token's (the same expected gradient, no constant push-down)",
     "offline_opd_baseline": "offline_opd_low_lr with the `opd_baseline` preset in its "
     "on-policy half",
+    "offline_opd_baseline_full_lr": "offline_opd_baseline with its on-policy half at the "
+    "regime's own learning rate (offline_opd with the baseline)",
 }
 
 FLOPS_TEXT = (

@@ -33,6 +33,7 @@ LATER_ARMS = [
     "offline_opd",
     "offline_opd_low_lr",
     "offline_opd_baseline",
+    "offline_opd_baseline_full_lr",
 ]
 # On-policy distillation (issue 32; bench.quality.on_policy): rounds of the student's own
 # samples scored by the teacher, from the initial student, or after offline training.
@@ -45,7 +46,11 @@ OPD_LR_SCALE = 0.1
 # advantage subtracted; raydc.method.weights). Declared on 2026-12-06 before either ran,
 # after a one-round diagnostic showed the advantage's mean is -KL (-1.8 in L, -2.6 in C):
 # the rate is the _low_lr arms' so that the baseline is the one difference.
-OPD_BASELINE_ARMS = ["opd_baseline", "offline_opd_baseline"]
+# offline_opd_baseline_full_lr: offline_opd_baseline with its on-policy half at the
+# regime's own rate (as offline_opd, which diverged without the baseline); declared at
+# 20:36 UTC the same day, after K's first 4 seeds of the two _baseline arms and before any
+# C or L seed of them.
+OPD_BASELINE_ARMS = ["opd_baseline", "offline_opd_baseline", "offline_opd_baseline_full_lr"]
 OPD_ARMS = ["opd", "opd_low_lr", "offline_opd", "offline_opd_low_lr", *OPD_BASELINE_ARMS]
 ARMS = [
     *PRESET_ARMS,

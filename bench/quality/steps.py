@@ -210,6 +210,14 @@ def base_job(run: BenchmarkRun, plan: Plan) -> dict:
     )
 
 
+OFFLINE_THEN_OPD = (
+    "offline_opd",
+    "offline_opd_low_lr",
+    "offline_opd_baseline",
+    "offline_opd_baseline_full_lr",
+)
+
+
 def arm_job(run: BenchmarkRun, plan: Plan, arm: str, seed: int, chosen: dict) -> dict:
     """One arm's job. ``chosen``: best / risky (preset names), tune (WeightConfig dict).
     The on-policy arms: ``opd`` rounds of the student's own samples from the start;
@@ -234,12 +242,12 @@ def arm_job(run: BenchmarkRun, plan: Plan, arm: str, seed: int, chosen: dict) ->
         weights = chosen["tune"]
     elif arm in ("opd", "opd_low_lr", "opd_baseline"):
         weights, phases = preset("opd").to_dict(), [(ON_POLICY, steps)]
-    elif arm in ("offline_opd", "offline_opd_low_lr", "offline_opd_baseline"):
+    elif arm in OFFLINE_THEN_OPD:
         weights = preset(chosen["best"]).to_dict()
         phases = [(run.trace_path("t10"), half), (ON_POLICY, steps - half)]
     else:
         raise ValueError(f"unknown arm {arm!r}")
-    if arm.endswith(("_low_lr", "_baseline")):
+    if arm in ("opd_low_lr", "offline_opd_low_lr", "opd_baseline", "offline_opd_baseline"):
         extra["on_policy_lr_scale"] = OPD_LR_SCALE
     if arm in OPD_BASELINE_ARMS:
         extra["on_policy_weights"] = preset("opd_baseline").to_dict()

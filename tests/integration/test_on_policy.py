@@ -7,6 +7,7 @@ its answers; a teacher with another tokenizer."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -198,8 +199,19 @@ def test_the_eos_guard_stops_a_student_that_never_ends(tmp_path, ray_local):
 
 
 def test_a_teacher_with_another_tokenizer(tmp_path, ray_local, tiny_teacher_other_tokenizer):
-    summary = _run(_tree(tmp_path, teacher=tiny_teacher_other_tokenizer, rounds=1))
+    # with the advantage's baseline: the step's mean over the teacher-known tokens, in the
+    # DeepSpeed worker, where another tokenizer leaves gaps
+    tree = _tree(tmp_path, teacher=tiny_teacher_other_tokenizer, rounds=1, baseline="batch_mean")
+    summary = _run(tree)
     (rec,) = summary["per_round"]
     assert rec["steps"] == STEPS and rec["mean_reverse_kl"] is not None
     assert rec["teacher_gap_tokens"] >= 0 and rec["loss_tokens"] > rec["teacher_gap_tokens"]
     assert rec["tokens"]["teacher_scored"] > 0
+    train = tmp_path / "on_policy" / "rounds" / "0" / "train"
+    marker = json.loads((train / MARKER).read_text())
+    assert marker["inputs"]["weights"]["baseline"] == "batch_mean"
+    steps = [json.loads(x) for x in (train / "metrics.jsonl").read_text().splitlines()]
+    baselines = {m["step"]: m["advantage_baseline"] for m in steps if "advantage_baseline" in m}
+    assert sorted(baselines) == list(range(1, STEPS + 1))
+    assert all(math.isfinite(b) for b in baselines.values())
+    assert rec["advantage_baseline"] == baselines[STEPS]

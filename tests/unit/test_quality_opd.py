@@ -267,6 +267,11 @@ def test_the_opd_arms_jobs(tmp_path):
     assert base["on_policy_weights"] == base_mixed["on_policy_weights"] == with_baseline
     assert base_mixed["weights"] == preset("eaft").to_dict()
     assert "offline_opd_baseline" in LATER_ARMS
+    full = arm_job(run, plan, "offline_opd_baseline_full_lr", 1, {"best": "eaft"})
+    assert full["phases"] == mixed["phases"] and "on_policy_lr_scale" not in full
+    assert full["on_policy_weights"] == with_baseline
+    with pytest.raises(ValueError, match="unknown arm 'offline_opd_nope'"):
+        arm_job(run, plan, "offline_opd_nope", 0, {"best": "eaft"})
 
 
 def test_lr_scale_at_scales_the_schedule_of_the_steps_it_names():
