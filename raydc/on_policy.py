@@ -13,7 +13,8 @@ For ``on_policy.rounds`` rounds, round r:
    log-probs, the store's ``student_logprobs``) and the teacher (its own distribution at
    T = 1; another tokenizer aligned as everywhere else), and training takes
    ``steps_per_round`` steps with the ``advantage`` weight (``OnPolicyConfig.weights``:
-   tinker's importance-sampling loss) under ``train.student_ref: current``, from round
+   tinker's importance-sampling loss, less the step's mean advantage with
+   ``on_policy.baseline: batch_mean``) under ``train.student_ref: current``, from round
    r-1's checkpoint (weights and optimizer state).
 3. **round.json**: the samples' statistics, the mean reverse KL and the teacher-silent
    tokens of the scored store, the tokens generated / scored / trained and their FLOPs.

@@ -6,7 +6,9 @@ A round (``sample_round``): the current student samples one answer per prompt at
 log-probs of the sampled tokens (the sampling policy's); answers that did not end with EOS
 (truncated at the budget) are dropped, counted, never trained on; the teacher scores
 exactly the kept tokens (``score_traces``). The round's steps then train on the kept rows
-(``round_rows``) through the trainer's step with raydc's ``opd`` preset: with
+(``round_rows``) through the trainer's step with raydc's ``opd`` preset (the job's
+``on_policy_weights``: the ``_baseline`` arms' ``opd_baseline`` subtracts the step's mean
+advantage from each token's): with
 ``student_ref: current`` the ``Learner`` reads the stored log-probs as the sampling ones,
 so a sampled token's weight is (log p_T - log p_samp) * clip(p_theta / p_samp, 0, 2) and
 the loss is tinker-cookbook's importance-sampling loss on the per-token reverse-KL

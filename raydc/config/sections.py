@@ -498,7 +498,8 @@ class OnPolicyConfig:
     """On-policy distillation rounds (``raydc.on_policy``): each round the current student
     samples ``n_samples`` answers per prompt, the teacher scores exactly those tokens, and
     training takes ``steps_per_round`` steps with the ``advantage`` weight (tinker's
-    importance-sampling loss), from the previous round's weights and optimizer state."""
+    importance-sampling loss; ``baseline`` subtracts the step's mean advantage), from the
+    previous round's weights and optimizer state."""
 
     enabled: bool = False  # true: run_all runs the stage after train / tune
     prompts: str = ""  # the prompts (JSONL / Parquet / a folder of them)
@@ -522,9 +523,10 @@ class OnPolicyConfig:
     advantage_coef: float = 1.0  # c in w = c (log p_T - log p_samp) clip(ratio)
     ratio_min: float = 0.0  # the importance ratio's clip (weights.w_min of the advantage)
     ratio_max: float = 2.0
-    # subtracted from the advantage: batch_mean (the step's mean advantage; measured better
-    # after offline training in every bench regime) or none (tinker-cookbook's form)
-    baseline: str = "batch_mean"
+    # subtracted from the advantage: none (tinker-cookbook's form) or batch_mean (the
+    # step's mean advantage; measured better after offline training in every bench regime,
+    # worse from the initial student: docs/method.md)
+    baseline: str = "none"
     # Guards: the stage stops, naming the field, when a round's samples leave the band
     eos_rate_min: float = 0.0  # share of samples ending with a stop token (0: off)
     mean_length_min: float | None = None  # tokens

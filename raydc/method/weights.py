@@ -23,12 +23,13 @@ student/teacher log-ratio (see docs/method.md):
   p_sampling), has the gradient -sum_t sg(A_t r_t) grad log p_theta, so it is the weighted
   NLL with w_t = c A_t clip(r_t, w_min, w_max): the signed, unbounded ``advantage``
   transform (the ``opd`` preset of ``ON_POLICY_PRESETS``). On the student's own samples
-  E[A_t] = -KL_t < 0, so the estimator's every step mostly pushes the sampled tokens down.
-  A constant ``baseline`` b subtracted from A_t leaves the expected gradient unchanged
-  (E[grad log p_S] = 0 at each prefix) and takes that push out of the step: REINFORCE's
-  baseline. ``batch_mean`` (the ``opd_baseline`` preset) takes b as the optimizer step's
-  mean advantage over its teacher-known loss tokens, all ranks: a constant but for each
-  token's own 1/N share of it.
+  E[u_t] = -KL_t < 0 (u = log p_T - log p_S), so the estimator's every step mostly pushes
+  the sampled tokens down. A constant ``baseline`` ubar subtracted from u leaves the
+  expected gradient unchanged at ratio 1 (E[grad log p_S] = 0 at each prefix; with the
+  ratio clipped, exactly only while no ratio reaches the clip) and takes that push out of
+  the step: REINFORCE's baseline. ``batch_mean`` (the ``opd_baseline`` preset) takes ubar
+  as the optimizer step's mean u over its teacher-known loss tokens, all ranks: a
+  constant but for each token's own 1/N share of it.
 
 Everything here is pure torch on [B, T] tensors; nothing imports ray, vllm or deepspeed.
 Weights are computed in log space, bounded, and returned detached.
@@ -76,8 +77,9 @@ class WeightConfig:
         u = log p_T - log p_samp at sign -1, p_S the live student and p_samp the policy
         that sampled the tokens; needs sign -1, normalization none and no floor).
     baseline: what the ``advantage`` transform subtracts from u: ``none`` or ``batch_mean``
-        (the optimizer step's mean u over its teacher-known loss tokens; the train step
-        computes it and passes it to ``compute_weights``).
+        (the mean u over the optimizer step's teacher-known loss tokens: the train step
+        computes it over every micro-batch and rank and passes it to ``compute_weights``,
+        which otherwise takes the mean over the tensors it is given).
     floor: w <- floor + (1 - floor) * w, so no token's weight falls below ``floor``.
     gate: an entropy gate g in [0, 1] that multiplies w (needs the student's per-token
         entropy H in nats; s = log p_S of the teacher token): ``none`` (g = 1),
@@ -462,7 +464,7 @@ def compute_weights(
     teacher_mask: torch.Tensor | None = None,
     student_entropy: torch.Tensor | None = None,
     sampling_logprobs: torch.Tensor | None = None,
-    baseline: float = 0.0,
+    baseline: float | None = None,
 ) -> torch.Tensor:
     """Detached per-token weights [B, T] (0 where loss_mask is False).
 
@@ -480,16 +482,18 @@ def compute_weights(
     ``advantage`` (on-policy distillation): ``student_logprobs`` are the live student's
     (p_theta) and ``sampling_logprobs`` [B, T] those of the policy that sampled the tokens
     (None: the student's own, a ratio of 1); the advantage u = log p_T - log p_samp at the
-    configured granularity, and w = c * (u - baseline) * clip(exp(log p_theta - log
-    p_samp), w_min, w_max) (``baseline``: a number, e.g. ``advantage_sum``'s mean over the
-    step; 0 for any other transform). It needs teacher log-probs; where the teacher is
+    configured granularity, and w = c * (u - ubar) * clip(exp(log p_theta - log p_samp),
+    w_min, w_max). ``config.baseline`` says what ubar is: ``none``, 0 (``baseline`` must
+    be None or 0); ``batch_mean``, ``baseline`` (the step's mean, ``advantage_sum`` summed
+    over its micro-batches and ranks) or, when None, the mean u over the teacher-known
+    loss tokens of the tensors given. It needs teacher log-probs; where the teacher is
     silent the weight is 0 (no gradient; the token stays in the denominator), not 1.
     """
     m = loss_mask.bool()
-    if baseline != 0.0 and config.transform != "advantage":
+    if baseline and config.baseline == "none":
         raise WeightConfigError(
-            f"baseline={baseline!r}: only the 'advantage' transform subtracts a baseline "
-            f"(transform={config.transform!r})"
+            f"baseline={baseline!r} with WeightConfig.baseline='none': set "
+            "baseline='batch_mean' (only the 'advantage' transform subtracts one)"
         )
     check_logprobs(student_logprobs, m, "student_logprobs")
     advantage = config.transform == "advantage"
@@ -525,9 +529,16 @@ def compute_weights(
             u = granular_logratio(
                 sampling_logprobs, teacher_logprobs, m, cfg, sentence_ids, teacher_mask
             )
+            ubar = 0.0
+            if cfg.baseline == "batch_mean":
+                if baseline is None:
+                    known = m if teacher_mask is None else m & teacher_mask.bool()
+                    n = int(known.sum())
+                    baseline = float(u[known].double().sum()) / n if n else 0.0
+                ubar = float(baseline)
             log_ratio = _clean(student_logprobs, m) - _clean(sampling_logprobs, m)
             ratio = torch.exp(log_ratio).clamp(min=cfg.w_min, max=cfg.w_max)
-            w = cfg.c * (u - float(baseline)) * ratio
+            w = cfg.c * (u - ubar) * ratio
         else:
             u = granular_logratio(
                 student_logprobs, teacher_logprobs, m, cfg, sentence_ids, teacher_mask

@@ -55,7 +55,7 @@ def micro_batch_weights(
     live_logp: torch.Tensor | None = None,
     uniform: bool = False,
     live_entropy: torch.Tensor | None = None,
-    baseline: float = 0.0,
+    baseline: float | None = None,
 ) -> torch.Tensor:
     """Detached weights [B, T-1] of ``mb``'s targets, computed per row.
 
@@ -64,7 +64,8 @@ def micro_batch_weights(
     the stored ``student_entropy``; ``uniform`` gives w = 1 (weight warmup). The
     ``advantage`` transform (on-policy distillation) reads both: the stored log-probs are
     then the sampling policy's, and the live ones give its importance ratio; ``baseline``
-    is subtracted from its advantage (``micro_batch_advantage``). Packed rows
+    is subtracted from its advantage under ``batch_mean`` (the step's, from
+    ``micro_batch_advantage``; None: this micro-batch's own mean). Packed rows
     are weighed in their own [R, L-1] view (``RowLayout``), so granularities and
     per-sequence normalisation never see a neighbouring row.
     """
@@ -181,13 +182,16 @@ class Learner:
                 with torch.no_grad():
                     pairs = [self.forward_live(mb, want_h) for mb in mbs]
                 live, live_h = [lp for lp, _ in pairs], [h for _, h in pairs]
-        baseline = None
+        # The advantage's baseline is the step's, over every micro-batch and rank; None
+        # where no token has a teacher value (every weight is 0 there anyway).
+        baseline, ubar = None, None
         if self.wc.baseline == "batch_mean" and not uniform:
             parts = [micro_batch_advantage(mb, self.wc) for mb in mbs]
             u_sum, n = self.all_reduce([sum(p[0] for p in parts), sum(p[1] for p in parts)], "sum")
-            baseline = u_sum / n if n > 0 else 0.0
+            baseline = u_sum / n if n > 0 else None
+            ubar = 0.0 if baseline is None else baseline
         weights = [
-            micro_batch_weights(mb, self.wc, lp, uniform, h, baseline or 0.0)
+            micro_batch_weights(mb, self.wc, lp, uniform, h, ubar)
             for mb, lp, h in zip(mbs, live, live_h)
         ]
         # The tokens that count: the loss mask less what the mask transform removed.

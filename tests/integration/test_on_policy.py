@@ -99,7 +99,7 @@ def test_two_rounds_end_to_end(reference):
     assert marker["inputs"]["train"]["init_checkpoint"] == r0["checkpoint"]
     assert marker["inputs"]["train"]["student_ref"] == "current"
     assert marker["inputs"]["weights"]["transform"] == "advantage"
-    assert marker["inputs"]["weights"]["baseline"] == "batch_mean"  # the default
+    assert marker["inputs"]["weights"]["baseline"] == "none"  # the default: tinker's form
     for r, rec in enumerate((r0, r1)):
         assert _history(rounds / str(r)) == ["sample", "prepare", "score", "train"]
         assert rec["samples"] == 8 * 2
@@ -200,9 +200,9 @@ def test_the_eos_guard_stops_a_student_that_never_ends(tmp_path, ray_local):
 
 
 def test_a_teacher_with_another_tokenizer(tmp_path, ray_local, tiny_teacher_other_tokenizer):
-    # the advantage's baseline (the default) is the step's mean over the teacher-known
-    # tokens, in the DeepSpeed worker, where another tokenizer leaves gaps
-    tree = _tree(tmp_path, teacher=tiny_teacher_other_tokenizer, rounds=1)
+    # with the advantage's baseline: the step's mean over the teacher-known tokens, in the
+    # DeepSpeed worker, where another tokenizer leaves gaps
+    tree = _tree(tmp_path, teacher=tiny_teacher_other_tokenizer, rounds=1, baseline="batch_mean")
     summary = _run(tree)
     (rec,) = summary["per_round"]
     assert rec["steps"] == STEPS and rec["mean_reverse_kl"] is not None

@@ -13,7 +13,7 @@ def test_defaults_validate_and_weights_are_the_opd_preset():
     assert isinstance(op, OnPolicyConfig) and not op.enabled
     w = op.weights()
     assert (w.transform, w.sign, w.normalization) == ("advantage", -1, "none")
-    assert (w.c, w.w_min, w.w_max, w.baseline) == (1.0, 0.0, 2.0, "batch_mean")
+    assert (w.c, w.w_min, w.w_max, w.baseline) == (1.0, 0.0, 2.0, "none")
 
 
 def test_yaml_section_and_overrides_reach_the_weights():
@@ -23,13 +23,13 @@ def test_yaml_section_and_overrides_reach_the_weights():
             "on_policy.advantage_coef=0.5",
             "on_policy.ratio_min=0.5",
             "on_policy.ratio_max=3",
-            "on_policy.baseline=none",
+            "on_policy.baseline=batch_mean",
         ],
     )
     op = cfg.on_policy
     assert op.rounds == 3 and op.train == {"lr": 1e-5}
     w = op.weights()
-    assert (w.c, w.w_min, w.w_max, w.baseline) == (0.5, 0.5, 3.0, "none")
+    assert (w.c, w.w_min, w.w_max, w.baseline) == (0.5, 0.5, 3.0, "batch_mean")
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,10 @@ from ``compute_weights`` itself; clipped ratios are computed by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -246,7 +248,7 @@ def test_any_constant_baseline_keeps_the_exact_reverse_kl_gradient():
         logp_full = torch.log_softmax(th, -1)
         logp = logp_full[rows, seqs]  # [625, 5]
         t = q_full[rows, seqs]
-        w = compute_weights(logp.detach(), t, mask, preset("opd"), baseline=baseline)
+        w = compute_weights(logp.detach(), t, mask, preset("opd_baseline"), baseline=baseline)
         prob = logp.detach()[:, 1:].sum(1).exp()  # P(y) of each sequence
         assert float(prob.sum()) == pytest.approx(1.0, abs=1e-5)
         (prob[:, None] * -(w * logp))[mask].sum().div(4).backward()
@@ -278,6 +280,21 @@ def test_baseline_hand_computed_and_silent_tokens_left_out():
     # the mean weight at ratio 1 is 0: the constant push-down is gone
     w1 = compute_weights(s_samp, t, M, cfg, teacher_mask=tm, baseline=b)
     assert float(w1[M & tm].sum()) == pytest.approx(0.0, abs=1e-6)
+    # no number given: batch_mean is the mean over the tensors given (here the same b)
+    w_own = compute_weights(s_live, t, M, cfg, teacher_mask=tm, sampling_logprobs=s_samp)
+    assert w_own[0, 1:].tolist() == pytest.approx(expect, rel=1e-5)
+    # and ``none`` subtracts nothing: (u - 0) * ratio
+    w_none = compute_weights(
+        s_live,
+        t,
+        M,
+        preset("opd", c=2.0, w_min=0.5, w_max=2.0),
+        teacher_mask=tm,
+        sampling_logprobs=s_samp,
+    )
+    assert w_none[0, 1:].tolist() == pytest.approx(
+        [2.0 * us[0] * 2.0, 2.0 * us[1] * 0.5, 0.0, 2.0 * us[2] * 1.2], rel=1e-5
+    )
 
 
 def test_baseline_validation_names_the_field():
@@ -286,8 +303,10 @@ def test_baseline_validation_names_the_field():
         preset("sft", baseline="batch_mean")
     with pytest.raises(WeightConfigError, match=r"WeightConfig\.baseline='median': must be one"):
         preset("opd", baseline="median")
-    with pytest.raises(WeightConfigError, match=r"baseline=0\.5: only the 'advantage'"):
-        compute_weights(TEACHER, TEACHER, M, preset("discord"), baseline=0.5)
+    with pytest.raises(
+        WeightConfigError, match=r"baseline=0\.5 with WeightConfig\.baseline='none'"
+    ):
+        compute_weights(TEACHER, TEACHER, M, preset("opd"), baseline=0.5)
     from raydc.method.weights import advantage_sum
 
     with pytest.raises(WeightConfigError, match="advantage_sum needs transform='advantage'"):
@@ -302,14 +321,20 @@ def test_step_subtracts_the_global_batch_mean_advantage(tiny_student, packed):
     from raydc.config import TrainConfig
     from raydc.train.batch import collate
     from raydc.train.model import StudentLogprobs, load_student
-    from raydc.train.step import Learner
+    from raydc.train.step import Learner, no_reduce
     from tests.unit.test_train_model import _block
     from tests.unit.test_train_step import _Engine, _Sched
 
     block = _block(seed=4, lengths=(9, 5, 12, 7))
+    # the teacher is silent on some tokens (another tokenizer's gaps): out of the mean
+    has_value = np.arange(len(block.input_ids)) % 3 != 1  # every third token a gap
+    block = dataclasses.replace(block, teacher_mask=has_value)
     torch.manual_seed(0)
     model = StudentLogprobs(load_student(tiny_student, TrainConfig(), on_gpu=False), 4)
     mbs = [collate(block, rows, packed=packed) for rows in ([0, 1], [2, 3])]
+    assert all(
+        mb.teacher_mask is not None and not mb.teacher_mask[mb.loss_mask].all() for mb in mbs
+    )
     other = (-7.5, 10)  # another rank's (sum of u, tokens)
     calls = []
 
@@ -322,7 +347,8 @@ def test_step_subtracts_the_global_batch_mean_advantage(tiny_student, packed):
     tc = TrainConfig(student_ref="current")
     wc = preset("opd_baseline", w_max=2.0)
     st = Learner(_Engine(model, 2), _Sched(), tc, wc, 2, all_reduce).step(mbs)
-    u = [(mb.teacher_logprobs - mb.student_logprobs)[mb.loss_mask] for mb in mbs]
+    known = [mb.loss_mask & mb.teacher_mask for mb in mbs]
+    u = [(mb.teacher_logprobs - mb.student_logprobs)[k] for mb, k in zip(mbs, known)]
     local_sum, local_n = float(sum(x.double().sum() for x in u)), sum(x.numel() for x in u)
     assert calls[0][1] == local_n and calls[0][0] == pytest.approx(local_sum, rel=1e-9)
     b = (local_sum + other[0]) / (local_n + other[1])
@@ -330,11 +356,15 @@ def test_step_subtracts_the_global_batch_mean_advantage(tiny_student, packed):
     with torch.no_grad():
         for mb, w in zip(mbs, st.weights):
             live = model(mb.input_ids, mb.position_ids).float()
-            s, t, m = mb.student_logprobs, mb.teacher_logprobs, mb.loss_mask
+            s, t, k = mb.student_logprobs, mb.teacher_logprobs, mb.loss_mask & mb.teacher_mask
             ratio = torch.exp(live - s).clamp(max=2.0)
-            expect = torch.where(m, (t - s - b) * ratio, torch.zeros_like(s))
+            expect = torch.where(k, (t - s - b) * ratio, torch.zeros_like(s))
             torch.testing.assert_close(w, expect, rtol=1e-5, atol=1e-5)
     # without a baseline the step reduces only its denominators
     calls.clear()
-    st0 = Learner(_Engine(model, 2), _Sched(), tc, preset("opd"), 2, all_reduce).step(mbs)
-    assert st0.baseline is None and len(calls) == 1
+    st0 = Learner(_Engine(model, 2), _Sched(), tc, preset("opd"), 2, no_reduce).step(mbs)
+    assert st0.baseline is None
+    # a step whose every token is teacher-silent has no baseline, and every weight is 0
+    mbs = [dataclasses.replace(mb, teacher_mask=torch.zeros_like(mb.teacher_mask)) for mb in mbs]
+    st_none = Learner(_Engine(model, 2), _Sched(), tc, wc, 1, no_reduce).step(mbs)
+    assert st_none.baseline is None and all(float(w.abs().sum()) == 0 for w in st_none.weights)
