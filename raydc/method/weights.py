@@ -532,9 +532,8 @@ def compute_weights(
             ubar = 0.0
             if cfg.baseline == "batch_mean":
                 if baseline is None:
-                    known = m if teacher_mask is None else m & teacher_mask.bool()
-                    n = int(known.sum())
-                    baseline = float(u[known].double().sum()) / n if n else 0.0
+                    total, n = _known_sum(u, m, teacher_mask)
+                    baseline = total / n if n else 0.0
                 ubar = float(baseline)
             log_ratio = _clean(student_logprobs, m) - _clean(sampling_logprobs, m)
             ratio = torch.exp(log_ratio).clamp(min=cfg.w_min, max=cfg.w_max)
@@ -586,12 +585,17 @@ def advantage_sum(
             f"advantage_sum needs transform='advantage', got {config.transform!r}"
         )
     m = loss_mask.bool()
-    known = m if teacher_mask is None else m & teacher_mask.bool()
     with torch.no_grad():
         u = granular_logratio(
             sampling_logprobs, teacher_logprobs, m, config, sentence_ids, teacher_mask
         )
-        return float(u[known].double().sum()), int(known.sum())
+        return _known_sum(u, m, teacher_mask)
+
+
+def _known_sum(u: torch.Tensor, m: torch.Tensor, teacher_mask: torch.Tensor | None):
+    """(sum of u in float64, tokens) over the loss tokens the teacher has a value for."""
+    known = m if teacher_mask is None else m & teacher_mask.bool()
+    return float(u[known].double().sum()), int(known.sum())
 
 
 def loss_tokens(weights: torch.Tensor, loss_mask: torch.Tensor, config: WeightConfig):

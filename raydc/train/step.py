@@ -80,33 +80,20 @@ def micro_batch_weights(
             f"and rows {mb.row_ids[:3]} have none: train with train.student_ref=current (the "
             "training forward computes it) or from a scored store with a student_entropy column"
         )
-    t, sid, tm = mb.teacher_logprobs, mb.sentence_ids, mb.teacher_mask
     q = mb.student_logprobs if live_logp is not None and needs_sampling(wc) else None
-    lay = mb.layout
-    if lay is None:
-        return compute_weights(
-            s,
-            t,
-            m,
-            wc,
-            sentence_ids=sid,
-            teacher_mask=tm,
-            student_entropy=h,
-            sampling_logprobs=q,
-            baseline=baseline,
-        )
-    w_RL = compute_weights(
-        lay.to_rows(s),
-        None if t is None else lay.to_rows(t),
-        lay.to_rows(m, fill=False),
+    rows = _row_view(mb)
+    w = compute_weights(
+        rows(s),
+        rows(mb.teacher_logprobs),
+        rows(m, fill=False),
         wc,
-        sentence_ids=lay.to_rows(sid),
-        teacher_mask=None if tm is None else lay.to_rows(tm, fill=True),
-        student_entropy=None if h is None else lay.to_rows(h),
-        sampling_logprobs=None if q is None else lay.to_rows(q),
+        sentence_ids=rows(mb.sentence_ids),
+        teacher_mask=rows(mb.teacher_mask, fill=True),
+        student_entropy=rows(h),
+        sampling_logprobs=rows(q),
         baseline=baseline,
     )
-    return lay.from_rows(w_RL, m.shape)
+    return w if mb.layout is None else mb.layout.from_rows(w, m.shape)
 
 
 def micro_batch_advantage(mb: MicroBatch, wc: WeightConfig) -> tuple[float, int]:
@@ -117,19 +104,27 @@ def micro_batch_advantage(mb: MicroBatch, wc: WeightConfig) -> tuple[float, int]
             f"weights.baseline={wc.baseline!r} needs teacher log-probs, and rows "
             f"{mb.row_ids[:3]} have none"
         )
-    lay, tm = mb.layout, mb.teacher_mask
-    if lay is None:
-        args = (mb.student_logprobs, mb.teacher_logprobs, mb.loss_mask, wc, mb.sentence_ids, tm)
-    else:
-        args = (
-            lay.to_rows(mb.student_logprobs),
-            lay.to_rows(mb.teacher_logprobs),
-            lay.to_rows(mb.loss_mask, fill=False),
-            wc,
-            lay.to_rows(mb.sentence_ids),
-            None if tm is None else lay.to_rows(tm, fill=True),
-        )
-    return advantage_sum(*args)
+    rows = _row_view(mb)
+    return advantage_sum(
+        rows(mb.student_logprobs),
+        rows(mb.teacher_logprobs),
+        rows(mb.loss_mask, fill=False),
+        wc,
+        rows(mb.sentence_ids),
+        rows(mb.teacher_mask, fill=True),
+    )
+
+
+def _row_view(mb: MicroBatch):
+    """A [B, T-1] column -> the view weights are computed in: each packed row its own
+    [R, L-1] row (``RowLayout.to_rows``; ``fill`` in the slots of no row), a padded
+    micro-batch as it is; None stays None."""
+    lay = mb.layout
+
+    def rows(x: torch.Tensor | None, fill=0) -> torch.Tensor | None:
+        return x if x is None or lay is None else lay.to_rows(x, fill=fill)
+
+    return rows
 
 
 @dataclass
